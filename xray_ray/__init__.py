@@ -1,0 +1,4 @@
+"""xray_ray: find, on Ray, the best CNN for pediatric chest X-rays (NORMAL vs PNEUMONIA)."""
+
+__version__ = "0.1.0"
+CLASSES = ("NORMAL", "PNEUMONIA")
