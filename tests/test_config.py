@@ -1,0 +1,95 @@
+"""Search-space files: the shipped ones parse; bad ones are rejected with a sentence naming the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xray_ray.config import MAX_EPOCHS, TrialConfig, load_space, parse_space
+from xray_ray.errors import UserError
+
+SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+
+
+def test_ships_the_three_spaces():
+    assert {p.stem for p in SPACES} >= {"seed", "cpu", "smoke"}
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
+def test_shipped_space_parses_and_every_choice_builds_a_model(path):
+    from xray_ray.models import build_model, config_from_dict
+
+    space = load_space(path)
+    assert space.num_samples >= 1 and 1 <= space.max_epochs <= MAX_EPOCHS
+    base = TrialConfig.from_dict(dict(space.constants))
+    for p in space.params:
+        values = p.choices if p.kind == "categorical" else (p.low, p.high)
+        for v in values:
+            cfg = TrialConfig.from_dict({**base.to_dict(), p.name: int(v) if p.kind == "int" else v})
+            for size in space.image_sizes:
+                build_model(**{k: v for k, v in config_from_dict({**cfg.to_dict(), "image_size": size}).__dict__.items()
+                               if k != "in_channels"})
+
+
+def test_seed_space_reaches_100_epochs():
+    assert load_space(next(p for p in SPACES if p.stem == "seed")).max_epochs == 100
+
+
+def _doc(**space):
+    return {"space": {"epochs": 3, **space}}
+
+
+@pytest.mark.parametrize("doc, key", [
+    ({"space": {"epochs": 3}, "serch": {}}, "serch"),
+    (_doc(learning_rate={"type": "float", "low": 0.1, "high": 0.2}), "learning_rate"),
+    (_doc(lr={"type": "float", "low": 0.1, "high": 0.01}), "lr"),
+    (_doc(lr={"type": "float", "low": 0.1, "high": 0.1}), "lr"),
+    (_doc(lr={"type": "float", "low": "a", "high": 0.1}), "lr.low"),
+    (_doc(lr={"type": "float", "low": 0.0, "high": 0.1, "log": True}), "lr"),
+    (_doc(blocks={"type": "int", "low": 1.5, "high": 3}), "blocks.low"),
+    (_doc(blocks={"type": "float", "low": 1, "high": 3}), "blocks"),
+    (_doc(double_conv="yes"), "double_conv"),
+    (_doc(width={"type": "categorical", "choices": []}), "width.choices"),
+    (_doc(lr={"type": "float", "low": 0.001, "high": 0.1, "step": 2}), "lr.step"),
+    ({"space": {"epochs": 101}}, "epochs"),
+    ({"space": {"epochs": 0}}, "epochs"),
+    ({"space": {"epochs": {"type": "int", "low": 5, "high": 150}}}, "epochs"),
+    (_doc(head={"type": "categorical", "choices": ["gap", "mlp"]}), "head"),
+    ({"space": {"epochs": 3}, "scheduler": {"metric": "val_f2"}}, "scheduler.metric"),
+    ({"space": {"epochs": 3}, "searcher": {"num_samples": 0}}, "searcher.num_samples"),
+    ({"space": {"epochs": 3}, "scheduler": {"grace_period": 5}}, "grace_period"),
+    ({"space": {}}, "space"),
+])
+def test_bad_space_is_rejected_naming_the_key(doc, key):
+    with pytest.raises(UserError) as e:
+        parse_space(doc)
+    msg = str(e.value)
+    assert key in msg, msg
+    assert "\n" not in msg and msg.endswith(".")
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("space: {epochs: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_space(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        load_space(tmp_path / "missing.yaml")
+
+
+def test_round_trip_of_resolved_space(tmp_path):
+    space = load_space(next(p for p in SPACES if p.stem == "cpu"))
+    again = parse_space(yaml.safe_load(yaml.safe_dump({k: v for k, v in space.to_dict().items()
+                                                        if k != "scheduler"} | {"scheduler": {
+        k: v for k, v in space.to_dict()["scheduler"].items() if k != "max_t"}})))
+    assert {p.name: p for p in again.params} == {p.name: p for p in space.params}
+    assert dict(again.constants) == dict(space.constants)
+    assert again.to_dict()["scheduler"] == space.to_dict()["scheduler"]
+
+
+def test_trial_config_rejects_unknown_and_wrong_types():
+    with pytest.raises(UserError, match="unknown trial setting 'colour'"):
+        TrialConfig.from_dict({"colour": 1})
+    with pytest.raises(UserError, match="'batch_size' must be an integer"):
+        TrialConfig.from_dict({"batch_size": "32"})
+    assert TrialConfig.from_dict({"fc": [8, 4]}).fc == (8, 4)
