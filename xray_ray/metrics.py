@@ -1,0 +1,158 @@
+"""Binary classification metrics, bootstrap intervals and threshold choice, in numpy only.
+
+Every metric is computed from per-image weights: all ones for the point estimate, bootstrap counts
+(how often each image, or each patient's images, was drawn) for a whole matrix of resamples at once.
+One implementation therefore serves both, and 1000 resamples of a test set cost a few matrix products.
+Labels: 0 = NORMAL, 1 = PNEUMONIA; scores are P(PNEUMONIA). Undefined ratios are nan, never errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from xray_ray.errors import UserError
+
+ECE_BINS = 15
+CI_METRICS = ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1",
+              "roc_auc", "pr_auc", "brier", "ece")
+_CHUNK_CELLS = 2_000_000  # resamples x images per matrix: bounds memory to ~16 MB per array
+
+
+def _check(y: Any, p: Any, *, probabilities: bool) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y)
+    p = np.asarray(p, dtype=np.float64)
+    if y.ndim != 1 or p.shape != y.shape:
+        raise ValueError(f"labels and scores must be 1-D of equal length, got shapes {y.shape} and {p.shape}")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 (NORMAL) or 1 (PNEUMONIA)")
+    if not np.isfinite(p).all():
+        raise ValueError("scores must be finite (no nan or inf)")
+    if probabilities and ((p < 0) | (p > 1)).any():
+        raise ValueError("probabilities must lie in [0, 1]")
+    return y.astype(np.int64), p
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(b > 0, a / np.where(b > 0, b, 1), np.nan)
+
+
+def _rank_metrics(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC AUC and average precision for each row of weights w [B, n]."""
+    if y.size == 0:
+        return np.full(len(w), np.nan), np.full(len(w), np.nan)
+    order = np.argsort(p, kind="stable")
+    ranked = p[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])  # one column per distinct score
+    ws, ys = w[:, order], y[order]
+    pos = np.add.reduceat(ws * ys, starts, axis=1)  # weight of positives at each score, ascending
+    neg = np.add.reduceat(ws * (1 - ys), starts, axis=1)
+    n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+    # Mann-Whitney: each positive beats the negatives below it and ties with those at its score (1/2).
+    below = np.cumsum(neg, axis=1) - neg
+    auc = _ratio((pos * (below + 0.5 * neg)).sum(axis=1), n_pos * n_neg)
+    # Average precision: sum over thresholds, high to low, of (recall step) x precision.
+    tps, fps = np.cumsum(pos[:, ::-1], axis=1), np.cumsum(neg[:, ::-1], axis=1)
+    precision = np.nan_to_num(_ratio(tps, tps + fps))  # 0/0 only where the recall step is 0 too
+    ap = _ratio((pos[:, ::-1] * precision).sum(axis=1), n_pos)
+    return auc, ap
+
+
+def _weighted_metrics(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarray) -> dict[str, np.ndarray]:
+    """All metrics for each row of per-image weights w [B, n] (integer counts or ones)."""
+    pred = p >= threshold
+    tp, fp = w @ (pred & (y == 1)), w @ (pred & (y == 0))
+    fn, tn = w @ (~pred & (y == 1)), w @ (~pred & (y == 0))
+    n = tp + fp + fn + tn
+    bins = np.minimum((p * ECE_BINS).astype(np.int64), ECE_BINS - 1)
+    onehot = np.zeros((y.size, ECE_BINS))
+    onehot[np.arange(y.size), bins] = 1.0
+    # Per bin, (count/n) * |mean p - mean y| is |sum p - sum y| / n.
+    gap = np.abs(w @ (onehot * p[:, None]) - w @ (onehot * y[:, None])).sum(axis=1)
+    auc, ap = _rank_metrics(y, p, w)
+    recall = _ratio(tp, tp + fn)
+    return {
+        "accuracy": _ratio(tp + tn, n), "precision": _ratio(tp, tp + fp), "recall": recall,
+        "sensitivity": recall, "specificity": _ratio(tn, tn + fp), "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "roc_auc": auc, "pr_auc": ap, "brier": _ratio(w @ (p - y) ** 2, n), "ece": _ratio(gap, n),
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": n, "prevalence": _ratio(tp + fn, n),
+    }
+
+
+def roc_auc(y: Any, p: Any) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties count 1/2); nan unless both classes are present."""
+    y, p = _check(y, p, probabilities=False)
+    return float(_rank_metrics(y, p, np.ones((1, y.size)))[0][0])
+
+
+def pr_auc(y: Any, p: Any) -> float:
+    """Average precision (area under the precision-recall step curve); nan without positives."""
+    y, p = _check(y, p, probabilities=False)
+    return float(_rank_metrics(y, p, np.ones((1, y.size)))[1][0])
+
+
+def binary_metrics(y: Any, p: Any, threshold: float = 0.5) -> dict[str, float | int]:
+    """Metrics of calling PNEUMONIA when p >= threshold, plus threshold-free ROC/PR AUC, Brier and ECE."""
+    y, p = _check(y, p, probabilities=True)
+    row = {k: v[0] for k, v in _weighted_metrics(y, p, float(threshold), np.ones((1, y.size))).items()}
+    out: dict[str, float | int] = {k: (int(v) if k in ("tp", "fp", "tn", "fn", "n") else float(v))
+                                   for k, v in row.items()}
+    out["threshold"] = float(threshold)
+    return out
+
+
+def bootstrap_ci(y: Any, p: Any, threshold: float, groups: Any = None, n_boot: int = 1000, seed: int = 0,
+                 alpha: float = 0.05) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap (1 - alpha) intervals of the CI_METRICS.
+
+    Resamples whole groups (patients) with replacement when `groups` is given, else images; resamples
+    where a metric is undefined (e.g. no positives drawn) are left out of that metric's interval."""
+    y, p = _check(y, p, probabilities=True)
+    if n_boot < 1 or not 0 < alpha < 1:
+        raise ValueError(f"need n_boot >= 1 and 0 < alpha < 1, got n_boot={n_boot}, alpha={alpha}")
+    if groups is None:
+        gid = np.arange(y.size)
+    else:
+        groups = np.asarray(groups)
+        if groups.shape != y.shape:
+            raise ValueError(f"groups must have one entry per image, got {groups.shape} for {y.size} images")
+        gid = np.unique(groups, return_inverse=True)[1].ravel()
+    n_groups = int(gid.max()) + 1 if y.size else 0
+    if n_groups == 0:
+        return {k: (float("nan"), float("nan")) for k in CI_METRICS}
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[np.ndarray]] = {k: [] for k in CI_METRICS}
+    chunk = max(1, _CHUNK_CELLS // max(y.size, n_groups))
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        picks = rng.integers(0, n_groups, size=(b, n_groups)) + n_groups * np.arange(b)[:, None]
+        counts = np.bincount(picks.ravel(), minlength=b * n_groups).reshape(b, n_groups)
+        metrics = _weighted_metrics(y, p, float(threshold), counts[:, gid].astype(np.float64))
+        for k in CI_METRICS:
+            draws[k].append(metrics[k])
+    out = {}
+    for k in CI_METRICS:
+        values = np.concatenate(draws[k])
+        values = values[~np.isnan(values)]
+        if values.size == 0:
+            out[k] = (float("nan"), float("nan"))
+        else:
+            lo, hi = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+            out[k] = (float(lo), float(hi))
+    return out
+
+
+def choose_threshold(y: Any, p: Any, target_sensitivity: float = 0.95) -> float:
+    """Highest threshold t such that calling PNEUMONIA when p >= t reaches the target sensitivity."""
+    y, p = _check(y, p, probabilities=False)
+    if not 0 < target_sensitivity <= 1:
+        raise UserError(f"target sensitivity must be in (0, 1], got {target_sensitivity}.")
+    positives = np.sort(p[y == 1])[::-1]
+    if positives.size == 0:
+        raise UserError("cannot choose a threshold: the validation split has no PNEUMONIA images.")
+    # Sensitivity with the k highest positives called is k/P; computed as in binary_metrics (tp / P) so
+    # the chosen threshold passes that exact check. Ties at the k-th score only add sensitivity.
+    k = int(np.argmax(np.arange(1, positives.size + 1) / positives.size >= target_sensitivity))
+    return float(positives[k])
