@@ -1,0 +1,163 @@
+"""End-to-end searches on a real local Ray: Parquet schema, agreement with Tune, ASHA, resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from xray_ray import results as R
+from xray_ray.search import main
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_SPACE = {
+    "name": "tiny",
+    "space": {
+        "image_size": 32,
+        "epochs": {"type": "int", "low": 2, "high": 3},
+        "blocks": {"type": "int", "low": 1, "high": 2},
+        "double_conv": False,
+        "width": {"type": "categorical", "choices": [4, 8]},
+        "head": "gap",
+        "fc": [8],
+        "lr": {"type": "float", "low": 1.0e-5, "high": 1.0e-2, "log": True},
+        "batch_size": 64,
+        "zoom": {"type": "float", "low": 0.0, "high": 0.3},
+    },
+    "searcher": {"algorithm": "optuna", "num_samples": 6, "max_concurrent": 2, "seed": 0},
+    "scheduler": {"algorithm": "asha", "metric": "val_auc", "grace_period": 1, "reduction_factor": 2},
+    "data": {"val_fraction": 0.2, "test_fraction": 0.2},
+}
+
+
+def _space(tmp_path, **changes):
+    doc = json.loads(json.dumps(TINY_SPACE))
+    for k, v in changes.items():
+        doc[k].update(v)
+    path = tmp_path / f"{doc['name']}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("search")
+    space = _space(tmp)
+    rc = main(["--data", "synthetic:300", "--space", str(space), "--results", str(tmp / "results"),
+               "--cache", str(tmp / "cache"), "--seed", "1"])
+    assert rc == 0
+    return tmp / "results" / "tiny"
+
+
+def test_tables_have_the_contracted_schema(tiny_run):
+    trials = pd.read_parquet(tiny_run / "trials.parquet")
+    epochs = pd.read_parquet(tiny_run / "epochs.parquet")
+    assert len(trials) == 6 and trials["trial_id"].is_unique
+    assert set(R.TRIAL_COLUMNS) <= set(trials.columns)
+    assert {"p_epochs", "p_blocks", "p_width", "p_lr", "p_zoom"} <= set(trials.columns)
+    assert set(R.EPOCH_COLUMNS) <= set(epochs.columns)
+    assert set(trials["status"]) <= {"completed", "stopped", "errored"}
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    per_trial = epochs.groupby("trial_id")["epoch"].agg(["count", "max"])
+    for _, t in trials.iterrows():
+        assert per_trial.loc[t.trial_id, "count"] == per_trial.loc[t.trial_id, "max"] == t.epochs_run
+        assert t.epochs_run <= t.p_epochs and 0 <= t.best_val_auc <= 1
+    assert (trials["status"] == "completed").eq(trials["epochs_run"] == trials["p_epochs"]).all()
+    assert trials["node_id"].notna().all() and trials["data_nodes"].str.len().gt(0).all()
+
+
+def test_asha_stopped_some_trials_early(tiny_run):
+    trials = pd.read_parquet(tiny_run / "trials.parquet")
+    assert (trials["status"] == "stopped").any(), trials[["trial_id", "status", "epochs_run", "p_epochs"]]
+    assert trials["epochs_run"].nunique() > 1
+
+
+def test_trial_rows_match_tunes_result_grid(tiny_run):
+    # Tune's own record of each trial: params.json and one result.json line per report
+    trials = pd.read_parquet(tiny_run / "trials.parquet").set_index("trial_id")
+    dirs = _trial_dirs(tiny_run)
+    assert len(dirs) == len(trials)
+    for d in dirs:
+        rows = [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+        params = json.loads((d / "params.json").read_text())
+        row = trials.loc[rows[0]["trial_id"]]
+        assert row.epochs_run == len(rows)
+        assert row.best_val_auc == pytest.approx(max(r["val_auc"] for r in rows))
+        assert row.p_lr == pytest.approx(params["lr"]) and row.p_blocks == params["blocks"]
+
+
+def test_run_json_and_best_folder(tiny_run):
+    run = json.loads((tiny_run / "run.json").read_text())
+    for key in ("space", "command", "data", "versions", "git_commit", "started", "finished", "seed", "overhead"):
+        assert key in run, key
+    assert run["status"] == "finished" and run["seed"] == 1
+    assert run["data"]["splits"]["method"] and run["versions"]["ray"] == "2.60.0"
+    best = tiny_run / "best"
+    for f in ("config.json", "weights.safetensors", "model.onnx", "model.pt", "model.json", "report.html"):
+        assert (best / f).is_file(), f
+    trials = pd.read_parquet(tiny_run / "trials.parquet")
+    assert json.loads((best / "config.json").read_text())["trial_id"] == trials.iloc[0]["trial_id"]
+
+
+def test_a_second_search_into_the_same_folder_is_refused(tiny_run, capsys):
+    rc = main(["--data", "synthetic:300", "--space", str(_space(tiny_run.parent.parent)),
+               "--results", str(tiny_run.parent)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--resume" in err and "Traceback" not in err
+
+
+def _trial_dirs(run_dir):
+    return [p for p in (run_dir / "tune").glob("trainable_*") if p.is_dir()]
+
+
+def _reported_epochs(trial_dir):
+    f = trial_dir / "result.json"
+    return len(f.read_text().splitlines()) if f.exists() else 0
+
+
+def test_resume_after_the_driver_is_killed(tmp_path):
+    space = _space(tmp_path, searcher={"num_samples": 5, "max_concurrent": 1},
+                   scheduler={"algorithm": "fifo"})
+    doc = yaml.safe_load(space.read_text())
+    doc["space"]["epochs"] = 3
+    doc["space"]["image_size"] = 48
+    space.write_text(yaml.safe_dump(doc))
+    args = [sys.executable, "-m", "xray_ray.search", "--data", "synthetic:600", "--space", str(space),
+            "--results", str(tmp_path / "results"), "--cache", str(tmp_path / "cache"), "--no-export"]
+    run_dir = tmp_path / "results" / "tiny"
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        # kill once the second trial has reported an epoch: one trial done, one half-way
+        while time.time() < deadline and sum(_reported_epochs(d) > 0 for d in _trial_dirs(run_dir)) < 2:
+            time.sleep(0.2)
+        assert time.time() < deadline, "the search never got going"
+        done_before = {d.name for d in _trial_dirs(run_dir) if _reported_epochs(d) == 3}
+        killed_at = time.time()
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (run_dir / "trials.parquet").exists()
+
+    out = subprocess.run(args + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    epochs = pd.read_parquet(run_dir / "epochs.parquet")
+    assert len(trials) == 5 and trials["trial_id"].is_unique
+    assert (trials["status"] == "completed").all() and (trials["epochs_run"] == 3).all()
+    assert len(epochs) == 15 and not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert done_before, "no trial had finished before the kill"
+    for d in _trial_dirs(run_dir):
+        if d.name in done_before:  # finished trials were not re-run: no new results after the kill
+            rows = [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+            assert len(rows) == 3 and max(r["timestamp"] for r in rows) <= killed_at

@@ -1,0 +1,144 @@
+"""Result files, written in one place and atomically, to any filesystem pyarrow understands.
+
+``<results>/<name>/``: trials.parquet, epochs.parquet, run.json, best/, tune/ (Ray Tune's experiment).
+Each file is written to a temporary name and renamed, so a crash never leaves a half-written table.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+TRIAL_COLUMNS = ["trial_id", "status", "error", "epochs_run", "epochs", "best_epoch", "best_metric",
+                 "best_val_auc", "best_val_loss", "best_val_acc", "last_val_auc", "wall_seconds",
+                 "images_per_s", "node_id", "data_nodes", "checkpoint_path"]
+EPOCH_COLUMNS = ["trial_id", "epoch", "train_loss", "val_loss", "val_auc", "val_acc", "val_brier", "val_score",
+                 "lr", "seconds", "step_seconds", "eval_seconds", "images", "images_per_s", "node_id"]
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI such as file://, s3://, gs://."""
+    loc = str(location)
+    if is_uri(loc):
+        return pafs.FileSystem.from_uri(loc)
+    return pafs.LocalFileSystem(), str(Path(loc).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI or path parts with '/' (pyarrow filesystems use '/' everywhere)."""
+    out = str(base).rstrip("/")
+    for p in parts:
+        out += "/" + str(p).strip("/")
+    return out
+
+
+def exists(location: str) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _atomic_write(location: str, data: bytes) -> None:
+    fs, path = resolve(location)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def write_json(obj: Any, location: str) -> None:
+    _atomic_write(location, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+
+
+def read_json(location: str) -> Any:
+    fs, path = resolve(location)
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def write_parquet(df: pd.DataFrame, location: str, metadata: Mapping[str, Any] | None = None) -> None:
+    """Write a table atomically; ``metadata`` (config, versions) travels inside the Parquet file."""
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if metadata:
+        meta = dict(table.schema.metadata or {})
+        meta[b"xray_ray"] = json.dumps(metadata, default=_json_default).encode()
+        table = table.replace_schema_metadata(meta)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    _atomic_write(location, buf.getvalue())
+
+
+def read_parquet(location: str) -> pd.DataFrame:
+    fs, path = resolve(location)
+    return pq.read_table(path, filesystem=fs).to_pandas()
+
+
+def probe_writable(location: str) -> None:
+    """Raise OSError early if ``location`` cannot be created or written."""
+    _atomic_write(join(location, ".write-probe"), b"ok")
+    fs, path = resolve(join(location, ".write-probe"))
+    fs.delete_file(path)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that produced an output."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("xray_ray", "torch", "torchvision", "ray", "optuna", "numpy", "pandas", "pyarrow", "pillow",
+                "onnx", "onnxruntime"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout the package runs from, with '+dirty' when it has changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def command_line() -> list[str]:
+    return [sys.executable.rsplit("/", 1)[-1], *sys.argv]
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)

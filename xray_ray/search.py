@@ -1,0 +1,610 @@
+"""The search: Ray Tune + Optuna (TPE) + ASHA over the CNN family. The only module that talks to Ray Tune.
+
+    python -m xray_ray.search --data synthetic --space search_spaces/smoke.yaml
+
+Flow: data source -> patient-grouped splits -> prepare once per image size -> Ray Data train datasets ->
+Tuner(OptunaSearch, ASHAScheduler) -> trials.parquet / epochs.parquet / run.json -> best/ (winner.finalize).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from xray_ray import results as R
+from xray_ray.config import SearchSpace, TrialConfig, load_space
+from xray_ray.errors import UserError
+
+_TRIAL_FIELDS = {f.name for f in fields(TrialConfig)}
+
+
+@dataclass
+class Runtime:
+    """Per-trial settings that are not hyperparameters."""
+
+    cpus_per_trial: float
+    gpus_per_trial: float
+    data_cpus: float
+    metric: str
+    mode: str
+    pos_fraction: float
+
+
+# --------------------------------------------------------------------------- the trainable
+
+def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: Runtime) -> None:
+    """One trial: build the CNN from Tune's config, train epoch by epoch, report + checkpoint each epoch."""
+    import ray
+    import ray.data
+    import torch
+    from ray import tune
+    from safetensors.torch import save_file
+
+    from xray_ray import metrics as M
+    from xray_ray.augment import strengths_of
+    from xray_ray.models import build_model, config_from_dict
+    from xray_ray.pipeline import epoch_batches, node_code
+    from xray_ray.train import (array_batches, make_ema, make_loss, make_optimizer, make_scheduler,
+                                predict_probs, train_one_epoch)
+
+    cfg = TrialConfig.from_dict(decode_config(config))
+    torch.set_num_threads(max(1, int(round(runtime.cpus_per_trial))))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    seed = trial_seed(cfg)
+    torch.manual_seed(seed)
+    device = torch.device("cuda" if runtime.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
+
+    d = data[cfg.image_size]
+    train_ds, val = d["train"], d["val"]
+    n_train = d["n_train"]
+    steps = max(1, math.ceil(n_train / cfg.batch_size))
+    model = build_model(**_model_sizes(cfg)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    ema = make_ema(model, cfg.ema)
+    loss_fn = make_loss(cfg, runtime.pos_fraction)
+    eval_loss = make_loss(replace(cfg, label_smoothing=0.0, class_weighting="none"), runtime.pos_fraction)
+    better = (lambda a, b: a > b) if runtime.mode == "max" else (lambda a, b: a < b)
+
+    start_epoch, best, best_epoch, best_state = 1, None, 0, None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:  # a restarted trial continues where its last checkpoint left it
+        with ckpt.as_directory() as cdir:
+            state = torch.load(Path(cdir) / "state.pt", map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
+        start_epoch, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]
+        best_state = state["best_model"]
+
+    node_id = ray.get_runtime_context().get_node_id()
+    codes = {node_code(n["NodeID"]): n["NodeID"] for n in ray.nodes()}
+    data_nodes: set[str] = set()
+    strengths = strengths_of(cfg.to_dict())
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        batches = epoch_batches(train_ds, strengths=strengths, seed=seed, epoch=epoch, batch_size=cfg.batch_size,
+                                data_cpus=runtime.data_cpus)
+        seen_nodes: set[int] = set()
+        stats = train_one_epoch(model, batches, optimizer, loss_fn=loss_fn, device=device, scheduler=scheduler,
+                                ema=ema, on_batch=lambda b: seen_nodes.update(b["node"].unique().tolist()))
+        data_nodes.update(codes.get(c, str(c)) for c in seen_nodes)
+        t1 = time.perf_counter()
+        net = ema.module if ema is not None else model
+        y, p = predict_probs(net, array_batches(val.images, val.labels, 256), device=device)
+        with torch.no_grad():
+            logit = torch.logit(torch.from_numpy(p).clamp(1e-6, 1 - 1e-6))
+            val_loss = float(eval_loss(logit, torch.from_numpy(y)))
+        auc = M.roc_auc(y, p)
+        brier = float(np.mean((p - y) ** 2))
+        val_metrics = {"val_auc": auc, "val_loss": val_loss, "val_acc": float(np.mean((p >= 0.5) == y)),
+                       "val_brier": brier, "val_score": auc - brier}
+        t2 = time.perf_counter()
+        current = val_metrics[runtime.metric]
+        if best is None or (math.isfinite(current) and better(current, best)):
+            best, best_epoch = current, epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if k != "n_averaged"}
+        row = {
+            "epoch": epoch, "train_loss": stats["train_loss"], **val_metrics,
+            "lr": optimizer.param_groups[0]["lr"], "seconds": t2 - t0, "step_seconds": stats["step_seconds"],
+            "eval_seconds": t2 - t1, "images": stats["images"], "images_per_s": stats["images_per_s"],
+            "node_id": node_id, "data_nodes": ",".join(sorted(data_nodes)),
+            "best_metric": best, "best_epoch": best_epoch, "epochs": cfg.epochs,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {}),
+                        "epoch": epoch, "best": best, "best_epoch": best_epoch, "best_model": best_state},
+                       Path(tmp) / "state.pt")
+            save_file({k: v.contiguous() for k, v in best_state.items()}, str(Path(tmp) / "best.safetensors"))
+            (Path(tmp) / "config.json").write_text(json.dumps(cfg.to_dict()))
+            tune.report(row, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _model_sizes(cfg: TrialConfig) -> dict[str, Any]:
+    from xray_ray.models import CNNConfig
+
+    names = {f.name for f in fields(CNNConfig)}
+    return {k: v for k, v in cfg.to_dict().items() if k in names and k != "in_channels"}
+
+
+def trial_seed(cfg: TrialConfig) -> int:
+    """A seed fixed by the run's seed and the trial's own hyperparameters."""
+    return zlib.crc32(json.dumps(cfg.to_dict(), sort_keys=True).encode()) % (2**31)
+
+
+def encode_value(v: Any) -> Any:
+    """Optuna's categoricals hold scalars only: lists (fc layer sizes) travel as JSON strings."""
+    return json.dumps(list(v)) if isinstance(v, (list, tuple)) else v
+
+
+def decode_config(config: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in config.items():
+        if k not in _TRIAL_FIELDS:
+            continue
+        out[k] = json.loads(v) if k == "fc" and isinstance(v, str) else v
+    return out
+
+
+# --------------------------------------------------------------------------- Tune wiring
+
+def build_searcher(space: SearchSpace, seed: int):
+    """OptunaSearch (TPE, seeded) over the space's parameters, or seeded random search."""
+    if space.searcher == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=seed), tune_space(space)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    dists: dict[str, Any] = {}
+    for p in space.params:
+        if p.kind == "categorical":
+            dists[p.name] = optuna.distributions.CategoricalDistribution([encode_value(c) for c in p.choices])
+        elif p.kind == "int":
+            dists[p.name] = optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log)
+        else:
+            dists[p.name] = optuna.distributions.FloatDistribution(float(p.low), float(p.high), log=p.log)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, space.num_samples // 3)))
+    searcher = OptunaSearch(space=dists or None, metric=space.metric, mode=space.mode, sampler=sampler)
+    return searcher, {k: encode_value(v) for k, v in space.constants.items()}
+
+
+def tune_space(space: SearchSpace) -> dict[str, Any]:
+    """The space as Tune distributions (for the random-search baseline)."""
+    from ray import tune
+
+    out: dict[str, Any] = {k: encode_value(v) for k, v in space.constants.items()}
+    for p in space.params:
+        if p.kind == "categorical":
+            out[p.name] = tune.choice([encode_value(c) for c in p.choices])
+        elif p.kind == "int":
+            out[p.name] = tune.lograndint(int(p.low), int(p.high) + 1) if p.log else tune.randint(int(p.low), int(p.high) + 1)
+        else:
+            out[p.name] = tune.loguniform(p.low, p.high) if p.log else tune.uniform(p.low, p.high)
+    return out
+
+
+def build_scheduler(space: SearchSpace):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if space.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=space.max_epochs,
+                         grace_period=space.grace_period, reduction_factor=space.reduction_factor)
+
+
+class _Progress:
+    """A Tune callback printing one line per reported epoch: the trial, its metric, the best so far."""
+
+    def __new__(cls, metric: str, mode: str, total: int):
+        from ray.tune import Callback
+
+        class Progress(Callback):
+            def __init__(self) -> None:
+                self.best: tuple[float, str] | None = None
+                self.done = 0
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                v = result.get(metric)
+                if v is not None and math.isfinite(v) and (
+                        self.best is None or (v > self.best[0] if mode == "max" else v < self.best[0])):
+                    self.best = (v, trial.trial_id)
+                running = sum(t.status == "RUNNING" for t in trials)
+                best = f"{self.best[0]:.4f} ({self.best[1]})" if self.best else "-"
+                print(f"[xray_ray] trial {trial.trial_id} epoch {result.get('epoch')}/{result.get('epochs')} "
+                      f"{metric}={v:.4f} | running {running}, finished {self.done}/{total}, best {metric} {best}",
+                      flush=True)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self.done += 1
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self.done += 1
+                print(f"[xray_ray] trial {trial.trial_id} errored; the search goes on", flush=True)
+
+        return Progress()
+
+
+# --------------------------------------------------------------------------- the run
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m xray_ray.search", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="synthetic", help="folder (Kaggle layout), .npz, 'synthetic[:N]', or a URI")
+    p.add_argument("--space", default="search_spaces/smoke.yaml", help="search-space YAML file")
+    p.add_argument("--results", default="results", help="results root: local path or URI (s3://, gs://, file://)")
+    p.add_argument("--name", default=None, help="run name (default: the space's name)")
+    p.add_argument("--num-samples", type=int, default=None, help="trials to run (default: the space's)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what resources allow)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
+    p.add_argument("--data-cpus", type=float, default=0.0,
+                   help="CPUs each augmentation task reserves (0: never starved by trials holding every CPU)")
+    p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. 'auto' or host:port)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its storage")
+    p.add_argument("--seed", type=int, default=None, help="fixes splits, augmentation and the searcher")
+    p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial from its checkpoint")
+    p.add_argument("--cache", default=None, help="pixel cache folder (default: ~/.cache/xray_ray)")
+    p.add_argument("--no-export", action="store_true", help="skip evaluating and exporting the winner")
+    p.add_argument("--allow-local-results", action="store_true",
+                   help="accept a local results path on a multi-node cluster (only for a shared mount such as NFS)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted. Resume with: {resume_command(args)}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    return " ".join(["python -m xray_ray.search", *argv, "--resume"])
+
+
+def check_flags(args: argparse.Namespace, space: SearchSpace) -> None:
+    if args.cpus_per_trial <= 0:
+        raise UserError(f"--cpus-per-trial must be positive, got {args.cpus_per_trial}.")
+    if args.gpus_per_trial < 0:
+        raise UserError(f"--gpus-per-trial must be 0 or more, got {args.gpus_per_trial}.")
+    if args.data_cpus < 0:
+        raise UserError(f"--data-cpus must be 0 or more, got {args.data_cpus}.")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}.")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise UserError(f"--max-concurrent must be at least 1, got {args.max_concurrent}.")
+    if args.max_failures < 0:
+        raise UserError(f"--max-failures must be 0 or more, got {args.max_failures}.")
+    if args.seed is not None and args.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {args.seed}.")
+
+
+def run(args: argparse.Namespace) -> str:
+    """Run (or resume) a search; returns the run folder."""
+    space = load_space(args.space)
+    check_flags(args, space)
+    space = replace(space,
+                    num_samples=args.num_samples or space.num_samples,
+                    seed=space.seed if args.seed is None else args.seed)
+    name = args.name or space.name
+    run_dir = R.join(str(args.results), name) if R.is_uri(args.results) else str(Path(args.results).resolve() / name)
+    run_json = R.join(run_dir, "run.json")
+    previous = R.read_json(run_json) if R.exists(run_json) else None
+    if previous is not None and not args.resume:
+        raise UserError(f"the results folder {run_dir} already holds a run; pass --resume to continue it, "
+                        f"or choose another --name or --results.")
+    if previous is not None and (previous.get("data", {}).get("spec") != args.data
+                                 or previous.get("space", {}).get("name") != space.name
+                                 or previous.get("seed") != space.seed):
+        raise UserError(f"the results folder {run_dir} holds a different run (data, space or seed differ); "
+                        f"resume it with the same --data, --space and --seed, or choose another --name.")
+    if args.resume and previous is None:
+        raise UserError(f"there is no run to resume in {run_dir}; start it without --resume.")
+    try:
+        R.probe_writable(run_dir)
+    except OSError as e:
+        raise UserError(f"cannot write to the results folder {run_dir} ({e.__class__.__name__}: {e}); "
+                        f"choose a writable --results.") from None
+
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds") if previous is None else previous["started"]
+    t_start = time.time()
+    print(f"[xray_ray] loading data from {args.data} ...", flush=True)
+    from xray_ray.pipeline import prepare
+    from xray_ray.sources import load_source
+    from xray_ray.splits import assign_splits
+
+    manifest = load_source(args.data, seed=space.seed)
+    df, split_info = assign_splits(manifest.df, seed=space.seed, val_fraction=space.val_fraction,
+                                   test_fraction=space.test_fraction)
+    prepared = {s: prepare(df, s, args.cache) for s in space.image_sizes}
+    for s, p in prepared.items():
+        counts = {k: len(v) for k, v in p.splits.items()}
+        print(f"[xray_ray] {s}px: {'cache hit' if p.cache_hit else 'prepared'} in {p.seconds:.1f}s {counts}", flush=True)
+    for need in ("train", "val"):
+        if need not in next(iter(prepared.values())).splits:
+            raise UserError(f"the data has no '{need}' images after splitting; add more images per class.")
+    train_labels = next(iter(prepared.values())).splits["train"].labels
+    run_info = {
+        "name": name, "started": started, "command": R.command_line(), "seed": space.seed,
+        "space": space.to_dict(), "space_file": str(args.space),
+        "data": {"spec": args.data, "source": manifest.info, "skipped": int(len(manifest.skipped)),
+                 "splits": split_info, "image_sizes": space.image_sizes},
+        "resources": {"cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial,
+                      "data_cpus": args.data_cpus, "address": args.address},
+        "versions": R.versions(), "git_commit": R.git_commit(),
+    }
+    R.write_json({**run_info, "status": "running"}, run_json)
+
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import ray
+    from ray import tune
+
+    init_ray(args)
+    joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    try:
+        total_cpus = ray.cluster_resources().get("CPU", 0)
+        total_gpus = ray.cluster_resources().get("GPU", 0)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        for what, asked, have in (("GPUs", args.gpus_per_trial, total_gpus), ("CPUs", args.cpus_per_trial, total_cpus)):
+            if asked > have and not joined:
+                raise UserError(f"--{what[:3].lower()}s-per-trial {asked:g} asks for more {what} than this machine "
+                                f"has ({have:g}); lower it, or run on a cluster with --address.")
+            if asked > have:  # an autoscaling cluster adds nodes once trials ask for them
+                print(f"[xray_ray] the cluster has {have:g} {what} now; trials wait for the autoscaler to add "
+                      f"nodes with {asked:g} {what} each", flush=True)
+        if len(nodes) > 1 and not R.is_uri(args.results) and not args.allow_local_results:
+            raise UserError(f"this cluster has {len(nodes)} nodes but --results {args.results} is a node-local "
+                            f"path; use shared storage such as s3://bucket/path (or --allow-local-results for an "
+                            f"NFS mount present on every node).")
+        by_cpu = int(total_cpus // args.cpus_per_trial)
+        by_gpu = int(total_gpus // args.gpus_per_trial) if args.gpus_per_trial else by_cpu
+        # joined to a cluster that may autoscale: what is up now is no limit, the space's setting is
+        limit = space.num_samples if joined else max(1, min(by_cpu, by_gpu))
+        wanted = args.max_concurrent or space.max_concurrent or limit
+        concurrent = max(1, min(wanted, limit))
+        runtime = Runtime(args.cpus_per_trial, args.gpus_per_trial, args.data_cpus, space.metric, space.mode,
+                          float(np.mean(train_labels)) if len(train_labels) else 0.5)
+        from xray_ray.pipeline import train_dataset
+
+        data = {s: {"train": train_dataset(p.splits["train"]), "val": p.splits["val"],
+                    "n_train": len(p.splits["train"])} for s, p in prepared.items()}
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        warm_up_data_workers(next(iter(data.values()))["train"], concurrent)
+        fn = tune.with_resources(tune.with_parameters(trainable, data=data, runtime=runtime),
+                                 {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+        tune_dir = R.join(run_dir, "tune")
+        storage, exp_name = tune_dir.rsplit("/", 1)
+        if args.resume and tune.Tuner.can_restore(tune_dir):
+            print(f"[xray_ray] resuming {tune_dir}", flush=True)
+            tuner = tune.Tuner.restore(tune_dir, trainable=fn, resume_unfinished=True, resume_errored=True)
+        else:
+            searcher, param_space = build_searcher(space, space.seed)
+            tuner = tune.Tuner(
+                fn,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=searcher,
+                                            scheduler=build_scheduler(space), num_samples=space.num_samples,
+                                            max_concurrent_trials=concurrent),
+                run_config=tune.RunConfig(
+                    name=exp_name, storage_path=storage, verbose=0,
+                    callbacks=[_Progress(space.metric, space.mode, space.num_samples)],
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                ),
+            )
+        print(f"[xray_ray] searching: {space.num_samples} trials, {concurrent} at a time, "
+              f"{space.searcher} + {space.scheduler} on {space.metric} ({space.mode}), "
+              f"up to {space.max_epochs} epochs each", flush=True)
+        grid = tuner.fit()
+        trials, epochs = collect(grid, space)
+        meta = {"run": name, "space": space.to_dict(), "seed": space.seed, "versions": run_info["versions"]}
+        R.write_parquet(trials, R.join(run_dir, "trials.parquet"), meta)
+        R.write_parquet(epochs, R.join(run_dir, "epochs.parquet"), meta)
+        unfinished = trials["status"].isin(["running", "pending"]).any()
+        wall = time.time() - t_start
+        trial_time = float(epochs["seconds"].sum()) if len(epochs) else 0.0
+        run_info.update({
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "status": "interrupted" if unfinished else "finished",
+            "wall_seconds": wall + (previous or {}).get("wall_seconds", 0.0),
+            "concurrency": concurrent,
+            "trial_epochs": int(len(epochs)),
+            "overhead": overhead(epochs, wall, concurrent),
+            "trials": trials["status"].value_counts().to_dict(),
+        })
+        print_leaderboard(trials, space)
+        if unfinished:
+            R.write_json(run_info, run_json)
+            print(f"[xray_ray] interrupted. Resume with: {resume_command(args)}", file=sys.stderr)
+            return run_dir
+        if not args.no_export and trials["best_metric"].notna().any():
+            card = export_best(grid, trials, epochs, prepared, run_info, run_dir, space)
+            run_info["best"] = {"trial_id": card.get("trial_id"), "threshold": card.get("threshold", {}).get("value")}
+        R.write_json(run_info, run_json)
+        print(f"[xray_ray] done in {wall:.0f}s; results in {run_dir}", flush=True)
+        return run_dir
+    finally:
+        ray.shutdown()
+
+
+def init_ray(args: argparse.Namespace) -> None:
+    """Start a local Ray (token authentication left on) or join a cluster (--address or RAY_ADDRESS)."""
+    import ray
+
+    # Workers import torch and the augmentation once, when they start, not inside a trial's first epoch.
+    env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"},
+           "worker_process_setup_hook": "xray_ray.augment.warm_up"}
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, runtime_env=env, log_to_driver=False)
+        except ConnectionError as e:
+            raise UserError(f"cannot reach the Ray cluster at {address} ({e}); check the address, and that "
+                            f"RAY_AUTH_MODE=token and the cluster's token are set here.") from None
+    else:
+        # Keep idle data workers alive between trials: a new trial then reuses a warm worker (torch imported)
+        # for its augmentation tasks instead of spawning one, which cost ~2-8 s per trial on 2 cores.
+        os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
+        os.environ.setdefault("RAY_num_workers_soft_limit", str(2 * (args.num_cpus or os.cpu_count() or 1) + 2))
+        ray.init(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=env,
+                 log_to_driver=False, configure_logging=True, logging_level="WARNING")
+
+
+def warm_up_data_workers(ds, concurrency: int) -> None:
+    """Run the augmentation once from the driver so trials find warm workers, not cold ones."""
+    from xray_ray.pipeline import epoch_batches
+
+    for _ in epoch_batches(ds.limit(64 * max(1, concurrency)), strengths={"zoom": 0.1}, seed=0, epoch=0,
+                           batch_size=64, map_batch_rows=64):
+        pass
+
+
+def overhead(epochs: pd.DataFrame, wall: float, concurrency: int) -> dict[str, float]:
+    """Share of the search's slot-seconds not spent inside training and validation steps."""
+    inside = float((epochs["step_seconds"] + epochs["eval_seconds"]).sum()) if len(epochs) else 0.0
+    slots = max(wall * concurrency, 1e-9)
+    return {"inside_steps_seconds": inside, "slot_seconds": slots, "share_outside": max(0.0, 1 - inside / slots)}
+
+
+def collect(grid, space: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """trials (one row per trial) and epochs (one row per trial and epoch) from Tune's ResultGrid."""
+    searched = [p.name for p in space.params]
+    statuses = _trial_statuses(grid)
+    trows, erows = [], []
+    for res in grid:
+        cfg = decode_config(res.config or {})
+        trial_id = (res.metrics or {}).get("trial_id") or Path(res.path).name.split("_")[1]
+        hist = res.metrics_dataframe if res.metrics_dataframe is not None else pd.DataFrame()
+        if len(hist) and "epoch" in hist:
+            hist = hist.dropna(subset=["epoch"]).drop_duplicates(subset=["epoch"], keep="last").sort_values("epoch")
+        for _, h in hist.iterrows():
+            erows.append({"trial_id": trial_id, **{c: h.get(c) for c in R.EPOCH_COLUMNS if c != "trial_id"}})
+        last = hist.iloc[-1] if len(hist) else {}
+        epochs_planned = int(cfg.get("epochs", TrialConfig.epochs))
+        epochs_run = int(len(hist))
+        if res.error is not None:
+            status = "errored"
+        elif epochs_run >= epochs_planned:
+            status = "completed"
+        elif statuses.get(trial_id, "TERMINATED") == "TERMINATED":
+            status = "stopped"  # ended before its planned epochs: ASHA stopped it
+        else:
+            status = "running" if epochs_run else "pending"  # interrupted: --resume continues it
+        best_row = _best_row(hist, space) if len(hist) else {}
+        trows.append({
+            "trial_id": trial_id, "status": status,
+            "error": (str(res.error).strip().splitlines() or [""])[-1][:500] if res.error is not None else None,
+            "epochs_run": epochs_run, "epochs": epochs_planned,
+            "best_epoch": int(best_row["epoch"]) if len(best_row) else None,
+            "best_metric": float(best_row[space.metric]) if len(best_row) else None,
+            "best_val_auc": float(best_row["val_auc"]) if len(best_row) else None,
+            "best_val_loss": float(best_row["val_loss"]) if len(best_row) else None,
+            "best_val_acc": float(best_row["val_acc"]) if len(best_row) else None,
+            "last_val_auc": float(last["val_auc"]) if len(hist) else None,
+            "wall_seconds": float(hist["seconds"].sum()) if len(hist) else 0.0,
+            "images_per_s": float(hist["images_per_s"].median()) if len(hist) else None,
+            "node_id": last.get("node_id") if len(hist) else None,
+            "data_nodes": last.get("data_nodes") if len(hist) else None,
+            "checkpoint_path": res.checkpoint.path if res.checkpoint is not None else None,
+            **{f"p_{k}": _scalar(cfg.get(k)) for k in searched},
+        })
+    trials = pd.DataFrame(trows)
+    if len(trials):
+        trials = trials.sort_values("best_metric", ascending=space.mode == "min", na_position="last").reset_index(drop=True)
+    epochs = pd.DataFrame(erows, columns=R.EPOCH_COLUMNS)
+    return trials, epochs
+
+
+def _trial_statuses(grid) -> dict[str, str]:
+    """Tune's own status of each trial (TERMINATED, ERROR, RUNNING, PENDING, PAUSED)."""
+    try:
+        return {t.trial_id: t.status for t in grid._experiment_analysis.trials}
+    except AttributeError:  # pragma: no cover - Tune's internals moved; every early end then reads "stopped"
+        return {}
+
+
+def _best_row(hist: pd.DataFrame, space: SearchSpace) -> pd.Series:
+    col = hist[space.metric].astype(float)
+    if col.notna().sum() == 0:
+        return hist.iloc[-1]
+    return hist.loc[col.idxmax() if space.mode == "max" else col.idxmin()]
+
+
+def _scalar(v: Any) -> Any:
+    return json.dumps(list(v)) if isinstance(v, (list, tuple)) else v
+
+
+def print_leaderboard(trials: pd.DataFrame, space: SearchSpace, top: int = 10) -> None:
+    if trials.empty:
+        print("[xray_ray] no trials ran", flush=True)
+        return
+    cols = ["trial_id", "status", "epochs_run", "best_epoch", "best_val_auc", "best_val_loss"] + \
+           [c for c in trials.columns if c.startswith("p_")]
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4f}".format):
+        print(f"\nLeaderboard (by best {space.metric}, {space.mode}):")
+        print(trials[cols].head(top).to_string(index=False), flush=True)
+
+
+def export_best(grid, trials: pd.DataFrame, epochs: pd.DataFrame, prepared: dict, run_info: dict, run_dir: str,
+                space: SearchSpace) -> dict:
+    """Copy the winner's best weights + config into best/ and evaluate and export them there."""
+    import pyarrow.fs as pafs
+
+    from xray_ray.export import load_weights
+    from xray_ray.models import build_model
+    from xray_ray.winner import finalize
+
+    winner = trials.dropna(subset=["best_metric"]).iloc[0]
+    res = next(r for r in grid if (r.metrics or {}).get("trial_id") == winner["trial_id"])
+    cfg = TrialConfig.from_dict(decode_config(res.config))
+    remote = R.is_uri(run_dir)
+    best_dir = Path(tempfile.mkdtemp(prefix="xray_best_")) / "best" if remote else Path(run_dir) / "best"
+    if best_dir.exists():
+        shutil.rmtree(best_dir)
+    best_dir.mkdir(parents=True)
+    with res.checkpoint.as_directory() as cdir:
+        shutil.copy(Path(cdir) / "best.safetensors", best_dir / "weights.safetensors")
+    (best_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "trial_id": winner["trial_id"],
+                                                      "best_epoch": int(winner["best_epoch"])}, indent=2))
+    model = load_weights(build_model(**_model_sizes(cfg)), best_dir / "weights.safetensors")
+    splits = prepared[cfg.image_size].splits
+    info = {**run_info, "winner": {"trial_id": winner["trial_id"], "best_epoch": int(winner["best_epoch"]),
+                                   "selection_metric": space.metric, "selection_value": float(winner["best_metric"])}}
+    card = finalize(best_dir, model, splits, info, trials, epochs)
+    if remote:
+        fs, path = R.resolve(R.join(run_dir, "best"))
+        pafs.copy_files(str(best_dir), path, destination_filesystem=fs)
+        shutil.rmtree(best_dir.parent, ignore_errors=True)
+    return card
+
+
+if __name__ == "__main__":
+    sys.exit(main())
