@@ -1,0 +1,146 @@
+"""Predict PNEUMONIA vs NORMAL for image files with an exported model (onnxruntime, no torch).
+
+    python -m xray_ray.predict --model results/demo/best scan1.jpeg scans/ [--csv out.csv | --parquet out.parquet]
+
+Folders are walked recursively for image files (sorted; hidden names skipped). Without --csv/--parquet
+one JSON line is printed per image: {"path", "prob_pneumonia", "label"} or {"path", "error"}.
+Exit status: 0 all images predicted, 1 some files failed, 2 usage or model problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from xray_ray.errors import UserError
+from xray_ray.images import IMAGE_EXTENSIONS
+
+COLUMNS = ("path", "prob_pneumonia", "label", "error")
+
+
+def find_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given; folders expanded to their image files (recursive, sorted, hidden names skipped)."""
+    out: list[Path] = []
+    for given in map(Path, paths):
+        if not given.is_dir():
+            out.append(given)  # a missing or unreadable file is reported on its own line, not fatal
+            continue
+        found = []
+        for root, dirs, files in os.walk(given):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            found += [Path(root, f) for f in files
+                      if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        if not found:
+            print(f"warning: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {given}", file=sys.stderr)
+        out += sorted(found)
+    return out
+
+
+class _AtomicOutput:
+    """A file written under a temporary name and renamed into place only when complete."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.parent.is_dir():
+            raise UserError(f"the folder of the output file {path} does not exist; create it first.")
+        if path.is_dir():
+            raise UserError(f"the output {path} is a folder; give a file name.")
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
+def _write_csv(results: Iterator[dict], out: _AtomicOutput) -> None:
+    with out.tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for r in results:
+            writer.writerow(r)
+
+
+def _write_parquet(results: Iterator[dict], out: _AtomicOutput, rows_per_group: int = 4096) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("path", pa.string()), ("prob_pneumonia", pa.float64()), ("label", pa.string()),
+                        ("error", pa.string())])
+    with pq.ParquetWriter(out.tmp, schema) as writer:
+        buffer: list[dict] = []
+        for r in results:
+            buffer.append(r)
+            if len(buffer) >= rows_per_group:
+                writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
+                buffer = []
+        writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
+
+
+def run(model_dir: str, paths: Sequence[str], *, batch_size: int = 64, csv_path: str | None = None,
+        parquet_path: str | None = None) -> int:
+    """Predict every image; print JSON lines or write a table. Returns the exit status (0 or 1)."""
+    from xray_ray.runtime import load_exported
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
+    model = load_exported(model_dir)
+    files = find_images(paths)
+    if not files:
+        raise UserError("no image files found in the given paths; pass image files or folders that hold some.")
+    counts = {"ok": 0, "failed": 0, "PNEUMONIA": 0}
+
+    def counted() -> Iterator[dict]:
+        for r in model.predict_files(files, batch_size=batch_size):
+            if "error" in r:
+                counts["failed"] += 1
+            else:
+                counts["ok"] += 1
+                counts["PNEUMONIA"] += r["label"] == "PNEUMONIA"
+            yield r
+
+    target = csv_path or parquet_path
+    if target is None:
+        for r in counted():
+            print(json.dumps(r), flush=True)
+    else:
+        out = _AtomicOutput(Path(target))
+        try:
+            (_write_csv if csv_path else _write_parquet)(counted(), out)
+            out.commit()
+        finally:
+            out.discard()
+        print(f"wrote {counts['ok'] + counts['failed']} rows to {target}: {counts['ok']} predicted "
+              f"({counts['PNEUMONIA']} PNEUMONIA at threshold {model.threshold:.4f}), {counts['failed']} failed")
+    return 1 if counts["failed"] else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status."""
+    ap = argparse.ArgumentParser(prog="python -m xray_ray.predict", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="exported model folder (model.json + model.onnx)")
+    ap.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    ap.add_argument("--batch-size", type=int, default=64, help="images per onnxruntime call (default 64)")
+    out = ap.add_mutually_exclusive_group()
+    out.add_argument("--csv", metavar="OUT", help="write a CSV table instead of JSON lines")
+    out.add_argument("--parquet", metavar="OUT", help="write a Parquet table instead of JSON lines")
+    args = ap.parse_args(argv)
+    try:
+        return run(args.model, args.paths, batch_size=args.batch_size, csv_path=args.csv, parquet_path=args.parquet)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away: stop quietly, as Unix tools do.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

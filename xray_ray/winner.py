@@ -1,0 +1,221 @@
+"""The winner of a search: threshold on validation, one look at test, export, model card, pictures.
+
+The search picked the winner on validation only. Here the operating threshold is fixed on validation
+too, and only then is the test split scored, once. The model card (model.json) is what predict and
+evaluate read back: the input contract, the threshold and the evidence behind both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import torch
+
+from xray_ray import CLASSES, export, report
+from xray_ray.evaluate import fingerprint, json_safe, summarize
+from xray_ray.metrics import choose_threshold
+from xray_ray.models import CNN
+from xray_ray.pipeline import SplitArrays
+from xray_ray.results import versions
+from xray_ray.train import array_batches, predict_probs
+
+AGREEMENT_TOLERANCE = 1e-4
+VALIDATION_SPLITS = ("val", "extra_val")
+
+
+def split_probs(model: CNN, arr: SplitArrays, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, P(PNEUMONIA)) for one split: eval mode, no grad, batched."""
+    # Cached pixels and pandas-3 label columns can be read-only; torch.from_numpy warns about those.
+    images, labels = (a if a.flags.writeable else a.copy() for a in (arr.images, np.asarray(arr.labels)))
+    return predict_probs(model, array_batches(images, labels, batch_size), device="cpu")
+
+
+def pick_threshold(y: np.ndarray, p: np.ndarray, target_sensitivity: float) -> tuple[float, str]:
+    """The validation threshold and, in words, how it was found."""
+    if 0 < int(np.sum(y)) < len(y):
+        t = float(choose_threshold(y, p, target_sensitivity))
+        if math.isfinite(t):
+            return t, f"highest threshold whose validation sensitivity is at least {target_sensitivity:g}"
+    # With one class in validation no sensitivity/specificity trade-off can be measured.
+    return 0.5, "0.5: validation holds one class only, so no threshold could be tuned"
+
+
+def _agreement(best_dir: Path, images: np.ndarray) -> tuple[float, int]:
+    """Max |TorchScript - ONNX| over real images plus random ones (fresh onnxruntime session)."""
+    x = (images.astype(np.float32) / 255.0)[:, None]
+    session = ort.InferenceSession(str(best_dir / export.ONNX_NAME), providers=["CPUExecutionProvider"])
+    (from_onnx,) = session.run([export.OUTPUT_NAME], {export.INPUT_NAME: x})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(best_dir / export.TORCHSCRIPT_NAME), map_location="cpu")
+    with torch.inference_mode():
+        from_script = scripted(torch.from_numpy(x)).numpy()
+    real = float(np.max(np.abs(from_onnx - from_script))) if len(x) else 0.0
+    noise = export.check_agreement(best_dir, n=8)
+    return max(real, noise), len(x) + 8
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    """Write strict JSON to a temporary file beside `path`, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _counts(arr: SplitArrays) -> dict[str, int]:
+    pos = int(np.sum(arr.labels == 1))
+    return {"n": len(arr.labels), CLASSES[0]: len(arr.labels) - pos, CLASSES[1]: pos,
+            "patients": len(set(arr.patients))}
+
+
+def _trial_facts(best_dir: Path, run_info: Mapping[str, Any], trials: pd.DataFrame,
+                 epochs: pd.DataFrame) -> dict[str, Any]:
+    config_path = best_dir / export.CONFIG_NAME
+    config = export.load_config(config_path) if config_path.exists() else {}
+    chosen = dict(run_info.get("winner") or {})
+    trial_id = chosen.get("trial_id") or config.get("trial_id")
+    if trial_id is None and trials is not None and len(trials):
+        trial_id = report.top_trials(trials, 1)[0]
+    row: dict[str, Any] = {}
+    if trials is not None and len(trials) and trial_id is not None:
+        match = trials[trials["trial_id"].astype(str) == str(trial_id)]
+        row = match.iloc[0].to_dict() if len(match) else {}
+    seconds = row.get("wall_seconds")
+    if (seconds is None or pd.isna(seconds)) and epochs is not None and len(epochs) and trial_id is not None:
+        seconds = float(epochs.loc[epochs["trial_id"].astype(str) == str(trial_id), "seconds"].sum())
+    return {
+        "id": None if trial_id is None else str(trial_id),
+        "config": {k: v for k, v in config.items() if k not in ("trial_id", "best_epoch")},
+        "best_epoch": chosen.get("best_epoch", config.get("best_epoch", row.get("best_epoch"))),
+        "epochs_run": row.get("epochs_run"),
+        "status": row.get("status"),
+        "selection_metric": chosen.get("selection_metric", "val_auc"),
+        "selection_value": chosen.get("selection_value", row.get("best_metric")),
+        "training_seconds": seconds,
+    }
+
+
+def _data_summary(run_info: Mapping[str, Any], splits: Mapping[str, SplitArrays]) -> dict[str, Any]:
+    data = dict(run_info.get("data") or {})
+    split_info = dict(data.pop("splits", {}) or {})
+    return {
+        "spec": data.get("spec"),
+        "source": data.get("source"),
+        "skipped_files": data.get("skipped"),
+        "seed": run_info.get("seed", split_info.get("seed")),
+        "split_method": split_info.get("method"),
+        "split": split_info,
+        "counts": {name: _counts(arr) for name, arr in splits.items()},
+        "fingerprints": {name: fingerprint(arr.uids, arr.images) for name, arr in splits.items()},
+    }
+
+
+def _input_contract(model: CNN) -> dict[str, Any]:
+    s = model.config.image_size
+    return {
+        "name": export.INPUT_NAME,
+        "size": s,
+        "channels": model.config.in_channels,
+        "shape": ["N", model.config.in_channels, s, s],
+        "dtype": "float32",
+        "layout": "NCHW",
+        "scaling": "divide 8-bit grayscale by 255",
+        "resize": f"whole image to {s}x{s}, bilinear, no crop",
+        "decode": "xray_ray.images.load_gray: EXIF orientation applied, colour to 8-bit grayscale (PIL 'L'), "
+                  "alpha on black, high bit depth scaled by its range",
+        "normalization": model.input_contract().get("normalization"),
+    }
+
+
+def finalize(best_dir: Path, model: CNN, splits: dict[str, SplitArrays], run_info: dict,
+             trials: pd.DataFrame, epochs: pd.DataFrame, *, target_sensitivity: float = 0.95,
+             n_boot: int = 1000, seed: int = 0) -> dict:
+    """Threshold on val, score test once, export ONNX + TorchScript, write model.json, pictures, report.html."""
+    t0 = time.perf_counter()
+    best_dir = Path(best_dir)
+    best_dir.mkdir(parents=True, exist_ok=True)
+    if "val" not in splits or not len(splits["val"]):
+        raise ValueError("finalize needs a non-empty 'val' split to choose the threshold on")
+    model = model.cpu().eval()
+
+    preds = {s: split_probs(model, splits[s]) for s in VALIDATION_SPLITS if s in splits and len(splits[s])}
+    threshold, method = pick_threshold(*preds["val"], target_sensitivity)
+    # Test is scored here, once, after the threshold is fixed: nothing below feeds back into a choice.
+    if "test" in splits and len(splits["test"]):
+        preds["test"] = split_probs(model, splits["test"])
+    metrics = {s: summarize(y, p, threshold, groups=splits[s].patients, n_boot=n_boot, seed=seed)
+               for s, (y, p) in preds.items()}
+    at_val = metrics["val"]["at_threshold"]
+
+    if not (best_dir / export.WEIGHTS_NAME).exists():
+        export.save_weights(model, best_dir / export.WEIGHTS_NAME)
+    export.export_torchscript(model, best_dir / export.TORCHSCRIPT_NAME)
+    export.export_onnx(model, best_dir / export.ONNX_NAME)
+    diff, checked = _agreement(best_dir, splits["val"].images[:64])
+    if not diff < AGREEMENT_TOLERANCE:
+        raise RuntimeError(f"ONNX and TorchScript disagree by {diff:.2e} (> {AGREEMENT_TOLERANCE:g}); "
+                           "the export is not trustworthy")
+
+    trial = _trial_facts(best_dir, run_info, trials, epochs)
+    card: dict[str, Any] = {
+        "contract_version": export.CONTRACT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "trial_id": trial["id"],
+        "classes": list(CLASSES),
+        "input": _input_contract(model),
+        "output": {"name": export.OUTPUT_NAME, "shape": ["N"], "dtype": "float32",
+                   "meaning": "probability of PNEUMONIA (class 1) per image"},
+        "threshold": {
+            "value": threshold,
+            "rule": "PNEUMONIA when prob_pneumonia >= value, else NORMAL",
+            "method": method,
+            "split": "val",
+            "target_sensitivity": target_sensitivity,
+            "val_sensitivity": at_val["recall"],
+            "val_specificity": at_val["specificity"],
+            "default": 0.5,
+        },
+        "model": model.config.to_dict(),
+        "trial": trial,
+        "metrics": metrics,
+        "bootstrap": {"n_boot": n_boot, "unit": "patient", "alpha": 0.05, "seed": seed},
+        "data": _data_summary(run_info, splits),
+        "export": {"onnx": export.ONNX_NAME, "torchscript": export.TORCHSCRIPT_NAME,
+                   "weights": export.WEIGHTS_NAME, "max_abs_diff": diff, "tolerance": AGREEMENT_TOLERANCE,
+                   "images": checked},
+        "versions": {k: v for k, v in versions().items() if k != "platform"},
+        "git_commit": run_info.get("git_commit"),
+    }
+    card["files"] = {name: _sha256(best_dir / name)
+                     for name in (export.ONNX_NAME, export.TORCHSCRIPT_NAME, export.WEIGHTS_NAME)}
+    auc = {s: m["at_threshold"]["roc_auc"] for s, m in metrics.items()}
+    test_images = splits["test"].images if "test" in preds else None
+    card["pictures"] = report.write_pictures(best_dir, model=model, preds=preds, auc=auc, threshold=threshold,
+                                             test_images=test_images, trials=trials, epochs=epochs,
+                                             winner=trial["id"])
+    card["report"] = "report.html"
+    card["finalize_seconds"] = round(time.perf_counter() - t0, 2)
+    card = json_safe(card)
+    write_json_atomic(card, best_dir / "model.json")
+    report.write_html(best_dir, card, trials, card["pictures"])
+    return card
