@@ -133,15 +133,22 @@ def train_dataset(arr: SplitArrays, *, block_rows: int = 512):
 
 
 def epoch_batches(ds, *, strengths: Mapping[str, float], seed: int, epoch: int, batch_size: int,
-                  shuffle_buffer: int = 1024, data_cpus: float = 0.0, device: str = "cpu",
+                  shuffle_buffer: int = 1024, data_cpus: float = 0.0, data_tasks: int = 1, device: str = "cpu",
                   map_batch_rows: int = 256) -> Iterator[dict]:
-    """One augmented epoch as torch batches ``{"image": uint8 [B,S,S], "label": int64 [B], "idx": ...}``."""
+    """One augmented epoch as torch batches ``{"image": uint8 [B,S,S], "label": int64 [B], "idx": ...}``.
+
+    ``data_tasks`` caps the augmentation tasks in flight for this epoch: with ``data_cpus=0`` nothing else
+    would (they reserve no CPU), and every extra task is a worker process with torch loaded.
+    """
+    import ray.data
+
     aug = ds.map_batches(
         _augment_with_node,
         fn_kwargs={"strengths": dict(strengths), "seed": seed, "epoch": epoch},
         batch_size=map_batch_rows,
         batch_format="numpy",
         num_cpus=data_cpus,
+        compute=ray.data.TaskPoolStrategy(size=max(1, data_tasks)),
         zero_copy_batch=True,
     )
     return aug.iter_torch_batches(

@@ -40,6 +40,7 @@ class Runtime:
     cpus_per_trial: float
     gpus_per_trial: float
     data_cpus: float
+    data_tasks: int
     metric: str
     mode: str
     pos_fraction: float
@@ -103,7 +104,7 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         batches = epoch_batches(train_ds, strengths=strengths, seed=seed, epoch=epoch, batch_size=cfg.batch_size,
-                                data_cpus=runtime.data_cpus)
+                                data_cpus=runtime.data_cpus, data_tasks=runtime.data_tasks)
         seen_nodes: set[int] = set()
         stats = train_one_epoch(model, batches, optimizer, loss_fn=loss_fn, device=device, scheduler=scheduler,
                                 ema=ema, on_batch=lambda b: seen_nodes.update(b["node"].unique().tolist()))
@@ -260,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
     p.add_argument("--data-cpus", type=float, default=0.0,
                    help="CPUs each augmentation task reserves (0: never starved by trials holding every CPU)")
+    p.add_argument("--data-tasks", type=int, default=1,
+                   help="augmentation tasks each trial keeps in flight (more on a cluster with CPU workers)")
     p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. 'auto' or host:port)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its storage")
@@ -295,6 +298,8 @@ def check_flags(args: argparse.Namespace, space: SearchSpace) -> None:
         raise UserError(f"--cpus-per-trial must be positive, got {args.cpus_per_trial}.")
     if args.gpus_per_trial < 0:
         raise UserError(f"--gpus-per-trial must be 0 or more, got {args.gpus_per_trial}.")
+    if args.data_tasks < 1:
+        raise UserError(f"--data-tasks must be at least 1, got {args.data_tasks}.")
     if args.data_cpus < 0:
         raise UserError(f"--data-cpus must be 0 or more, got {args.data_cpus}.")
     if args.num_samples is not None and args.num_samples < 1:
@@ -358,7 +363,8 @@ def run(args: argparse.Namespace) -> str:
         "data": {"spec": args.data, "source": manifest.info, "skipped": int(len(manifest.skipped)),
                  "splits": split_info, "image_sizes": space.image_sizes},
         "resources": {"cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial,
-                      "data_cpus": args.data_cpus, "address": args.address},
+                      "data_cpus": args.data_cpus, "data_tasks": args.data_tasks,
+                      "address": args.address},
         "versions": R.versions(), "git_commit": R.git_commit(),
     }
     R.write_json({**run_info, "status": "running"}, run_json)
@@ -390,7 +396,8 @@ def run(args: argparse.Namespace) -> str:
         limit = space.num_samples if joined else max(1, min(by_cpu, by_gpu))
         wanted = args.max_concurrent or space.max_concurrent or limit
         concurrent = max(1, min(wanted, limit))
-        runtime = Runtime(args.cpus_per_trial, args.gpus_per_trial, args.data_cpus, space.metric, space.mode,
+        runtime = Runtime(args.cpus_per_trial, args.gpus_per_trial, args.data_cpus, args.data_tasks,
+                          space.metric, space.mode,
                           float(np.mean(train_labels)) if len(train_labels) else 0.5)
         from xray_ray.pipeline import train_dataset
 
