@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
+	rm -rf results/demo
 	$(PY) -m xray_ray.search --data synthetic --space search_spaces/smoke.yaml --results results --name demo
 
 test: install
