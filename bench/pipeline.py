@@ -30,7 +30,12 @@ STRENGTHS = {"zoom": 0.3, "vflip": 0.5, "rotate": 10.0, "shift": 0.1, "brightnes
 
 
 def machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, {platform.processor() or '?'}"
+    model = "?"
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def main() -> None:
@@ -52,7 +57,7 @@ def main() -> None:
 
     manifest = load_source(args.data, seed=0)
     df, _ = assign_splits(manifest.df, seed=0)
-    train_rows = df[df["orig_split"] == "train"]
+    train_rows = df[df["orig_split"] == "train"].drop(columns=["split"])  # every train file, one split
     rows = []
 
     # plain PIL, one thread, over files (or rendered phantoms for the synthetic source)
@@ -71,7 +76,7 @@ def main() -> None:
         rows.append(("prepare_cold", len(train_rows), cold.seconds))
         warm = prepare(train_rows, args.size, cache)
         rows.append(("prepare_cached", len(train_rows), warm.seconds))
-    arr = next(iter(cold.splits.values()))
+    arr = cold.splits["train"]
 
     import torch
 
