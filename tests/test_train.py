@@ -16,7 +16,7 @@ from xray_ray.train import (array_batches, make_ema, make_loss, make_optimizer, 
 def phantoms():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 1200)
-    images = np.stack([render(0, i, int(l), size=32) for i, l in enumerate(labels)])
+    images = np.stack([render(0, i, int(l), size=48) for i, l in enumerate(labels)])
     return images, labels.astype(np.int64)
 
 
@@ -30,16 +30,16 @@ def test_a_few_epochs_learn_the_phantoms(phantoms):
     torch.manual_seed(0)
     images, labels = phantoms
     torch.set_num_threads(1)
-    cfg = TrialConfig(image_size=32, blocks=3, double_conv=False, width=8, head="gap", fc=(16,), epochs=4,
-                      lr=3e-3, batch_size=64, ema=0.9)
-    model = build_model(image_size=32, blocks=3, double_conv=False, width=8, head="gap", fc=(16,))
+    cfg = TrialConfig(image_size=48, blocks=3, double_conv=False, width=16, head="flatten", fc=(32,), epochs=4,
+                      lr=1e-3, batch_size=32, ema=0.9)
+    model = build_model(image_size=48, blocks=3, double_conv=False, width=16, head="flatten", fc=(32,))
     opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg, steps_per_epoch=16)
+    sched = make_scheduler(opt, cfg, steps_per_epoch=32)
     ema = make_ema(model, cfg.ema)
     loss_fn = make_loss(cfg, float(labels[:1000].mean()))
     losses = []
     for _ in range(cfg.epochs):
-        stats = train_one_epoch(model, array_batches(images[:1000], labels[:1000], 64), opt, loss_fn=loss_fn,
+        stats = train_one_epoch(model, array_batches(images[:1000], labels[:1000], 32), opt, loss_fn=loss_fn,
                                 scheduler=sched, ema=ema)
         assert stats["images"] == 1000 and stats["images_per_s"] > 0
         losses.append(stats["train_loss"])
@@ -54,11 +54,11 @@ def test_a_few_epochs_learn_the_phantoms(phantoms):
 
 def test_nan_loss_is_an_error_that_says_what_to_do(phantoms):
     images, labels = phantoms
-    model = build_model("tiny", image_size=32)
+    model = build_model("tiny", image_size=48)
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(float("nan"))
-    cfg = TrialConfig(image_size=32)
+    cfg = TrialConfig(image_size=48)
     with pytest.raises(FloatingPointError, match="learning rate"):
         train_one_epoch(model, array_batches(images[:32], labels[:32], 16), make_optimizer(model, cfg),
                         loss_fn=make_loss(cfg, 0.5))
