@@ -6,6 +6,7 @@ Each file is written to a temporary name and renamed, so a crash never leaves a 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -25,11 +26,18 @@ TRIAL_COLUMNS = ["trial_id", "status", "error", "epochs_run", "epochs", "best_ep
                  "best_val_auc", "best_val_loss", "best_val_acc", "last_val_auc", "wall_seconds",
                  "images_per_s", "node_id", "data_nodes", "checkpoint_path"]
 EPOCH_COLUMNS = ["trial_id", "epoch", "train_loss", "val_loss", "val_auc", "val_acc", "val_brier", "val_score",
-                 "lr", "seconds", "step_seconds", "eval_seconds", "images", "images_per_s", "node_id"]
+                 "lr", "seconds", "step_seconds", "eval_seconds", "images", "images_per_s", "node_id",
+                 "ended_at"]  # ended_at: unix seconds of the report, orders epochs across trials
 
 
 def is_uri(path: str) -> bool:
     return "://" in str(path)
+
+
+def node_local(location: str | os.PathLike) -> bool:
+    """True for a plain path or a file:// URI: storage each node of a cluster sees on its own disk."""
+    loc = str(location)
+    return not is_uri(loc) or loc.lower().startswith("file://")
 
 
 def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -58,9 +66,14 @@ def _atomic_write(location: str, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    except BaseException:  # disk full, quota, interrupted: leave neither a partial file nor a temp file
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
 
 
 def write_json(obj: Any, location: str) -> None:

@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -102,6 +103,7 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
     data_nodes: set[str] = set()
     strengths = strengths_of(cfg.to_dict())
     for epoch in range(start_epoch, cfg.epochs + 1):
+        inject_fault(epoch)
         t0 = time.perf_counter()
         batches = epoch_batches(train_ds, strengths=strengths, seed=seed, epoch=epoch, batch_size=cfg.batch_size,
                                 data_cpus=runtime.data_cpus, data_tasks=runtime.data_tasks)
@@ -129,7 +131,7 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
             "lr": optimizer.param_groups[0]["lr"], "seconds": t2 - t0, "step_seconds": stats["step_seconds"],
             "eval_seconds": t2 - t1, "images": stats["images"], "images_per_s": stats["images_per_s"],
             "node_id": node_id, "data_nodes": ",".join(sorted(data_nodes)),
-            "best_metric": best, "best_epoch": best_epoch, "epochs": cfg.epochs,
+            "best_metric": best, "best_epoch": best_epoch, "epochs": cfg.epochs, "ended_at": time.time(),
         }
         with tempfile.TemporaryDirectory() as tmp:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -139,6 +141,36 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
             save_file({k: v.contiguous() for k, v in best_state.items()}, str(Path(tmp) / "best.safetensors"))
             (Path(tmp) / "config.json").write_text(json.dumps(cfg.to_dict()))
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+FAULT_ENV = "XRAY_RAY_INJECT_FAULT"
+
+
+def inject_fault(epoch: int) -> None:
+    """Fail on purpose where $XRAY_RAY_INJECT_FAULT says so: the hook the fault-tolerance tests use.
+
+    Faults separated by ';', each ``KIND[:epoch=N][,once=PATH]``, e.g. ``kill:epoch=2,once=/tmp/m``.
+    KIND: raise (RuntimeError), oom (torch.OutOfMemoryError, as CUDA raises it), kill (SIGKILL to the
+    trial's own process, as the kernel's or Ray's OOM killer does). With once=PATH only the trial that
+    creates PATH first fails, so retries and other trials run on. Unset (always, outside tests): no-op.
+    """
+    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(";")):
+        kind, _, opts = spec.partition(":")
+        options = dict(kv.split("=", 1) for kv in opts.split(",") if "=" in kv)
+        if int(options.get("epoch", 1)) != epoch:
+            continue
+        if "once" in options:
+            try:
+                os.close(os.open(options["once"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "oom":
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_ENV} at epoch {epoch})")
+        raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_ENV}: {spec})")
 
 
 def _model_sizes(cfg: TrialConfig) -> dict[str, Any]:
@@ -271,26 +303,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="pixel cache folder (default: ~/.cache/xray_ray)")
     p.add_argument("--no-export", action="store_true", help="skip evaluating and exporting the winner")
     p.add_argument("--allow-local-results", action="store_true",
-                   help="accept a local results path on a multi-node cluster (only for a shared mount such as NFS)")
+                   help="accept a local path or file:// URI as results on a multi-node cluster (only for a "
+                        "mount shared by every node, such as NFS)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the resume command
     try:
         run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted. Resume with: {resume_command(args)}", file=sys.stderr)
+        if getattr(args, "run_started", False):
+            print(f"\ninterrupted. Resume with: {resume_command(args)}", file=sys.stderr)
+        else:
+            print("\ninterrupted before the search started; nothing to resume, run the same command again.",
+                  file=sys.stderr)
         return 130
     return 0
 
 
 def resume_command(args: argparse.Namespace) -> str:
-    argv = [a for a in sys.argv[1:] if a != "--resume"]
-    return " ".join(["python -m xray_ray.search", *argv, "--resume"])
+    """The command line that continues this run, quoted for a POSIX shell."""
+    argv = [a for a in getattr(args, "argv", sys.argv[1:]) if a != "--resume"]
+    return shlex.join(["python", "-m", "xray_ray.search", *argv, "--resume"])
 
 
 def check_flags(args: argparse.Namespace, space: SearchSpace) -> None:
@@ -312,10 +351,42 @@ def check_flags(args: argparse.Namespace, space: SearchSpace) -> None:
         raise UserError(f"--seed must be 0 or more, got {args.seed}.")
 
 
+def check_local_resources(args: argparse.Namespace) -> None:
+    """Refuse per-trial CPUs or GPUs that the local Ray instance would not have, before anything starts.
+
+    A cluster (--address or RAY_ADDRESS) is checked once joined instead: it may autoscale.
+    """
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        return
+    cpus = args.num_cpus or os.cpu_count() or 1
+    gpus = local_gpus() if args.gpus_per_trial > 0 else 0
+    for flag, what, asked, have in (("--gpus-per-trial", "GPUs", args.gpus_per_trial, gpus),
+                                    ("--cpus-per-trial", "CPUs", args.cpus_per_trial, cpus)):
+        if asked > have:
+            raise UserError(f"{flag} {asked:g} asks for more {what} than this machine has ({have:g}); "
+                            f"lower it, or run on a cluster with --address.")
+
+
+def local_gpus() -> int:
+    """GPUs a local ray.init() would detect: Ray's own probe (CUDA_VISIBLE_DEVICES respected)."""
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        manager = get_accelerator_manager_for_resource("GPU")
+        n = manager.get_current_node_num_accelerators()
+        visible = manager.get_current_process_visible_accelerator_ids()
+        return min(n, len(visible)) if visible is not None else n
+    except (ImportError, AttributeError):  # pragma: no cover - Ray's private probe moved; torch counts CUDA
+        import torch
+
+        return torch.cuda.device_count()
+
+
 def run(args: argparse.Namespace) -> str:
     """Run (or resume) a search; returns the run folder."""
     space = load_space(args.space)
     check_flags(args, space)
+    check_local_resources(args)
     space = replace(space,
                     num_samples=args.num_samples or space.num_samples,
                     seed=space.seed if args.seed is None else args.seed)
@@ -323,11 +394,12 @@ def run(args: argparse.Namespace) -> str:
     run_dir = R.join(str(args.results), name) if R.is_uri(args.results) else str(Path(args.results).resolve() / name)
     run_json = R.join(run_dir, "run.json")
     previous = R.read_json(run_json) if R.exists(run_json) else None
+    args.run_started = previous is not None  # what main() tells the user after a Ctrl-C
     if previous is not None and not args.resume:
         raise UserError(f"the results folder {run_dir} already holds a run; pass --resume to continue it, "
                         f"or choose another --name or --results.")
     if previous is not None and (previous.get("data", {}).get("spec") != args.data
-                                 or previous.get("space", {}).get("name") != space.name
+                                 or previous.get("space") != json.loads(json.dumps(space.to_dict()))
                                  or previous.get("seed") != space.seed):
         raise UserError(f"the results folder {run_dir} holds a different run (data, space or seed differ); "
                         f"resume it with the same --data, --space and --seed, or choose another --name.")
@@ -349,6 +421,7 @@ def run(args: argparse.Namespace) -> str:
     manifest = load_source(args.data, seed=space.seed)
     df, split_info = assign_splits(manifest.df, seed=space.seed, val_fraction=space.val_fraction,
                                    test_fraction=space.test_fraction)
+    print_data_problems(manifest, split_info)
     prepared = {s: prepare(df, s, args.cache) for s in space.image_sizes}
     for s, p in prepared.items():
         counts = {k: len(v) for k, v in p.splits.items()}
@@ -361,6 +434,7 @@ def run(args: argparse.Namespace) -> str:
         "name": name, "started": started, "command": R.command_line(), "seed": space.seed,
         "space": space.to_dict(), "space_file": str(args.space),
         "data": {"spec": args.data, "source": manifest.info, "skipped": int(len(manifest.skipped)),
+                 "skipped_files": manifest.skipped.head(MAX_LISTED_SKIPS).to_dict(orient="records"),
                  "splits": split_info, "image_sizes": space.image_sizes},
         "resources": {"cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial,
                       "data_cpus": args.data_cpus, "data_tasks": args.data_tasks,
@@ -368,6 +442,7 @@ def run(args: argparse.Namespace) -> str:
         "versions": R.versions(), "git_commit": R.git_commit(),
     }
     R.write_json({**run_info, "status": "running"}, run_json)
+    args.run_started = True  # from here on an interrupted run can be resumed
 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
@@ -386,7 +461,7 @@ def run(args: argparse.Namespace) -> str:
             if asked > have:  # an autoscaling cluster adds nodes once trials ask for them
                 print(f"[xray_ray] the cluster has {have:g} {what} now; trials wait for the autoscaler to add "
                       f"nodes with {asked:g} {what} each", flush=True)
-        if len(nodes) > 1 and not R.is_uri(args.results) and not args.allow_local_results:
+        if len(nodes) > 1 and R.node_local(args.results) and not args.allow_local_results:
             raise UserError(f"this cluster has {len(nodes)} nodes but --results {args.results} is a node-local "
                             f"path; use shared storage such as s3://bucket/path (or --allow-local-results for an "
                             f"NFS mount present on every node).")
@@ -435,7 +510,8 @@ def run(args: argparse.Namespace) -> str:
         meta = {"run": name, "space": space.to_dict(), "seed": space.seed, "versions": run_info["versions"]}
         R.write_parquet(trials, R.join(run_dir, "trials.parquet"), meta)
         R.write_parquet(epochs, R.join(run_dir, "epochs.parquet"), meta)
-        unfinished = trials["status"].isin(["running", "pending"]).any()
+        # Tune catches Ctrl-C itself and returns early, leaving trials running or never started
+        unfinished = len(trials) < space.num_samples or trials["status"].isin(["running", "pending"]).any()
         wall = time.time() - t_start
         trial_time = float(epochs["seconds"].sum()) if len(epochs) else 0.0
         run_info.update({
@@ -445,13 +521,12 @@ def run(args: argparse.Namespace) -> str:
             "concurrency": concurrent,
             "trial_epochs": int(len(epochs)),
             "overhead": overhead(epochs, wall, concurrent),
-            "trials": trials["status"].value_counts().to_dict(),
+            "trials": trials["status"].value_counts().to_dict() if len(trials) else {},
         })
         print_leaderboard(trials, space)
         if unfinished:
             R.write_json(run_info, run_json)
-            print(f"[xray_ray] interrupted. Resume with: {resume_command(args)}", file=sys.stderr)
-            return run_dir
+            raise KeyboardInterrupt  # main() prints the resume command and exits 130
         if not args.no_export and trials["best_metric"].notna().any():
             card = export_best(grid, trials, epochs, prepared, run_info, run_dir, space)
             run_info["best"] = {"trial_id": card.get("trial_id"), "threshold": card.get("threshold", {}).get("value")}
@@ -462,6 +537,24 @@ def run(args: argparse.Namespace) -> str:
         ray.shutdown()
 
 
+MAX_LISTED_SKIPS = 1000  # run.json lists this many skipped files (path, reason); the count is always whole
+
+
+def print_data_problems(manifest, split_info: dict) -> None:
+    """Say which files were skipped (by reason), the data's warnings, and train images dropped as leakage."""
+    skipped = manifest.skipped
+    if len(skipped):
+        print(f"[xray_ray] {len(skipped)} files skipped (each with its reason in run.json's data.skipped_files):",
+              flush=True)
+        for reason, n in skipped["reason"].value_counts().head(10).items():
+            print(f"[xray_ray]   {n} x {reason}", flush=True)
+    for w in [*manifest.info.get("warnings", []), *split_info.get("warnings", [])]:
+        print(f"[xray_ray] warning: {w}", flush=True)
+    if split_info.get("dropped"):
+        print(f"[xray_ray] leakage: {split_info['dropped']} train images share a patient or identical bytes with "
+              f"val/test and were dropped from train (listed in run.json's data.splits.leakage)", flush=True)
+
+
 def init_ray(args: argparse.Namespace) -> None:
     """Start a local Ray (token authentication left on) or join a cluster (--address or RAY_ADDRESS)."""
     import ray
@@ -469,6 +562,8 @@ def init_ray(args: argparse.Namespace) -> None:
     # Workers import torch and the augmentation once, when they start, not inside a trial's first epoch.
     env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"},
            "worker_process_setup_hook": "xray_ray.augment.warm_up"}
+    if os.environ.get(FAULT_ENV):  # the tests' fault hook reaches every worker, on any node
+        env["env_vars"][FAULT_ENV] = os.environ[FAULT_ENV]
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         try:
@@ -508,7 +603,8 @@ def collect(grid, space: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
     trows, erows = [], []
     for res in grid:
         cfg = decode_config(res.config or {})
-        trial_id = (res.metrics or {}).get("trial_id") or Path(res.path).name.split("_")[1]
+        # a trial that never reported has no metrics: its id is in its folder name, trainable_<id>_<n>_...
+        trial_id = (res.metrics or {}).get("trial_id") or "_".join(Path(res.path).name.split("_")[1:3])
         hist = res.metrics_dataframe if res.metrics_dataframe is not None else pd.DataFrame()
         if len(hist) and "epoch" in hist:
             hist = hist.dropna(subset=["epoch"]).drop_duplicates(subset=["epoch"], keep="last").sort_values("epoch")
@@ -551,10 +647,17 @@ def collect(grid, space: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _trial_statuses(grid) -> dict[str, str]:
-    """Tune's own status of each trial (TERMINATED, ERROR, RUNNING, PENDING, PAUSED)."""
+    """Tune's own status of each trial (TERMINATED, ERROR, PENDING, PAUSED) at its last experiment checkpoint.
+
+    Read back from storage, not from the live trials: after a Ctrl-C Tune's cleanup marks every live trial
+    TERMINATED (which would read as "stopped by ASHA"), while the checkpoint it wrote just before still shows
+    the interrupted trials unfinished (RUNNING comes back as PENDING).
+    """
+    from ray.tune import ExperimentAnalysis
+
     try:
-        return {t.trial_id: t.status for t in grid._experiment_analysis.trials}
-    except AttributeError:  # pragma: no cover - Tune's internals moved; every early end then reads "stopped"
+        return {t.trial_id: t.status for t in ExperimentAnalysis(grid.experiment_path).trials}
+    except (OSError, ValueError, AttributeError):  # pragma: no cover - no state file: every early end reads "stopped"
         return {}
 
 
