@@ -1,0 +1,74 @@
+"""The benchmarks under bench/ run end to end in --quick mode and end with the JSON line they promise."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+MACHINE = {"cores", "cpu", "python", "torch", "ray"}
+KEYS = {
+    "trial_throughput": {"machine", "sizes", "warmup_epochs_skipped", "target_ratio", "preset", "batch_size"},
+    "search_efficiency": {"machine", "searches", "random_best_val_auc", "asha_trial_epochs_to_reach_random_best",
+                          "random_total_trial_epochs", "share_of_random", "meets_target", "files"},
+    "overhead_memory": {"machine", "peak_rss_mb", "peak_private_mb", "after_trials", "rss_slope_mb_per_trial",
+                        "share_outside", "overhead"},
+    "scale": {"machine", "asha_shares", "assumptions", "sources", "estimates"},
+}
+
+
+def run_quick(name: str, tmp_path: Path) -> dict:
+    out = tmp_path / "out"
+    env = {**os.environ, "XRAY_RAY_CACHE": str(tmp_path / "cache")}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert KEYS[name] <= set(last), KEYS[name] - set(last)
+    assert MACHINE <= set(last["machine"]) and last["quick"] is True
+    assert json.loads((out / f"{name}.json").read_text()) == last
+    return last
+
+
+def test_trial_throughput(tmp_path):
+    r = run_quick("trial_throughput", tmp_path)
+    assert set(r["sizes"]) == {"64", "128"}
+    for s in r["sizes"].values():
+        a, b = s["memory_loop"], s["tune_trial"]
+        assert a["images_per_s"] > 0 and b["images_per_s"] > 0 and a["epochs"] == b["epochs"] == [2]
+        assert s["ratio"] == pytest.approx(b["images_per_s"] / a["images_per_s"])
+
+
+def test_search_efficiency(tmp_path):
+    r = run_quick("search_efficiency", tmp_path)
+    fifo = r["searches"]["fifo_random"]
+    assert fifo["trial_epochs"] == fifo["planned_trial_epochs"] == r["random_total_trial_epochs"]  # FIFO stops none
+    curve = pd.read_csv(r["files"]["csv"])
+    assert set(curve["search"]) == {"asha_optuna", "fifo_random"}
+    for _, c in curve.groupby("search"):
+        assert c["ended_at"].is_monotonic_increasing and c["best_so_far"].is_monotonic_increasing
+        assert list(c["trial_epochs"]) == list(range(1, len(c) + 1))
+    assert r["random_best_val_auc"] == pytest.approx(curve.loc[curve.search == "fifo_random", "val_auc"].max())
+    assert Path(r["files"]["png"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_overhead_memory(tmp_path):
+    r = run_quick("overhead_memory", tmp_path)
+    assert r["peak_processes"] >= 3  # the driver, gcs_server, raylet at least
+    assert all(r["at_peak_rss_mb"][k] > 0 for k in ("driver", "ray_core", "workers"))
+    assert r["peak_rss_mb"] >= r["peak_private_mb"] > 0
+    assert [a["trials_done"] for a in r["after_trials"]] == [1, 2]
+    assert 0 <= r["share_outside"] <= 1
+
+
+def test_scale(tmp_path):
+    r = run_quick("scale", tmp_path)
+    walls = [r["estimates"][f"{g}_gpu"]["paper"]["wall_h"] for g in (1, 4, 16)]
+    assert walls[0] >= walls[1] >= walls[2] > 0
+    assert "ASSUMPTION" in r["sources"]["gpu_images_per_s"]
