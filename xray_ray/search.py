@@ -302,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial from its checkpoint")
     p.add_argument("--cache", default=None, help="pixel cache folder (default: ~/.cache/xray_ray)")
     p.add_argument("--no-export", action="store_true", help="skip evaluating and exporting the winner")
+    p.add_argument("--export-only", action="store_true",
+                   help="with --resume: run no more trials; write the tables and export the best trial so far")
     p.add_argument("--allow-local-results", action="store_true",
                    help="accept a local path or file:// URI as results on a multi-node cluster (only for a "
                         "mount shared by every node, such as NFS)")
@@ -403,6 +405,8 @@ def run(args: argparse.Namespace) -> str:
                                  or previous.get("seed") != space.seed):
         raise UserError(f"the results folder {run_dir} holds a different run (data, space or seed differ); "
                         f"resume it with the same --data, --space and --seed, or choose another --name.")
+    if args.export_only and not args.resume:
+        raise UserError("--export-only works on an existing run; add --resume.")
     if args.resume and previous is None:
         raise UserError(f"there is no run to resume in {run_dir}; start it without --resume.")
     try:
@@ -502,16 +506,18 @@ def run(args: argparse.Namespace) -> str:
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
                 ),
             )
-        print(f"[xray_ray] searching: {space.num_samples} trials, {concurrent} at a time, "
+        print("[xray_ray] --export-only: no more trials; exporting the best so far" if args.export_only else
+              f"[xray_ray] searching: {space.num_samples} trials, {concurrent} at a time, "
               f"{space.searcher} + {space.scheduler} on {space.metric} ({space.mode}), "
               f"up to {space.max_epochs} epochs each", flush=True)
-        grid = tuner.fit()
+        grid = tuner.get_results() if args.export_only else tuner.fit()
         trials, epochs = collect(grid, space)
         meta = {"run": name, "space": space.to_dict(), "seed": space.seed, "versions": run_info["versions"]}
         R.write_parquet(trials, R.join(run_dir, "trials.parquet"), meta)
         R.write_parquet(epochs, R.join(run_dir, "epochs.parquet"), meta)
         # Tune catches Ctrl-C itself and returns early, leaving trials running or never started
-        unfinished = len(trials) < space.num_samples or trials["status"].isin(["running", "pending"]).any()
+        unfinished = not args.export_only and (len(trials) < space.num_samples
+                                               or trials["status"].isin(["running", "pending"]).any())
         wall = time.time() - t_start
         trial_time = float(epochs["seconds"].sum()) if len(epochs) else 0.0
         run_info.update({
