@@ -516,17 +516,17 @@ def run(args: argparse.Namespace) -> str:
         R.write_parquet(trials, R.join(run_dir, "trials.parquet"), meta)
         R.write_parquet(epochs, R.join(run_dir, "epochs.parquet"), meta)
         # Tune catches Ctrl-C itself and returns early, leaving trials running or never started
-        unfinished = not args.export_only and (len(trials) < space.num_samples
-                                               or trials["status"].isin(["running", "pending"]).any())
+        incomplete = bool(len(trials) < space.num_samples or trials["status"].isin(["running", "pending"]).any())
+        unfinished = incomplete and not args.export_only  # --export-only exports what there is, and says so
         wall = time.time() - t_start
         trial_time = float(epochs["seconds"].sum()) if len(epochs) else 0.0
         run_info.update({
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "status": "interrupted" if unfinished else "finished",
-            "wall_seconds": wall + (previous or {}).get("wall_seconds", 0.0),
+            "status": "interrupted" if incomplete else "finished",
+            "wall_seconds": wall + (previous or {}).get("wall_seconds", 0.0),  # summed over resumed parts
             "concurrency": concurrent,
             "trial_epochs": int(len(epochs)),
-            "overhead": overhead(epochs, wall, concurrent),
+            "overhead": overhead(epochs, wall + (previous or {}).get("wall_seconds", 0.0), concurrent),
             "trials": trials["status"].value_counts().to_dict() if len(trials) else {},
         })
         print_leaderboard(trials, space)
