@@ -206,7 +206,7 @@ def build_searcher(space: SearchSpace, seed: int):
     if space.searcher == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=seed), tune_space(space)
+        return BasicVariantGenerator(random_state=seed), {**tune_space(space), "seed": seed}
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -220,7 +220,8 @@ def build_searcher(space: SearchSpace, seed: int):
             dists[p.name] = optuna.distributions.FloatDistribution(float(p.low), float(p.high), log=p.log)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, space.num_samples // 3)))
     searcher = OptunaSearch(space=dists or None, metric=space.metric, mode=space.mode, sampler=sampler)
-    return searcher, {k: encode_value(v) for k, v in space.constants.items()}
+    # the run's seed travels in every trial's config: trial_seed() hashes it with the hyperparameters
+    return searcher, {**{k: encode_value(v) for k, v in space.constants.items()}, "seed": seed}
 
 
 def tune_space(space: SearchSpace) -> dict[str, Any]:
@@ -445,9 +446,6 @@ def run(args: argparse.Namespace) -> str:
                       "address": args.address},
         "versions": R.versions(), "git_commit": R.git_commit(),
     }
-    R.write_json({**run_info, "status": "running"}, run_json)
-    args.run_started = True  # from here on an interrupted run can be resumed
-
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
     from ray import tune
@@ -469,6 +467,10 @@ def run(args: argparse.Namespace) -> str:
             raise UserError(f"this cluster has {len(nodes)} nodes but --results {args.results} is a node-local "
                             f"path; use shared storage such as s3://bucket/path (or --allow-local-results for an "
                             f"NFS mount present on every node).")
+        # written only once the cluster is accepted: a refused run leaves no run.json that would make the
+        # corrected command ask for --resume
+        R.write_json({**run_info, "status": "running"}, run_json)
+        args.run_started = True  # from here on an interrupted run can be resumed
         by_cpu = int(total_cpus // args.cpus_per_trial)
         by_gpu = int(total_gpus // args.gpus_per_trial) if args.gpus_per_trial else by_cpu
         # joined to a cluster that may autoscale: what is up now is no limit, the space's setting is
@@ -642,7 +644,7 @@ def collect(grid, space: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
             "images_per_s": float(hist["images_per_s"].median()) if len(hist) else None,
             "node_id": last.get("node_id") if len(hist) else None,
             "data_nodes": last.get("data_nodes") if len(hist) else None,
-            "checkpoint_path": res.checkpoint.path if res.checkpoint is not None else None,
+            "checkpoint_path": _checkpoint_uri(res.checkpoint),
             **{f"p_{k}": _scalar(cfg.get(k)) for k in searched},
         })
     trials = pd.DataFrame(trows)
@@ -650,6 +652,14 @@ def collect(grid, space: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
         trials = trials.sort_values("best_metric", ascending=space.mode == "min", na_position="last").reset_index(drop=True)
     epochs = pd.DataFrame(erows, columns=R.EPOCH_COLUMNS)
     return trials, epochs
+
+
+def _checkpoint_uri(checkpoint) -> str | None:
+    """Where a checkpoint lives: Tune's path drops the scheme of remote storage (s3://), so it is put back."""
+    if checkpoint is None:
+        return None
+    scheme = getattr(checkpoint.filesystem, "type_name", "local")
+    return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
 
 
 def _trial_statuses(grid) -> dict[str, str]:
