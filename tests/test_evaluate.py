@@ -24,15 +24,13 @@ from xray_ray.sources import load_source
 from xray_ray.splits import assign_splits
 from xray_ray.winner import finalize
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REAL_DATA, run_module
+
 SIZE = 32
-REAL_DATA = Path(os.environ.get("XRAY_RAY_REAL_DATA", Path(__file__).resolve().parents[2] / "shared/data/chest_xray"))
 
 
 def cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "xray_ray.evaluate", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    return run_module("xray_ray.evaluate", *args, code=code)
 
 
 @pytest.fixture(scope="module")
