@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,16 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# the full benchmarks, one after another on a quiet machine (about 40 min on 2 cores); figures in bench/out/
 bench: install
-	$(PY) bench/pipeline.py --quick
+	$(PY) bench/prepare.py
+	$(PY) bench/trial_throughput.py
+	$(PY) bench/search_efficiency.py
+	$(PY) bench/overhead_memory.py --image-size 128 --epochs 2 --num-samples 8
+	$(PY) bench/scale.py
+
+bench-quick: install
+	for b in prepare trial_throughput search_efficiency overhead_memory scale; do $(PY) bench/$$b.py --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -13,6 +13,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE = {"cores", "cpu", "python", "torch", "ray"}
 KEYS = {
+    "prepare": {"machine", "per_core_ratio", "cached_share", "thread_speedup", "prepare_cold", "prepare_cached",
+                "pil_decode_resize", "discovery_scan", "ray_data_epoch", "meets_targets"},
     "trial_throughput": {"machine", "sizes", "warmup_epochs_skipped", "target_ratio", "preset", "batch_size"},
     "search_efficiency": {"machine", "searches", "random_best_val_auc", "asha_trial_epochs_to_reach_random_best",
                           "random_total_trial_epochs", "share_of_random", "meets_target", "files"},
@@ -34,6 +36,15 @@ def run_quick(name: str, tmp_path: Path) -> dict:
     assert MACHINE <= set(last["machine"]) and last["quick"] is True
     assert json.loads((out / f"{name}.json").read_text()) == last
     return last
+
+
+def test_prepare(tmp_path):
+    r = run_quick("prepare", tmp_path)
+    assert r["images"] > 0 and r["prepare_cold"]["images"] == r["prepare_cached"]["images"] == r["images"]
+    assert r["ray_data_epoch"]["images"] == r["memory_epoch"]["images"] == r["images"]  # every image, once
+    assert r["cached_share"] == pytest.approx(r["prepare_cached"]["seconds"] / r["prepare_cold"]["seconds"], rel=0.01)
+    assert r["per_core_ratio"] == pytest.approx(
+        r["prepare_cold"]["images_per_s"] / r["cores"] / r["pil_decode_resize"]["images_per_s"], rel=0.01)
 
 
 def test_trial_throughput(tmp_path):

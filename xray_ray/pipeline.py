@@ -77,8 +77,7 @@ def prepare(df: pd.DataFrame, size: int, cache_dir: str | Path | None = None, *,
     if hit:
         table = pq.read_table(path)
         uids = table.column("uid").to_pylist()
-        flat = np.frombuffer(b"".join(table.column("image").to_pylist()), dtype=np.uint8)
-        pixels = flat.reshape(len(uids), size, size)
+        pixels = _fixed_binary_pixels(table.column("image"), len(uids), size)
         order = {u: i for i, u in enumerate(uids)}
         pixels = pixels[[order[u] for u in df["uid"]]]
     else:
@@ -111,6 +110,17 @@ def prepare(df: pd.DataFrame, size: int, cache_dir: str | Path | None = None, *,
         )
     return Prepared(size=size, splits=splits, cache_path=str(path), cache_hit=hit,
                     seconds=time.perf_counter() - t0, stats={"images": int(len(df))})
+
+
+def _fixed_binary_pixels(column: pa.ChunkedArray, n: int, size: int) -> np.ndarray:
+    """uint8 [n, size, size] straight from a fixed-size-binary column's data buffer (no per-row objects)."""
+    chunk = column.combine_chunks()
+    width = size * size
+    if not pa.types.is_fixed_size_binary(chunk.type) or chunk.type.byte_width != width or chunk.null_count:
+        raise ValueError(f"pixel cache column is {chunk.type}, not {width}-byte rows")
+    data = chunk.buffers()[1]
+    flat = np.frombuffer(data, dtype=np.uint8, count=n * width, offset=chunk.offset * width)
+    return flat.reshape(n, size, size)
 
 
 # --------------------------------------------------------------------------- Ray Data
