@@ -19,12 +19,6 @@ STRENGTHS = ("zoom", "rotate", "shift", "hflip", "vflip", "brightness", "contras
 _N_DRAWS = 11
 
 
-def warm_up() -> None:
-    """Ray worker set-up hook: pay torch's import and first-kernel cost when a worker starts."""
-    augment_batch({"image": np.zeros((1, 8, 8), np.uint8), "idx": np.zeros(1, np.int64)},
-                  strengths={"zoom": 0.1, "blur": 0.5}, seed=0, epoch=0)
-
-
 def strengths_of(config: Mapping[str, float]) -> dict[str, float]:
     """The augmentation strengths found in a (trial) config."""
     return {k: float(config.get(k, 0.0)) for k in STRENGTHS}

@@ -567,9 +567,9 @@ def init_ray(args: argparse.Namespace) -> None:
     """Start a local Ray (token authentication left on) or join a cluster (--address or RAY_ADDRESS)."""
     import ray
 
-    # Workers import torch and the augmentation once, when they start, not inside a trial's first epoch.
-    env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"},
-           "worker_process_setup_hook": "xray_ray.augment.warm_up"}
+    # No worker set-up hook that imports torch: it would load torch (~350 MB each) into every Ray process,
+    # Ray Data's own stats and autoscaling actors included. warm_up_data_workers warms the data workers.
+    env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
     if os.environ.get(FAULT_ENV):  # the tests' fault hook reaches every worker, on any node
         env["env_vars"][FAULT_ENV] = os.environ[FAULT_ENV]
     address = args.address or os.environ.get("RAY_ADDRESS")
