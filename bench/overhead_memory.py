@@ -104,6 +104,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "cpu.yaml")
     ap.add_argument("--num-samples", type=int, default=None, help="trials (default: the space's)")
+    ap.add_argument("--image-size", type=int, default=None, help="override the space's image_size")
+    ap.add_argument("--epochs", type=int, default=None, help="override the space's epochs (ASHA's max_t)")
     ap.add_argument("--data", default=default_data("synthetic"), help="default: real images if present")
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between readings")
     ap.add_argument("--pss-every", type=float, default=10.0,
@@ -123,6 +125,10 @@ def main() -> None:
             space = derived_space(ROOT / "search_spaces" / "smoke.yaml", Path(tmp), "quick",
                                   {"space": {"epochs": 2}})
             label = "search_spaces/smoke.yaml with 2 epochs"
+        elif args.image_size or args.epochs:
+            changes = {k: v for k, v in (("image_size", args.image_size), ("epochs", args.epochs)) if v}
+            space = derived_space(args.space, Path(tmp), "bench", {"space": changes})
+            label = f"{args.space.name} with " + ", ".join(f"{k} {v}" for k, v in changes.items())
         ray_tmp = Path(tmp) / "r"
         ray_tmp.mkdir()
         cmd = [sys.executable, "-m", "xray_ray.search", "--data", args.data, "--space", str(space),
