@@ -161,3 +161,48 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         if d.name in done_before:  # finished trials were not re-run: no new results after the kill
             rows = [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
             assert len(rows) == 3 and max(r["timestamp"] for r in rows) <= killed_at
+
+
+def test_stability_retrains_the_winner_with_other_seeds_on_the_same_splits(tiny_run, tmp_path, capsys):
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from xray_ray import stability
+
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("tune"))
+    card = json.loads((run / "best" / "model.json").read_text())
+    winner = json.loads((run / "best" / "config.json").read_text())
+    assert stability.main(["--run", str(run), "--seeds", "5", "6", "--cache", str(tmp_path / "cache"),
+                           "--n-boot", "20"]) == 0
+    table = pd.read_parquet(run / "stability.parquet")
+    summary = json.loads((run / "stability.json").read_text())
+    assert list(table["source"]) == ["search", "replica", "replica"] and list(table["seed"]) == [1, 5, 6]
+    search = table.iloc[0]
+    assert search["test_accuracy"] == pytest.approx(card["metrics"]["test"]["at_threshold"]["accuracy"])
+    replicas = table.iloc[1:]
+    assert (replicas["epochs_run"] == winner["epochs"]).all()  # FIFO: every replica trains all its epochs
+    assert summary["spread_points"]["test_accuracy"] == pytest.approx(
+        100 * (replicas["test_accuracy"].max() - replicas["test_accuracy"].min()))
+    assert summary["config"] == {**{k: v for k, v in winner.items() if k not in ("trial_id", "best_epoch")}}
+    # two seeds, two different networks: their best weights differ
+    weights = sorted((run / "stability" / "tune").glob("*/checkpoint_*/best.safetensors"))
+    by_trial = {}
+    for w in weights:
+        by_trial[w.parent.parent.name] = w
+    assert len(by_trial) == 2
+    a, b = (load_file(str(w)) for w in by_trial.values())
+    assert any(not (a[k] == b[k]).all() for k in a)
+    assert "spread over the 2 replicas" in capsys.readouterr().out
+    # asking for other seeds over an unfinished or finished set is refused, in one sentence
+    assert stability.main(["--run", str(run), "--seeds", "7", "--cache", str(tmp_path / "cache")]) == 2
+    assert "delete that folder" in capsys.readouterr().err
+
+
+def test_stability_refuses_a_folder_without_an_exported_run(tmp_path, capsys):
+    from xray_ray import stability
+
+    assert stability.main(["--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "run.json not found" in err and "Traceback" not in err

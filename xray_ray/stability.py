@@ -1,0 +1,195 @@
+"""Is the winner a lucky draw? Retrain its config with other seeds, each thresholded on val, scored on test.
+
+    python -m xray_ray.stability --run results/reference [--seeds 1 2 3] [--max-concurrent K]
+
+The splits stay the run's own (its data, seed and fractions; checked against the model card's fingerprints);
+only the trial seed changes, which sets the initial weights, the batch order and every augmentation draw.
+Each replica is trained by the search's own trainable in a Tune run (FIFO, no early stopping: every replica
+gets the winner's full epochs) kept under <run>/stability/, so an interrupted call picks up where it stopped.
+Each replica's best epoch on the search's metric is kept, as the search keeps it; its threshold is chosen on
+val by the model card's rule, and only then is test scored, once. Writes <run>/stability.parquet (one row a
+replica, plus the search's own winner as source "search") and <run>/stability.json (spreads in points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from xray_ray import results as R
+from xray_ray.config import TrialConfig
+from xray_ray.errors import UserError
+
+TARGET_SPREAD_POINTS = 1.5  # issue 6: three seeds of the winning config within 1.5 points of each other
+SPLITS = ("val", "test", "extra_val")
+METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+
+
+def _read_run(run_dir: str) -> tuple[dict, dict, dict]:
+    """run.json, best/config.json and best/model.json of an exported run (UserError when missing)."""
+    need = {"run.json": "is it a search's results folder?",
+            "best/config.json": "export its winner first (python -m xray_ray.search ... --resume --export-only).",
+            "best/model.json": "export its winner first (python -m xray_ray.search ... --resume --export-only)."}
+    out = []
+    for name, hint in need.items():
+        loc = R.join(run_dir, name)
+        if not R.exists(loc):
+            raise UserError(f"{loc} not found; {hint}")
+        out.append(R.read_json(loc))
+    return out[0], out[1], out[2]
+
+
+def _row(source: str, seed: int, metrics: dict[str, dict], threshold: float, **extra: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {"source": source, "seed": int(seed), **extra, "threshold": float(threshold)}
+    for split in SPLITS:
+        at = (metrics.get(split) or {}).get("at_threshold") or {}
+        for m in METRICS:
+            row[f"{split}_{m}"] = float(at[m]) if at.get(m) is not None else np.nan
+    return row
+
+
+def spread_points(values: Sequence[float]) -> float:
+    """max - min of proportions, in percentage points (NaN when fewer than two values)."""
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    return float((v.max() - v.min()) * 100) if len(v) >= 2 else float("nan")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from xray_ray import search as S
+    from xray_ray.export import load_weights
+    from xray_ray.models import build_model
+    from xray_ray.pipeline import prepare, train_dataset
+    from xray_ray.sources import load_source
+    from xray_ray.splits import assign_splits
+    from xray_ray.winner import pick_threshold, split_probs
+    from xray_ray.evaluate import fingerprint, summarize
+
+    t0 = time.time()
+    run_dir = args.run if R.is_uri(args.run) else str(Path(args.run).resolve())
+    run_info, best_cfg, card = _read_run(run_dir)
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        raise UserError(f"--seeds must be distinct non-negative integers, got {args.seeds}.")
+    space = run_info["space"]
+    metric, mode = space["scheduler"]["metric"], space["scheduler"]["mode"]
+    cfg = TrialConfig.from_dict({k: v for k, v in best_cfg.items() if k in TrialConfig.__dataclass_fields__})
+    if cfg.seed in args.seeds:
+        raise UserError(f"seed {cfg.seed} is the search's own (its winner is already scored); choose other --seeds.")
+    spec, seed = run_info["data"]["spec"], int(run_info["seed"])
+    print(f"[xray_ray] stability of trial {best_cfg.get('trial_id')} in {run_dir}: seeds {args.seeds}, "
+          f"{cfg.epochs} epochs each", flush=True)
+    manifest = load_source(spec, seed=seed)
+    df, _ = assign_splits(manifest.df, seed=seed, **space["data"])
+    splits = prepare(df, cfg.image_size, args.cache).splits
+    expected = (card.get("data") or {}).get("fingerprints") or {}
+    for name, fp in expected.items():
+        if name in splits and fingerprint(splits[name].uids, splits[name].images) != fp:
+            raise UserError(f"the '{name}' images of {spec} are not the ones the search used (the data or its "
+                            f"decoding changed since); stability needs the run's own splits.")
+
+    import ray
+    from ray import tune
+
+    S.init_ray(argparse.Namespace(address=args.address, num_cpus=args.num_cpus))
+    try:
+        cpus = ray.cluster_resources().get("CPU", 1)
+        concurrent = max(1, min(len(args.seeds), args.max_concurrent or int(cpus // args.cpus_per_trial) or 1))
+        runtime = S.Runtime(args.cpus_per_trial, 0.0, 0.0, 1, metric, mode,
+                            float(np.mean(splits["train"].labels)))
+        data = {cfg.image_size: {"train": train_dataset(splits["train"]), "val": splits["val"],
+                                 "n_train": len(splits["train"])}}
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        S.warm_up_data_workers(data[cfg.image_size]["train"], concurrent)
+        fn = tune.with_resources(tune.with_parameters(S.trainable, data=data, runtime=runtime),
+                                 {"cpu": args.cpus_per_trial})
+        tune_dir = R.join(run_dir, "stability", "tune")
+        request = {"trial_id": best_cfg.get("trial_id"), "seeds": list(args.seeds)}
+        request_loc = R.join(run_dir, "stability", "request.json")
+        if R.exists(request_loc) and R.read_json(request_loc) != request:
+            raise UserError(f"{R.join(run_dir, 'stability')} holds replicas of {R.read_json(request_loc)}; "
+                            f"repeat that call to finish it, or delete that folder to start another.")
+        R.write_json(request, request_loc)
+        if tune.Tuner.can_restore(tune_dir):
+            print(f"[xray_ray] resuming {tune_dir}", flush=True)
+            tuner = tune.Tuner.restore(tune_dir, trainable=fn, resume_unfinished=True, resume_errored=True)
+        else:
+            params = {k: S.encode_value(v) for k, v in cfg.to_dict().items()}
+            params["seed"] = tune.grid_search(list(args.seeds))
+            tuner = tune.Tuner(fn, param_space=params,
+                               tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+                               run_config=tune.RunConfig(storage_path=tune_dir.rsplit("/", 1)[0], name="tune",
+                                                         verbose=0))
+        grid = tuner.fit()
+        rows = [_row("search", cfg.seed, card["metrics"], card["threshold"]["value"],
+                     trial_id=card.get("trial_id"), best_epoch=(card.get("trial") or {}).get("best_epoch"),
+                     best_metric=(card.get("trial") or {}).get("best_metric"))]
+        target = float(card["threshold"].get("target_sensitivity", 0.95))
+        for res in grid:
+            if res.error is not None or res.checkpoint is None:
+                raise RuntimeError(f"replica with seed {res.config.get('seed')} failed: {res.error}")
+            rcfg = TrialConfig.from_dict(S.decode_config(res.config))
+            with res.checkpoint.as_directory() as cdir:
+                model = load_weights(build_model(**S._model_sizes(rcfg)), Path(cdir) / "best.safetensors")
+            preds = {s: split_probs(model, splits[s]) for s in SPLITS if s in splits and len(splits[s])}
+            threshold, _ = pick_threshold(*preds["val"], target)
+            metrics = {s: summarize(y, p, threshold, groups=splits[s].patients, n_boot=args.n_boot)
+                       for s, (y, p) in preds.items()}
+            hist = res.metrics_dataframe
+            rows.append(_row("replica", rcfg.seed, metrics, threshold, trial_id=res.metrics.get("trial_id"),
+                             best_epoch=int(res.metrics["best_epoch"]), best_metric=float(res.metrics["best_metric"]),
+                             epochs_run=int(hist["epoch"].max()), wall_seconds=float(hist["seconds"].sum())))
+    finally:
+        ray.shutdown()
+
+    table = pd.DataFrame(rows).sort_values(["source", "seed"], ascending=[False, True], ignore_index=True)
+    replicas = table[table["source"] == "replica"]
+    summary: dict[str, Any] = {
+        "run": run_dir, "trial_id": best_cfg.get("trial_id"), "config": cfg.to_dict(), "seeds": list(args.seeds),
+        "command": R.command_line(), "target_spread_points": TARGET_SPREAD_POINTS,
+        "spread_points": {f"test_{m}": spread_points(replicas[f"test_{m}"]) for m in METRICS},
+        "spread_points_with_search": {f"test_{m}": spread_points(table[f"test_{m}"]) for m in METRICS},
+        "mean": {f"test_{m}": float(replicas[f"test_{m}"].mean()) for m in METRICS},
+        "seconds": round(time.time() - t0, 1), "versions": R.versions(), "git_commit": R.git_commit(),
+    }
+    summary["within_target"] = bool(summary["spread_points"]["test_accuracy"] <= TARGET_SPREAD_POINTS)
+    R.write_parquet(table, R.join(run_dir, "stability.parquet"), metadata={"xray_ray": json.dumps(summary)})
+    R.write_json(summary, R.join(run_dir, "stability.json"))
+    return {"table": table, "summary": summary}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m xray_ray.stability", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, help="an exported search's results folder, e.g. results/reference")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="trial seeds of the replicas")
+    ap.add_argument("--cpus-per-trial", type=float, default=1.0)
+    ap.add_argument("--max-concurrent", type=int, default=None, help="replicas at once (default: what CPUs allow)")
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    ap.add_argument("--address", default=None, help="join a running Ray cluster instead of starting one")
+    ap.add_argument("--cache", default=None, help="pixel cache folder (default: ~/.cache/xray_ray)")
+    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the 95%% intervals")
+    args = ap.parse_args(argv)
+    try:
+        if args.cpus_per_trial <= 0 or args.n_boot < 1:
+            raise UserError("--cpus-per-trial must be positive and --n-boot at least 1.")
+        out = run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t, s = out["table"], out["summary"]
+    cols = ["source", "seed", "best_epoch", "threshold"] + [f"test_{m}" for m in METRICS] + ["extra_val_accuracy"]
+    print(t[[c for c in cols if c in t]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    sp = s["spread_points"]["test_accuracy"]
+    print(f"test accuracy spread over the {len(s['seeds'])} replicas: {sp:.2f} points "
+          f"({'within' if s['within_target'] else 'outside'} the {TARGET_SPREAD_POINTS} target); "
+          f"written to {s['run']}/stability.parquet and stability.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
