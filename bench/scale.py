@@ -11,7 +11,7 @@ Inputs, each printed with where it came from:
                            asynchronous ASHA promotes more freely early on, so the paper share is optimistic
   GPU images/s             ASSUMPTION (no GPU was measured): --gpu-images-per-s per GPU, shared evenly by the
                            trials on it; a trial is also capped by its augmentation feed (--augment-images-per-s
-                           per data task x --data-tasks, ASSUMPTION; bench/pipeline.py measures it on CPU)
+                           per data task x --data-tasks, ASSUMPTION; bench/prepare.py measures it on CPU)
 Model: trial-epochs = share x trials x mean planned epochs; an epoch = train images at the trial's rate plus
 validation at --eval-speedup times that; wall = max(trial-epochs x epoch / slots, the longest trial (max
 epochs)) / (1 - overhead share). seed.yaml's 160 px draws cost (160/128)^2 of a 128 px one. The last line is JSON.
