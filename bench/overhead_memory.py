@@ -186,6 +186,7 @@ def main() -> None:
         # the long-lived processes (driver, gcs/raylet) are where a leak would show; workers come and go
         **{f"{c[:-3]}_slope_mb_per_trial": slope(k, after[c].to_numpy()) if len(after) else None for c in GROWTH},
         "overhead": overhead, "share_outside": overhead.get("share_outside"),
+        "share_outside_busy": overhead.get("share_outside_busy"),
         "files": {"samples": str(args.out / "overhead_memory_samples.csv"),
                   "search_log": str(args.out / "overhead_memory_search.log")},
         "seconds": time.perf_counter() - t_start,

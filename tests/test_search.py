@@ -206,3 +206,17 @@ def test_stability_refuses_a_folder_without_an_exported_run(tmp_path, capsys):
     assert stability.main(["--run", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "run.json not found" in err and "Traceback" not in err
+
+
+def test_overhead_leaves_the_idle_tail_out_of_the_busy_share():
+    from xray_ray.search import overhead
+
+    # trial a: epochs end at 5 and 10 (5 s each, 4 s inside steps); trial b: one epoch ending at 4
+    epochs = pd.DataFrame({"trial_id": ["a", "a", "b"], "epoch": [1, 2, 1], "ended_at": [5.0, 10.0, 4.0],
+                           "seconds": [5.0, 5.0, 4.0], "step_seconds": [3.5, 3.5, 3.0], "eval_seconds": [0.5, 0.5, 0.5]})
+    o = overhead(epochs, wall=12.0, concurrency=2)
+    assert o["slot_seconds"] == 24.0 and o["inside_steps_seconds"] == pytest.approx(11.5)
+    # both started at 0; after b ended at 4 its slot had nothing to run until a ended at 10
+    assert o["idle_tail_slot_seconds"] == pytest.approx(6.0)
+    assert o["share_outside"] == pytest.approx(1 - 11.5 / 24)
+    assert o["share_outside_busy"] == pytest.approx(1 - 11.5 / 18)

@@ -598,10 +598,26 @@ def warm_up_data_workers(ds, concurrency: int) -> None:
 
 
 def overhead(epochs: pd.DataFrame, wall: float, concurrency: int) -> dict[str, float]:
-    """Share of the search's slot-seconds not spent inside training and validation steps."""
+    """Share of the search's slot-seconds not spent inside training and validation steps.
+
+    ``share_outside`` counts every slot-second of the wall time. Once the last trial has started, a slot
+    whose trial ended has nothing left to run: that idle tail (``idle_tail_slot_seconds``) depends on how
+    long the last trials train, not on Ray, so ``share_outside_busy`` leaves it out. Everything else
+    (Ray start-up, scheduling, worker start, data hand-over, checkpoints, reporting) stays in both.
+    """
     inside = float((epochs["step_seconds"] + epochs["eval_seconds"]).sum()) if len(epochs) else 0.0
     slots = max(wall * concurrency, 1e-9)
-    return {"inside_steps_seconds": inside, "slot_seconds": slots, "share_outside": max(0.0, 1 - inside / slots)}
+    idle_tail = 0.0
+    if len(epochs) and {"ended_at", "seconds", "epoch"} <= set(epochs.columns):
+        first = epochs.sort_values("epoch").groupby("trial_id").head(1).set_index("trial_id")
+        start = first["ended_at"] - first["seconds"]
+        end = epochs.groupby("trial_id")["ended_at"].max().reindex(start.index)
+        t0, t1 = float(start.max()), float(end.max())
+        busy = float((end - start.clip(lower=t0)).clip(lower=0).sum())
+        idle_tail = min(max(0.0, concurrency * (t1 - t0) - busy), slots)
+    busy_slots = max(slots - idle_tail, 1e-9)
+    return {"inside_steps_seconds": inside, "slot_seconds": slots, "share_outside": max(0.0, 1 - inside / slots),
+            "idle_tail_slot_seconds": idle_tail, "share_outside_busy": max(0.0, 1 - inside / busy_slots)}
 
 
 def collect(grid, space: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
