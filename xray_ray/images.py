@@ -7,6 +7,8 @@ that were decoded differently from the ones it was trained on.
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,13 +29,20 @@ def decode_gray(data: bytes) -> np.ndarray:
     alpha is composited on black. PIL's decompression-bomb limit stays on.
     Raises ImageError for empty, truncated, corrupt, oversized or non-image data.
     """
+    with _decoded(data) as im:
+        return _to_gray(im)
+
+
+@contextmanager
+def _decoded(data: bytes) -> Iterator[Image.Image]:
+    """The fully decoded, upright image of ``data``; every decoding failure becomes an ImageError."""
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # full decode now, so truncated files fail here and not in training
-            im = ImageOps.exif_transpose(im)
-            return _to_gray(im)
+            # an image without EXIF has no orientation to apply (and parsing none costs per image)
+            yield ImageOps.exif_transpose(im) if _has_exif(im) else im
     except Image.DecompressionBombError as e:
         raise ImageError(f"image too large to decode safely ({e})") from None
     except UnidentifiedImageError:
@@ -41,6 +50,10 @@ def decode_gray(data: bytes) -> np.ndarray:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         msg = str(e).split(" (")[0] or type(e).__name__
         raise ImageError(f"corrupt or truncated image ({msg})") from None
+
+
+def _has_exif(im: Image.Image) -> bool:
+    return "exif" in im.info or im.format not in ("JPEG", "PNG", "BMP")
 
 
 def _to_gray(im: Image.Image) -> np.ndarray:
@@ -84,5 +97,17 @@ def resize_gray(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_gray(data: bytes, size: int) -> np.ndarray:
-    """Decode image bytes and resize: uint8 [size, size] (raises ImageError for unusable data)."""
-    return resize_gray(decode_gray(data), size)
+    """Decode image bytes and resize: uint8 [size, size] (raises ImageError for unusable data).
+
+    The same pixels as ``resize_gray(decode_gray(data), size)``; 8-bit gray and RGB images (nearly all
+    radiographs) go from decoder to resize inside PIL, without a round trip through numpy.
+    """
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    with _decoded(data) as im:
+        if im.mode not in ("L", "RGB"):
+            return resize_gray(_to_gray(im), size)
+        gray = im if im.mode == "L" else im.convert("L")
+        if gray.size == (size, size):
+            return np.array(gray, dtype=np.uint8)
+        return np.asarray(gray.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
