@@ -116,11 +116,11 @@ def main() -> None:
     for name, (k, sec) in by.items():
         ratio = rate[name] / rate[base[name]]
         table.append([name, k, sec, rate[name], ratio, base[name]])
-        result[name] = {"images": k, "seconds": round(sec, 4), "images_per_s": round(rate[name], 1),
+        result[name] = {"images": k, "seconds": round(sec, 6), "images_per_s": round(rate[name], 1),
                         "ratio": round(ratio, 3)}
     per_core = rate["prepare_cold"] / cores / rate["pil_decode_resize"]
     cached_share = by["prepare_cached"][1] / by["prepare_cold"][1]
-    result.update({"cores": cores, "per_core_ratio": round(per_core, 3), "cached_share": round(cached_share, 4),
+    result.update({"cores": cores, "per_core_ratio": round(per_core, 4), "cached_share": round(cached_share, 6),
                    "thread_speedup": round(rate["prepare_cold"] / rate["prepare_cold_1t"], 3),
                    "targets": {"per_core_ratio": TARGET_PER_CORE, "cached_share": TARGET_CACHED},
                    "meets_targets": bool(per_core >= TARGET_PER_CORE and cached_share < TARGET_CACHED)})
