@@ -72,6 +72,7 @@ def test_tables_have_the_contracted_schema(tiny_run):
         assert t.epochs_run <= t.p_epochs and 0 <= t.best_val_auc <= 1
     assert (trials["status"] == "completed").eq(trials["epochs_run"] == trials["p_epochs"]).all()
     assert trials["node_id"].notna().all() and trials["data_nodes"].str.len().gt(0).all()
+    assert trials["device"].eq("cpu").all()  # no --gpus-per-trial: every trial trained on the CPU
 
 
 def test_asha_stopped_some_trials_early(tiny_run):

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 TRIAL_COLUMNS = ["trial_id", "status", "error", "epochs_run", "epochs", "best_epoch", "best_metric",
                  "best_val_auc", "best_val_loss", "best_val_acc", "last_val_auc", "wall_seconds",
-                 "images_per_s", "node_id", "data_nodes", "checkpoint_path"]
+                 "images_per_s", "node_id", "data_nodes", "device", "checkpoint_path"]  # device: cpu or cuda:<card>
 EPOCH_COLUMNS = ["trial_id", "epoch", "train_loss", "val_loss", "val_auc", "val_acc", "val_brier", "val_score",
                  "lr", "seconds", "step_seconds", "eval_seconds", "images", "images_per_s", "node_id",
                  "ended_at"]  # ended_at: unix seconds of the report, orders epochs across trials

@@ -78,6 +78,7 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
     model = build_model(**_model_sizes(cfg)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    device_name = f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps)
     ema = make_ema(model, cfg.ema)
@@ -130,7 +131,7 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
             "epoch": epoch, "train_loss": stats["train_loss"], **val_metrics,
             "lr": optimizer.param_groups[0]["lr"], "seconds": t2 - t0, "step_seconds": stats["step_seconds"],
             "eval_seconds": t2 - t1, "images": stats["images"], "images_per_s": stats["images_per_s"],
-            "node_id": node_id, "data_nodes": ",".join(sorted(data_nodes)),
+            "node_id": node_id, "data_nodes": ",".join(sorted(data_nodes)), "device": device_name,
             "best_metric": best, "best_epoch": best_epoch, "epochs": cfg.epochs, "ended_at": time.time(),
         }
         with tempfile.TemporaryDirectory() as tmp:
@@ -660,6 +661,7 @@ def collect(grid, space: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
             "images_per_s": float(hist["images_per_s"].median()) if len(hist) else None,
             "node_id": last.get("node_id") if len(hist) else None,
             "data_nodes": last.get("data_nodes") if len(hist) else None,
+            "device": last.get("device") if len(hist) else None,
             "checkpoint_path": _checkpoint_uri(res.checkpoint),
             **{f"p_{k}": _scalar(cfg.get(k)) for k in searched},
         })
