@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-quick clean
+.PHONY: install demo test bench bench-gpu bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,12 @@ bench: install
 	$(PY) bench/overhead_memory.py --image-size 128 --epochs 2 --num-samples 8
 	$(PY) bench/scale.py
 
+# on a machine with a CUDA card: its figures; copy bench/out/gpu.json to bench/measured/ for bench/scale.py
+bench-gpu: install
+	$(PY) bench/gpu.py
+
 bench-quick: install
-	for b in prepare trial_throughput search_efficiency overhead_memory scale; do $(PY) bench/$$b.py --quick || exit 1; done
+	for b in prepare trial_throughput search_efficiency overhead_memory scale gpu; do $(PY) bench/$$b.py --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

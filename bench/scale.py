@@ -1,7 +1,8 @@
 """Scale on paper: expected wall time of search_spaces/seed.yaml on 1, 4 and 16 GPUs (an estimate, not a run).
 
     python bench/scale.py [--throughput bench/out/trial_throughput.json] [--efficiency bench/out/search_efficiency.json]
-                          [--gpu-images-per-s 3000] [--quick]
+                          [--gpu-measured bench/measured/gpu_h200.json] [--gpu-search bench/measured/gpu_search_h200]
+                          [--quick]
 
 Inputs, each printed with where it came from:
   per-trial CPU images/s   measured: trial_throughput.json (the Tune trial at --size px), or --cpu-images-per-s
@@ -9,12 +10,21 @@ Inputs, each printed with where it came from:
                            space it ran), or --asha-share; and always on paper from seed.yaml's rungs (grace 5,
                            factor 3: 1/3 of the trials pass epoch 5, 1/9 pass 15, 1/27 pass 45), side by side;
                            asynchronous ASHA promotes more freely early on, so the paper share is optimistic
-  GPU images/s             ASSUMPTION (no GPU was measured): --gpu-images-per-s per GPU, shared evenly by the
-                           trials on it; a trial is also capped by its augmentation feed (--augment-images-per-s
-                           per data task x --data-tasks, ASSUMPTION; bench/prepare.py measures it on CPU)
+  GPU per-trial images/s   measured by bench/gpu.py on a real card (--gpu-measured; committed: an H200 and an
+                           H100): the seed CNN at 128 px, batch 32, each of K processes training at once on
+                           one GPU, K = 1 / --gpus-per-trial; other sizes scaled by the measured 128 -> 160 px
+                           ratio; augmentation images/s per CPU core and validation speed from the same file.
+                           Without the file: --gpu-images-per-s etc., marked ASSUMPTION.
+                           A trial is also capped by its augmentation feed (per-core rate x --data-tasks)
+  GPU overheads            measured by a real GPU search (--gpu-search: `python -m xray_ray.search` on the
+                           H200, smoke.yaml, 8 trials at 0.25 GPU): per trial, the slot time outside its epochs
+                           (Ray start, trial start, CUDA and Ray Data warm-up, reporting, checkpoints, export,
+                           spread over the trials: an upper bound); per epoch, the time inside an epoch but
+                           outside its train and validation steps
 Model: trial-epochs = share x trials x mean planned epochs; an epoch = train images at the trial's rate plus
-validation at --eval-speedup times that; wall = max(trial-epochs x epoch / slots, the longest trial (max
-epochs)) / (1 - overhead share). seed.yaml's 160 px draws cost (160/128)^2 of a 128 px one. The last line is JSON.
+validation at eval-speedup times that (plus the per-epoch overhead on GPUs); wall = max((trial-epochs x epoch +
+trials x per-trial overhead) / slots, the longest trial); the CPU row adds no overhead. seed.yaml's 160 px
+draws cost (160/128)^2 of a 128 px one on CPUs. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, ROOT, emit, machine, print_table  # noqa: E402
+
+MEASURED = ROOT / "bench" / "measured"
 
 
 def seed_space(path: Path) -> dict:
@@ -57,13 +69,13 @@ def load(path: Path | None) -> dict | None:
     return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 
-def estimate(*, rate: float, slots: float, trial_epochs: float, max_epochs: int, train_images: int,
-             val_images: int, eval_speedup: float, overhead_share: float) -> dict:
+def estimate(*, rate: float, slots: float, trials: int, trial_epochs: float, max_epochs: int, train_images: int,
+             val_images: int, eval_speedup: float, epoch_overhead_s: float = 0.0, trial_overhead_s: float = 0.0) -> dict:
     """Wall hours of the search for one per-trial rate (images/s) and number of concurrent trials."""
-    epoch_s = train_images / rate + val_images / (rate * eval_speedup)
-    busy = trial_epochs * epoch_s / slots
-    longest = max_epochs * epoch_s
-    wall = max(busy, longest) / (1 - overhead_share)
+    epoch_s = train_images / rate + val_images / (rate * eval_speedup) + epoch_overhead_s
+    busy = (trial_epochs * epoch_s + trials * trial_overhead_s) / slots
+    longest = max_epochs * epoch_s + trial_overhead_s
+    wall = max(busy, longest)
     return {"slots": slots, "trial_images_per_s": rate, "epoch_s": epoch_s, "wall_h": wall / 3600,
             "bound": "work/slots" if busy >= longest else "longest trial"}
 
@@ -76,20 +88,25 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128, help="the measured image size to read from --throughput")
     ap.add_argument("--cpu-images-per-s", type=float, default=None, help="per-trial CPU rate (overrides the file)")
     ap.add_argument("--asha-share", type=float, default=None, help="ASHA trial-epochs / planned (overrides the file)")
+    ap.add_argument("--gpu-measured", type=Path, default=MEASURED / "gpu_h200.json",
+                    help="bench/gpu.py's JSON from a real card ('' for none: the flags below are then assumed)")
+    ap.add_argument("--gpu-search", type=Path, default=MEASURED / "gpu_search_h200",
+                    help="a GPU search's results folder (run.json, epochs.parquet) for the overheads")
     ap.add_argument("--gpu-images-per-s", type=float, default=3000.0,
-                    help="ASSUMPTION, not a measurement: training images/s of one GPU on the seed CNN at 128 px, "
-                         "bf16, batch 32-64 (default 3000, a mid-range data-centre GPU, e.g. an A10G or L4)")
-    ap.add_argument("--gpus-per-trial", type=float, default=0.5, help="as seed.yaml's comment suggests")
+                    help="ASSUMPTION, used without --gpu-measured: one trial's images/s at 128 px on its GPU share")
+    ap.add_argument("--gpus-per-trial", type=float, default=0.25,
+                    help="GPU share of a trial (bench/gpu.py: 4 trials on one H200 train 3.7x one trial's images/s)")
     ap.add_argument("--augment-images-per-s", type=float, default=1500.0,
-                    help="ASSUMPTION: augmented 128 px images/s of one Ray Data task (one CPU core)")
-    ap.add_argument("--data-tasks", type=int, default=4, help="augmentation tasks per trial (search --data-tasks)")
+                    help="ASSUMPTION, used without --gpu-measured: augmented 128 px images/s of one CPU core")
+    ap.add_argument("--data-tasks", type=int, default=2, help="augmentation tasks per trial (search --data-tasks)")
     ap.add_argument("--cores", type=int, default=None,
                     help="CPU trials at once on the CPU row (default: this machine's cores)")
     ap.add_argument("--train-images", type=int, default=4170, help="train split of the real data (run.json)")
     ap.add_argument("--val-images", type=int, default=523)
-    ap.add_argument("--eval-speedup", type=float, default=3.0, help="ASSUMPTION: validation images/s over training's")
-    ap.add_argument("--overhead-share", type=float, default=0.10,
-                    help="ASSUMPTION: share of slot time outside train/val steps on GPUs (start-up, checkpoints)")
+    ap.add_argument("--eval-speedup", type=float, default=3.0,
+                    help="ASSUMPTION, used without --gpu-measured: validation images/s over training's")
+    ap.add_argument("--trial-overhead-s", type=float, default=None, help="per GPU trial (default: --gpu-search)")
+    ap.add_argument("--epoch-overhead-s", type=float, default=None, help="per GPU epoch (default: --gpu-search)")
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--quick", action="store_true", help="ignore the default measurement files (CI)")
@@ -127,24 +144,62 @@ def main() -> None:
     shares["paper"] = paper
     sources["asha_share_paper"] = (f"on paper: {space['name']}.yaml's rungs (grace {space['grace']}, factor "
                                    f"{space['factor']}, max {space['max_t']}), 1/{space['factor']} passing each")
-    sources["gpu_images_per_s"] = "ASSUMPTION (flag default; no GPU measured)"
+    gpu = load(args.gpu_measured) if str(args.gpu_measured) not in ("", ".") else None
+    k = round(1 / args.gpus_per_trial) if args.gpus_per_trial < 1 else 1
+    share_rows = {r["processes"]: r for r in (gpu or {}).get("sharing", [])}
+    if gpu is not None and gpu.get("device") == "cuda" and k in share_rows:
+        card = gpu["machine"]["gpu"]["name"]
+        gpu_128 = float(np.mean(share_rows[k]["per_process_images_per_s"]))
+        by_size = {r["size"]: r["images_per_s"] for r in gpu["train"] if r["batch_size"] == share_rows[k]["batch_size"]}
+        # a larger image never trains faster: a measured ratio under 1 is the noise of a launch-bound step
+        gpu_factor = float(np.mean([max(1.0, by_size[128] / by_size[s]) if s in by_size else (s / 128) ** 2
+                                    for s in space["sizes"]])) if 128 in by_size else size_factor
+        augment, eval_speedup = gpu["augment"]["images_per_s"], gpu["eval_speedup"]
+        sources["gpu_images_per_s"] = (f"measured: {args.gpu_measured} on {card}: each of {k} trials on one GPU "
+                                       f"at 128 px, batch {share_rows[k]['batch_size']}; the space's sizes cost x{gpu_factor:.2f} "
+                                       "(measured 128 vs 160 px, at least 1)")
+        sources["augment_and_eval"] = f"measured: {args.gpu_measured} ({gpu['machine']['cpu']} core; {card})"
+    else:
+        card, gpu_factor = None, size_factor
+        gpu_128, augment, eval_speedup = args.gpu_images_per_s, args.augment_images_per_s, args.eval_speedup
+        sources["gpu_images_per_s"] = "ASSUMPTION (flags; no bench/gpu.py measurement for this GPU share)"
+    trial_over, epoch_over = args.trial_overhead_s, args.epoch_overhead_s
+    run_json = args.gpu_search / "run.json" if args.gpu_search else None
+    if (trial_over is None or epoch_over is None) and run_json is not None and run_json.is_file():
+        import pandas as pd
+
+        run = json.loads(run_json.read_text())
+        ep = pd.read_parquet(args.gpu_search / "epochs.parquet")
+        outside = ep["seconds"] - ep["step_seconds"] - ep["eval_seconds"]
+        o = run["overhead"]
+        between = o["slot_seconds"] - o["idle_tail_slot_seconds"] - ep["seconds"].sum()
+        trial_over = trial_over if trial_over is not None else \
+            float((between + outside[ep["epoch"] == 1].sum()) / sum(run["trials"].values()))
+        epoch_over = epoch_over if epoch_over is not None else float(outside[ep["epoch"] > 1].median())
+        sources["gpu_overheads"] = (f"measured: {args.gpu_search} ({sum(run['trials'].values())} trials, "
+                                    f"{run['resources']['gpus_per_trial']:g} GPU each, {run['wall_seconds']:.0f} s)")
+    else:
+        trial_over, epoch_over = trial_over or 0.0, epoch_over or 0.0
+        sources["gpu_overheads"] = "flags --trial-overhead-s / --epoch-overhead-s (0 unless given)"
 
     mean_epochs = float(np.mean(space["epochs"]))
     planned = space["trials"] * mean_epochs
-    rates = {}  # setup -> (per-trial images/s, concurrent trials, overhead share)
+    rates = {}  # setup -> (per-trial images/s, concurrent trials, per-trial overhead s, per-epoch overhead s)
     if cpu_rate is not None:
         cores = args.cores or os.cpu_count() or 1
-        rates[f"cpu_{cores}_cores"] = (cpu_rate / size_factor, min(cores, space["trials"]), 0.0)
-    feed = args.augment_images_per_s * args.data_tasks / size_factor
-    gpu_rate = args.gpu_images_per_s * min(1.0, args.gpus_per_trial) / size_factor
+        rates[f"cpu_{cores}_cores"] = (cpu_rate / size_factor, min(cores, space["trials"]), 0.0, 0.0)
+    feed = augment * args.data_tasks / size_factor
+    gpu_rate = gpu_128 / gpu_factor
     for g in args.gpus:
-        rates[f"{g}_gpu"] = (min(gpu_rate, feed), min(g / args.gpus_per_trial, space["trials"]), args.overhead_share)
+        rates[f"{g}_gpu"] = (min(gpu_rate, feed), min(g / args.gpus_per_trial, space["trials"]), trial_over, epoch_over)
     estimates, table = {}, []
-    for setup, (rate, slots, over) in rates.items():
-        estimates[setup] = {k: estimate(rate=rate, slots=slots, trial_epochs=v * planned, max_epochs=space["max_t"],
-                                        train_images=args.train_images, val_images=args.val_images,
-                                        eval_speedup=args.eval_speedup, overhead_share=over)
-                            for k, v in shares.items()}
+    for setup, (rate, slots, t_over, e_over) in rates.items():
+        ev = args.eval_speedup if setup.startswith("cpu") else eval_speedup
+        estimates[setup] = {n: estimate(rate=rate, slots=slots, trials=space["trials"], trial_epochs=v * planned,
+                                        max_epochs=space["max_t"], train_images=args.train_images,
+                                        val_images=args.val_images, eval_speedup=ev, epoch_overhead_s=e_over,
+                                        trial_overhead_s=t_over)
+                            for n, v in shares.items()}
         first = next(iter(estimates[setup].values()))
         table.append([setup, int(slots) if float(slots).is_integer() else slots, rate, first["epoch_s"],
                       *(f"{e['wall_h']:.2f}" + ("*" if e["bound"] == "longest trial" else " ")
@@ -156,17 +211,18 @@ def main() -> None:
     for k, v in sources.items():
         print(f"  {k}: {v}")
     print("  ASHA share " + ", ".join(f"{k} {v:.3f} ({v * planned:.0f} trial-epochs)" for k, v in shares.items())
-          + f"; GPU {args.gpu_images_per_s:g} img/s per GPU (ASSUMED), {args.gpus_per_trial:g} GPU a trial; "
-          f"feed {args.data_tasks} x {args.augment_images_per_s:g} img/s (ASSUMED); GPU overhead "
-          f"{args.overhead_share:.0%} (ASSUMED); CPU row: measured rate, no extra overhead")
+          + f"; GPU {gpu_128:.0f} img/s a trial at 128 px ({card or 'ASSUMED'}), {args.gpus_per_trial:g} GPU a "
+          f"trial; feed {args.data_tasks} x {augment:.0f} img/s; GPU overheads {trial_over:.1f} s a trial, "
+          f"{epoch_over:.2f} s an epoch; CPU row: measured rate, no extra overhead")
     print_table(["setup", "slots", "trial_img/s", "epoch_s", *(f"wall_h@{k}_share" for k in shares)], table)
     print("  * bound by the longest trial (max epochs at one trial's rate), not by work / slots")
     emit({"benchmark": "scale", "quick": args.quick, "machine": machine(), "space": space["name"],
           "planned_trial_epochs": planned, "asha_shares": shares, "size_factor": size_factor,
-          "cpu_images_per_s": cpu_rate, "data_bound": feed < gpu_rate,
-          "assumptions": {"gpu_images_per_s": args.gpu_images_per_s, "gpus_per_trial": args.gpus_per_trial,
-                          "augment_images_per_s": args.augment_images_per_s, "data_tasks": args.data_tasks,
-                          "eval_speedup": args.eval_speedup, "overhead_share": args.overhead_share,
+          "cpu_images_per_s": cpu_rate, "data_bound": feed < gpu_rate, "gpu": card,
+          "assumptions": {"gpu_images_per_s_128px": gpu_128, "gpu_size_factor": gpu_factor,
+                          "gpus_per_trial": args.gpus_per_trial, "augment_images_per_s": augment,
+                          "data_tasks": args.data_tasks, "eval_speedup": eval_speedup,
+                          "trial_overhead_s": trial_over, "epoch_overhead_s": epoch_over,
                           "train_images": args.train_images, "val_images": args.val_images},
           "sources": sources, "estimates": estimates}, args.out, "scale")
 

@@ -21,6 +21,7 @@ KEYS = {
     "overhead_memory": {"machine", "peak_rss_mb", "peak_private_mb", "after_trials", "rss_slope_mb_per_trial",
                         "share_outside", "overhead"},
     "scale": {"machine", "asha_shares", "assumptions", "sources", "estimates"},
+    "gpu": {"machine", "device", "check", "train", "eval", "eval_speedup", "augment", "sharing"},
 }
 
 
@@ -82,4 +83,30 @@ def test_scale(tmp_path):
     r = run_quick("scale", tmp_path)
     walls = [r["estimates"][f"{g}_gpu"]["paper"]["wall_h"] for g in (1, 4, 16)]
     assert walls[0] >= walls[1] >= walls[2] > 0
-    assert "ASSUMPTION" in r["sources"]["gpu_images_per_s"]
+    # the committed measurement from a real card (bench/measured/) replaces the assumed GPU rate
+    assert r["sources"]["gpu_images_per_s"].startswith("measured") and r["gpu"]
+    one = r["estimates"]["1_gpu"]["paper"]
+    a = r["assumptions"]
+    assert one["slots"] == 1 / a["gpus_per_trial"]
+    assert one["trial_images_per_s"] == pytest.approx(a["gpu_images_per_s_128px"] / a["gpu_size_factor"])
+    assert a["trial_overhead_s"] > 0 and a["epoch_overhead_s"] > 0
+    # without it, the figures are flagged as assumptions
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--quick", "--gpu-measured", "",
+                           "--gpu-search", "", "--out", str(tmp_path / "bare")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bare = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "ASSUMPTION" in bare["sources"]["gpu_images_per_s"] and bare["gpu"] is None
+
+
+def test_gpu(tmp_path):
+    r = run_quick("gpu", tmp_path)  # on this machine's CPU when it has no GPU
+    c = r["check"]
+    assert c["checkpoint_roundtrip_identical"] and c["logits_rel_error_vs_float64"] < c["logits_tolerance"]
+    assert len(c["phantom_val_auc_by_seed"]) == 3 and 0 <= c["phantom_val_auc"] <= 1
+    assert [s["processes"] for s in r["sharing"]] == [1, 2]
+    for s in r["sharing"]:
+        assert len(s["per_process_images_per_s"]) == s["processes"]
+        assert s["total_images_per_s"] == pytest.approx(sum(s["per_process_images_per_s"]))
+    assert all(t["images_per_s"] > 0 for t in r["train"]) and r["eval"]["images"] > 0
+    assert r["device"] == ("cuda" if r["machine"]["gpu"] else "cpu")
