@@ -1,6 +1,7 @@
 """Training throughput inside a real Tune trial versus a plain in-memory PyTorch loop (a benchmark).
 
-    python bench/trial_throughput.py [--data PATH|synthetic:N] [--sizes 64 128] [--epochs 3] [--quick]
+    python bench/trial_throughput.py [--data PATH|synthetic:N] [--sizes 64 128] [--epochs 3] [--compare-prefetch]
+                                     [--quick]
 
 For each image size, the same model (the "seed" preset), batch size, optimizer and augmentation, one torch
 thread, trained twice over the same prepared uint8 arrays:
@@ -9,6 +10,8 @@ thread, trained twice over the same prepared uint8 arrays:
   tune_trial    (b) tune.Tuner running xray_ray.search.trainable (one trial at a time, cpus_per_trial=1), fed
                 by the Ray Data pipeline (pipeline.train_dataset + epoch_batches, data_tasks=1, data_cpus=0);
                 its images/s is the figure the trial itself reports each epoch (epochs.parquet images_per_s)
+  no prefetch   (c, with --compare-prefetch) the same trial, each epoch's Ray Data stream started only when
+                the epoch begins rather than while the one before validates (search.Runtime.prefetch)
 images/s counts training images over the wall time of train_one_epoch, data waits included. The first
 epoch of each side is a warm-up and is left out; the rest are steady state. ratio = b / a (target >= 0.95).
 Note (b) augments in a separate Ray worker process, so on a machine with a spare core it may beat (a).
@@ -83,7 +86,8 @@ def memory_loop(cfg, train, val, pos_fraction: float) -> list[dict]:
     return rows
 
 
-def tune_trials(cfgs: dict, prepared: dict, pos_fraction: float, num_cpus: int | None, storage: str) -> dict:
+def tune_trials(cfgs: dict, prepared: dict, pos_fraction: float, num_cpus: int | None, storage: str,
+                prefetch: bool = True) -> dict:
     """(b) One real Tune trial per size, one at a time, through search.trainable; per-epoch rows by size."""
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # as search.run
     import ray
@@ -99,7 +103,7 @@ def tune_trials(cfgs: dict, prepared: dict, pos_fraction: float, num_cpus: int |
                     "n_train": len(p.splits["train"])} for s, p in prepared.items()}
         S.warm_up_data_workers(next(iter(data.values()))["train"], 1)
         runtime = S.Runtime(cpus_per_trial=1.0, gpus_per_trial=0.0, data_cpus=0.0, data_tasks=1,
-                            metric="val_auc", mode="max", pos_fraction=pos_fraction)
+                            metric="val_auc", mode="max", pos_fraction=pos_fraction, prefetch=prefetch)
         fn = tune.with_resources(tune.with_parameters(S.trainable, data=data, runtime=runtime), {"cpu": 1, "gpu": 0})
         base = next(iter(cfgs.values())).to_dict()
         space = {k: S.encode_value(v) for k, v in base.items()}
@@ -141,6 +145,8 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     ap.add_argument("--cache", default=None, help="pixel cache folder (default: the package's)")
     ap.add_argument("--out", type=Path, default=OUT, help="folder for trial_throughput.json")
+    ap.add_argument("--compare-prefetch", action="store_true",
+                    help="also run the Tune trial without starting each next epoch's stream early (row c)")
     ap.add_argument("--quick", action="store_true", help="tiny model, 120 synthetic images, 2 epochs (CI)")
     args = ap.parse_args()
     if args.quick:
@@ -167,6 +173,10 @@ def main() -> None:
     memory = {s: memory_loop(cfgs[s], p.splits["train"], p.splits["val"], pos_fraction) for s, p in prepared.items()}
     with tempfile.TemporaryDirectory(prefix="xray_bench_") as storage:
         tuned = tune_trials(cfgs, prepared, pos_fraction, args.num_cpus, storage)
+    plain = None
+    if args.compare_prefetch:
+        with tempfile.TemporaryDirectory(prefix="xray_bench_") as storage:
+            plain = tune_trials(cfgs, prepared, pos_fraction, args.num_cpus, storage, prefetch=False)
 
     result = {"benchmark": "trial_throughput", "quick": args.quick, "machine": machine(), "data": args.data,
               "preset": args.preset, "batch_size": args.batch_size, "torch_threads": 1, "cpus_per_trial": 1,
@@ -179,6 +189,12 @@ def main() -> None:
         result["sizes"][str(s)] = {"memory_loop": a, "tune_trial": b, "ratio": ratio, "meets_target": ratio >= TARGET}
         rows.append([f"{s}px memory_loop (a)", a["images"], a["images_per_s"], a["epoch_seconds"], 1.0])
         rows.append([f"{s}px tune_trial (b)", b["images"], b["images_per_s"], b["epoch_seconds"], ratio])
+        if plain is not None:
+            c = steady(plain[s], 1)
+            result["sizes"][str(s)].update({"tune_trial_no_prefetch": c,
+                                            "prefetch_epoch_seconds_ratio": b["epoch_seconds"] / c["epoch_seconds"]})
+            rows.append([f"{s}px tune_trial, no prefetch (c)", c["images"], c["images_per_s"], c["epoch_seconds"],
+                         c["images_per_s"] / a["images_per_s"]])
     result["seconds"] = time.perf_counter() - t_start
     print(f"steady state: epochs 2..{args.epochs} of {args.epochs} (epoch 1 is a warm-up, left out); "
           f"{args.preset} model, batch {args.batch_size}, 1 torch thread, {result['train_images']} train images")

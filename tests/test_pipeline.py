@@ -95,3 +95,34 @@ def test_pipeline_is_not_starved_when_trials_hold_every_cpu(local_ray, manifest_
     trials = [FakeTrial.remote(), FakeTrial.remote()]
     counts = ray.get([t.epoch.remote(ds) for t in trials], timeout=120)
     assert counts == [len(train), len(train)]
+
+
+def test_prefetch_starts_in_the_background_and_yields_everything_once():
+    import threading
+
+    from xray_ray.pipeline import Prefetch
+
+    started = threading.Event()
+    where = []
+
+    def make():
+        where.append(threading.current_thread().name)
+        started.set()
+        return iter(range(5))
+
+    p = Prefetch(make)
+    assert started.wait(5)  # the stream started before anyone iterated
+    assert where == ["xray_ray-prefetch"]
+    assert list(p) == [0, 1, 2, 3, 4]
+    assert list(Prefetch(lambda: [])) == []
+
+
+def test_prefetch_raises_a_background_error_in_the_consumer():
+    from xray_ray.pipeline import Prefetch
+
+    def make():
+        raise FileNotFoundError("gone")
+
+    p = Prefetch(make)
+    with pytest.raises(FileNotFoundError, match="gone"):
+        list(p)

@@ -45,6 +45,7 @@ class Runtime:
     metric: str
     mode: str
     pos_fraction: float
+    prefetch: bool = True  # start each next epoch's Ray Data stream while the current one validates
 
 
 # --------------------------------------------------------------------------- the trainable
@@ -60,7 +61,7 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
     from xray_ray import metrics as M
     from xray_ray.augment import strengths_of
     from xray_ray.models import build_model, config_from_dict
-    from xray_ray.pipeline import epoch_batches, node_code
+    from xray_ray.pipeline import Prefetch, epoch_batches, node_code
     from xray_ray.train import (array_batches, make_ema, make_loss, make_optimizer, make_scheduler,
                                 predict_probs, train_one_epoch)
 
@@ -103,15 +104,24 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
     codes = {node_code(n["NodeID"]): n["NodeID"] for n in ray.nodes()}
     data_nodes: set[str] = set()
     strengths = strengths_of(cfg.to_dict())
+
+    def stream(epoch: int):  # an epoch's augmented batches, started in the background
+        def make():
+            return epoch_batches(train_ds, strengths=strengths, seed=seed, epoch=epoch, batch_size=cfg.batch_size,
+                                 data_cpus=runtime.data_cpus, data_tasks=runtime.data_tasks)
+        return Prefetch(make) if runtime.prefetch else make()
+
+    upcoming = stream(start_epoch) if start_epoch <= cfg.epochs else None
     for epoch in range(start_epoch, cfg.epochs + 1):
         inject_fault(epoch)
         t0 = time.perf_counter()
-        batches = epoch_batches(train_ds, strengths=strengths, seed=seed, epoch=epoch, batch_size=cfg.batch_size,
-                                data_cpus=runtime.data_cpus, data_tasks=runtime.data_tasks)
+        batches, upcoming = upcoming, None
         seen_nodes: set[int] = set()
         stats = train_one_epoch(model, batches, optimizer, loss_fn=loss_fn, device=device, scheduler=scheduler,
                                 ema=ema, on_batch=lambda b: seen_nodes.update(b["node"].unique().tolist()))
         data_nodes.update(codes.get(c, str(c)) for c in seen_nodes)
+        if epoch < cfg.epochs:  # the next epoch's stream starts up while this one validates and reports
+            upcoming = stream(epoch + 1)
         t1 = time.perf_counter()
         net = ema.module if ema is not None else model
         y, p = predict_probs(net, array_batches(val.images, val.labels, 256), device=device)
