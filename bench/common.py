@@ -30,11 +30,15 @@ def cpu_model() -> str:
 
 def machine() -> dict[str, Any]:
     """Cores, CPU model and the versions that decide the numbers."""
-    import ray
     import torch
 
+    try:
+        import ray
+    except ImportError:  # bench/gpu.py runs where only torch is installed
+        ray = None
     return {"cores": os.cpu_count(), "cpu": cpu_model(), "arch": platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "ray": ray.__version__ if ray is not None else None,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 

@@ -18,7 +18,7 @@ has no Ray):
   augment      xray_ray.augment.augment_batch at seed.yaml's strongest settings on one CPU thread: the CPU
                work each GPU trial needs per image (it runs in Ray Data tasks, on CPU cores)
 With no GPU it measures the CPU instead (CI runs --quick to prove the script works); the JSON says which.
-bench/scale.py reads bench/measured/gpu.json (a copy of this output from a real card) in place of its
+bench/scale.py reads bench/measured/gpu_h200.json (this output from a real card) in place of its
 assumptions.
 """
 
@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -39,29 +37,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# seed.yaml's strongest augmentation (its ranges' upper ends)
 PHANTOM_SEEDS = (0, 1, 2)
+# seed.yaml's strongest augmentation (its ranges' upper ends)
 SEED_STRENGTHS = {"zoom": 0.3, "rotate": 15.0, "shift": 0.1, "vflip": 0.5, "brightness": 0.3, "contrast": 0.3,
                   "gamma": 0.3}
 
 
 def machine() -> dict:
+    """common.machine(), with the card's details in place of its name."""
     import torch
 
-    from common import cpu_model
+    from common import machine as base
 
-    try:
-        import ray
-        ray_version = ray.__version__
-    except ImportError:
-        ray_version = None
-    gpu = None
+    m = base()
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        gpu = {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count,
-               "capability": f"{p.major}.{p.minor}", "cuda": torch.version.cuda}
-    return {"cores": os.cpu_count(), "cpu": cpu_model(), "arch": platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray_version, "gpu": gpu}
+        m["gpu"] = {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count,
+                    "capability": f"{p.major}.{p.minor}", "cuda": torch.version.cuda}
+    return m
 
 
 def sync(device) -> None:
@@ -71,16 +64,13 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def seed_config(size: int, batch_size: int, preset: str = "seed"):
-    from dataclasses import asdict
+def seed_config(size: int, batch_size: int):
+    """The seed preset as trial_throughput.py trains it, with EMA on (as the trainable would run it)."""
+    from dataclasses import replace
 
-    from xray_ray.config import TrialConfig
-    from xray_ray.models import PRESETS
+    from trial_throughput import trial_config
 
-    model = {k: v for k, v in asdict(PRESETS[preset]).items() if k in TrialConfig.__dataclass_fields__}
-    model.pop("in_channels", None)
-    return TrialConfig.from_dict({**model, "image_size": size, "epochs": 10, "batch_size": batch_size,
-                                  "ema": 0.99, "seed": 0})
+    return replace(trial_config("seed", size, 10, batch_size), ema=0.99)
 
 
 def build(cfg, device):
@@ -171,15 +161,19 @@ def check(device, quick: bool, tmp: Path) -> dict:
     from xray_ray.config import TrialConfig
     from xray_ray.models import build_model
     from xray_ray.phantoms import render
-    from xray_ray.train import array_batches, make_loss, make_optimizer, make_scheduler, predict_probs, train_one_epoch
+    from xray_ray.train import (array_batches, make_loss, make_optimizer, make_scheduler, predict_probs, to_input,
+                                train_one_epoch)
 
     cfg = seed_config(128, 32)
     model = build(cfg, device).eval()
     x = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (16, 128, 128), dtype=np.uint8))
-    from xray_ray.train import to_input
-    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                                         enabled=device.type == "cuda"):
-        got = model(to_input(x, device)).float().cpu().double()
+
+    def logits(net) -> torch.Tensor:  # as predict_probs runs it: bf16 autocast on CUDA
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                                             enabled=device.type == "cuda"):
+            return net(to_input(x, device)).float().cpu().double()
+
+    got = logits(model)
     ref_model = build(cfg, torch.device("cpu")).double().eval()
     ref_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
     with torch.no_grad():
@@ -189,10 +183,7 @@ def check(device, quick: bool, tmp: Path) -> dict:
     torch.save({"model": model.state_dict()}, path)
     back = build(cfg, device).eval()
     back.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
-    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                                         enabled=device.type == "cuda"):
-        again = back(to_input(x, device)).float().cpu().double()
-    same = bool(torch.equal(again, got))
+    same = bool(torch.equal(logits(back), got))
 
     # the learning check of tests/test_train.py (3 single-conv blocks, flatten, 48 px phantoms), on ``device``
     n_train, n_val, epochs = (128, 64, 2) if quick else (1600, 400, 5)
