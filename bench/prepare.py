@@ -1,12 +1,17 @@
 """The one-time preparation and the epochs after it, side by side in one run (a benchmark, not a timed test).
 
-    python bench/prepare.py [--data PATH] [--size 64] [--quick]
+    python bench/prepare.py [--data PATH] [--size 64] [--rounds 3] [--quick]
 
-Rows (images per second; ratio against the baseline named in the last column):
+Rows (images per second; ratio against the baseline named in the last column). The decode rows run
+--rounds times, interleaved (PIL, then each prepare variant, round after round) so that drift on a shared
+machine hits them alike; each row's figure is the median of its rounds.
   pil_decode_resize     plain PIL, one thread: open + decode + grayscale + resize every train file
-  prepare_cold_1t       this project's preparation (xray_ray.pipeline.prepare) on one thread, cache empty
-  prepare_cold          the same on every core, cache empty (per_core_ratio = its rate / cores / plain PIL's)
-  prepare_cached        the same call again: reads the Parquet cache (cached_share = its time / the cold time)
+  prepare_cold_1w       this project's preparation (xray_ray.pipeline.prepare), one worker, cache empty
+  prepare_cold_threads  the same on every core as threads, cache empty
+  prepare_cold          the same on every core as the default picks (forked processes on Linux), cache empty
+                        (per_core_ratio = its rate / cores / plain PIL's)
+  prepare_cached        the same call again in a new process, as a user's second run would: memory-maps the
+                        cache (cached_share = its time / the cold time)
   memory_epoch          plain in-memory batches of the prepared arrays, augmented in-process
   ray_data_epoch        one augmented epoch streamed through Ray Data (map_batches + iter_torch_batches)
 Targets (issue 7): per_core_ratio >= 0.8, cached_share < 5%. The discovery scan that every run does before
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,52 +38,79 @@ STRENGTHS = {"zoom": 0.3, "vflip": 0.5, "rotate": 10.0, "shift": 0.1, "brightnes
 TARGET_PER_CORE, TARGET_CACHED = 0.8, 0.05
 
 
+def train_rows(data: str):
+    """Every train file of the source, as one split (the same rows in this process and in the child)."""
+    from xray_ray.sources import load_source
+    from xray_ray.splits import assign_splits
+
+    t = time.perf_counter()
+    manifest = load_source(data, seed=0)
+    scan_s = time.perf_counter() - t
+    df, _ = assign_splits(manifest.df, seed=0)
+    return manifest, df[df["orig_split"] == "train"].drop(columns=["split"]), scan_s
+
+
+def cached_in_new_process(data: str, size: int, cache: Path) -> float:
+    """Seconds of prepare() from a warm cache in a fresh interpreter (its imports and manifest not counted)."""
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); from prepare import train_rows; "
+            "from xray_ray.pipeline import prepare; rows = train_rows(sys.argv[2])[1]; "
+            "p = prepare(rows, int(sys.argv[3]), sys.argv[4]); assert p.cache_hit; print(json.dumps(p.seconds))")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), data, str(size), str(cache)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=default_data())
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the decode rows (median)")
     ap.add_argument("--out", type=Path, default=OUT, help="folder for prepare.json")
     ap.add_argument("--quick", action="store_true", help="a few hundred synthetic images (CI proves it runs)")
     args = ap.parse_args()
     if args.quick:
-        args.data = "synthetic:300"
+        args.data, args.rounds = "synthetic:300", 1
 
     from PIL import Image
 
     from xray_ray.augment import augment_batch
     from xray_ray.pipeline import epoch_batches, prepare, train_dataset
-    from xray_ray.sources import load_source, read_pixels
-    from xray_ray.splits import assign_splits
+    from xray_ray.sources import read_pixels
 
     cores = os.cpu_count() or 1
-    t = time.perf_counter()
-    manifest = load_source(args.data, seed=0)
-    scan_s = time.perf_counter() - t
-    df, _ = assign_splits(manifest.df, seed=0)
-    train_rows = df[df["orig_split"] == "train"].drop(columns=["split"])  # every train file, one split
-    n_files = len(train_rows)
-    rows = [("discovery_scan", len(manifest.df), scan_s)]
+    manifest, rows_df, scan_s = train_rows(args.data)
+    n_files = len(rows_df)
+    times: dict[str, list[float]] = {}
 
-    # plain PIL, one thread, over files (or rendered phantoms for the synthetic source)
-    t = time.perf_counter()
-    if manifest.info.get("source") == "folder":
-        for path in train_rows["location"]:
-            with Image.open(path) as im:
-                np.asarray(im.convert("L").resize((args.size, args.size), Image.BILINEAR))
-    else:
-        for r in train_rows.to_dict("records"):
-            read_pixels(r, args.size)
-    rows.append(("pil_decode_resize", n_files, time.perf_counter() - t))
+    def pil() -> None:  # over files, or rendered phantoms for the synthetic source
+        if manifest.info.get("source") == "folder":
+            for path in rows_df["location"]:
+                with Image.open(path) as im:
+                    np.asarray(im.convert("L").resize((args.size, args.size), Image.BILINEAR))
+        else:
+            for r in rows_df.to_dict("records"):
+                read_pixels(r, args.size)
 
     with tempfile.TemporaryDirectory() as cache:
-        one = prepare(train_rows, args.size, Path(cache) / "one", threads=1)
-        rows.append(("prepare_cold_1t", n_files, one.seconds))
-        cold = prepare(train_rows, args.size, Path(cache) / "all")
-        rows.append(("prepare_cold", n_files, cold.seconds))
-        warm = prepare(train_rows, args.size, Path(cache) / "all")
+        cold = None
+        for k in range(args.rounds):
+            t = time.perf_counter()
+            pil()
+            times.setdefault("pil_decode_resize", []).append(time.perf_counter() - t)
+            for name, kw in (("prepare_cold_1w", {"workers": 1}), ("prepare_cold_threads", {"processes": False}),
+                             ("prepare_cold", {})):
+                p = prepare(rows_df, args.size, Path(cache) / f"{name}-{k}", **kw)
+                assert not p.cache_hit
+                times.setdefault(name, []).append(p.seconds)
+                cold = p if name == "prepare_cold" else cold
+            times.setdefault("prepare_cached", []).append(
+                cached_in_new_process(args.data, args.size, Path(cache) / f"prepare_cold-{k}"))
+        warm = prepare(rows_df, args.size, Path(cache) / "prepare_cold-0")
         assert warm.cache_hit and np.array_equal(warm.splits["train"].images, cold.splits["train"].images)
-        rows.append(("prepare_cached", n_files, warm.seconds))
+        decoded_by = cold.stats["decoded_by"]
+    rows = [("discovery_scan", len(manifest.df), scan_s)]
+    rows += [(name, n_files, float(np.median(ts))) for name, ts in times.items()]
     arr = cold.splits["train"]
 
     import torch
@@ -107,8 +140,9 @@ def main() -> None:
 
     by = {name: (k, sec) for name, k, sec in rows}
     base = {"discovery_scan": "pil_decode_resize", "pil_decode_resize": "pil_decode_resize",
-            "prepare_cold_1t": "pil_decode_resize", "prepare_cold": "pil_decode_resize",
-            "prepare_cached": "prepare_cold", "memory_epoch": "memory_epoch", "ray_data_epoch": "memory_epoch"}
+            "prepare_cold_1w": "pil_decode_resize", "prepare_cold_threads": "pil_decode_resize",
+            "prepare_cold": "pil_decode_resize", "prepare_cached": "prepare_cold",
+            "memory_epoch": "memory_epoch", "ray_data_epoch": "memory_epoch"}
     rate = {name: k / sec for name, (k, sec) in by.items()}
     result = {"benchmark": "prepare", "quick": args.quick, "machine": machine(), "data": args.data,
               "size": args.size, "images": n_files}
@@ -117,14 +151,18 @@ def main() -> None:
         ratio = rate[name] / rate[base[name]]
         table.append([name, k, sec, rate[name], ratio, base[name]])
         result[name] = {"images": k, "seconds": round(sec, 6), "images_per_s": round(rate[name], 1),
-                        "ratio": round(ratio, 3)}
+                        "ratio": round(ratio, 3), **({"rounds": [round(x, 6) for x in times[name]]}
+                                                    if name in times else {})}
     per_core = rate["prepare_cold"] / cores / rate["pil_decode_resize"]
     cached_share = by["prepare_cached"][1] / by["prepare_cold"][1]
     result.update({"cores": cores, "per_core_ratio": round(per_core, 4), "cached_share": round(cached_share, 6),
-                   "thread_speedup": round(rate["prepare_cold"] / rate["prepare_cold_1t"], 3),
+                   "rounds": args.rounds, "decoded_by": decoded_by,
+                   "thread_speedup": round(rate["prepare_cold_threads"] / rate["prepare_cold_1w"], 3),
+                   "process_speedup": round(rate["prepare_cold"] / rate["prepare_cold_1w"], 3),
                    "targets": {"per_core_ratio": TARGET_PER_CORE, "cached_share": TARGET_CACHED},
                    "meets_targets": bool(per_core >= TARGET_PER_CORE and cached_share < TARGET_CACHED)})
-    print(f"\n{args.data} at {args.size} px, {n_files} train images, {cores} cores")
+    print(f"\n{args.data} at {args.size} px, {n_files} train images, {cores} cores, median of {args.rounds} "
+          f"rounds; prepare_cold decoded by {decoded_by}")
     print_table(["stage", "images", "seconds", "images/s", "ratio", "vs"], table)
     print(f"prepare per core: {per_core:.2f}x plain PIL (target >= {TARGET_PER_CORE}); cached run: "
           f"{cached_share:.1%} of the cold one (target < {TARGET_CACHED:.0%})")

@@ -46,6 +46,11 @@ def test_prepare(tmp_path):
     assert r["cached_share"] == pytest.approx(r["prepare_cached"]["seconds"] / r["prepare_cold"]["seconds"], rel=0.01)
     assert r["per_core_ratio"] == pytest.approx(
         r["prepare_cold"]["images_per_s"] / r["cores"] / r["pil_decode_resize"]["images_per_s"], rel=0.01)
+    workers = r["cores"]
+    assert r["decoded_by"] == (f"{workers} processes" if workers > 1 else "1 threads")  # forks on Linux, no Ray
+    for name in ("pil_decode_resize", "prepare_cold_1w", "prepare_cold_threads", "prepare_cold", "prepare_cached"):
+        assert len(r[name]["rounds"]) == r["rounds"] and r[name]["seconds"] == pytest.approx(
+            sorted(r[name]["rounds"])[len(r[name]["rounds"]) // 2], rel=1e-3)  # the median of its rounds
 
 
 def test_trial_throughput(tmp_path):

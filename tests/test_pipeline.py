@@ -1,10 +1,13 @@
-"""Prepare once (Parquet cache), stream every epoch through Ray Data on a real local Ray."""
+"""Prepare once (memory-mapped Arrow cache), stream every epoch through Ray Data on a real local Ray."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from xray_ray.pipeline import cache_key, epoch_batches, prepare, train_dataset
-from xray_ray.sources import load_source
+from xray_ray.errors import DataError
+from xray_ray.pipeline import can_fork, cache_key, epoch_batches, prepare, train_dataset
+from xray_ray.sources import load_source, read_pixels
 from xray_ray.splits import assign_splits
 
 STRONG = {"zoom": 0.3, "rotate": 10.0, "shift": 0.1, "vflip": 0.5, "brightness": 0.2, "contrast": 0.2}
@@ -27,7 +30,7 @@ def local_ray():
 
 def test_prepare_caches_and_reuses(manifest_df, tmp_path):
     first = prepare(manifest_df, 32, tmp_path)
-    assert not first.cache_hit and first.cache_path.endswith(".parquet")
+    assert not first.cache_hit and first.cache_path.endswith(".arrow")
     second = prepare(manifest_df, 32, tmp_path)
     assert second.cache_hit
     assert set(first.splits) == {"train", "val", "test"}
@@ -53,6 +56,50 @@ def test_prepared_pixels_match_the_input_contract(manifest_df, tmp_path):
     prep = prepare(manifest_df, 32, tmp_path)
     row = manifest_df[manifest_df["split"] == "val"].iloc[2]
     np.testing.assert_array_equal(prep.splits["val"].images[2], read_pixels(row.to_dict(), 32))
+
+
+@pytest.mark.parametrize("processes", [True, False])
+def test_forked_and_threaded_decoding_give_the_contract_pixels(kaggle_dir, tmp_path, processes):
+    df, _ = assign_splits(load_source(str(kaggle_dir)).df, seed=0, val_fraction=0.2, test_fraction=0.2,
+                          min_val_images=1)
+    prep = prepare(df, 24, tmp_path, workers=2, processes=processes)
+    assert prep.stats["decoded_by"] == f"2 {'processes' if processes else 'threads'}"
+    for name, arr in prep.splits.items():
+        rows = df[df["split"] == name].to_dict("records")
+        expected = np.stack([read_pixels(r, 24) for r in rows])
+        np.testing.assert_array_equal(arr.images, expected)
+        assert arr.images.flags.writeable and arr.uids == [r["uid"] for r in rows]
+
+
+@pytest.mark.parametrize("processes", [True, False])
+def test_a_file_broken_after_discovery_is_a_data_error_from_any_worker(kaggle_dir, tmp_path, processes):
+    df = load_source(str(kaggle_dir)).df
+    victim = df["location"].iloc[len(df) // 2]
+    Path(victim).write_bytes(b"not an image any more")
+    with pytest.raises(DataError, match="changed after discovery"):
+        prepare(df, 24, tmp_path, workers=2, processes=processes)
+    assert not list(tmp_path.glob("pixels-*"))  # nothing half-written left to be trusted later
+
+
+def test_an_unreadable_cache_is_prepared_again(manifest_df, tmp_path):
+    first = prepare(manifest_df, 16, tmp_path)
+    Path(first.cache_path).write_bytes(Path(first.cache_path).read_bytes()[:1000])  # cut short
+    with pytest.warns(UserWarning, match="unreadable pixel cache"):
+        again = prepare(manifest_df, 16, tmp_path)
+    assert not again.cache_hit
+    np.testing.assert_array_equal(again.splits["train"].images, first.splits["train"].images)
+    assert prepare(manifest_df, 16, tmp_path).cache_hit  # and the rewritten cache is good
+
+
+def test_decoding_forks_local_files_without_ray(manifest_df):
+    rows = manifest_df.to_dict("records")
+    assert can_fork(rows)
+    assert not can_fork([*rows, {"location": "s3://bucket/x.jpeg"}])  # a remote client is not shared
+
+
+def test_decoding_never_forks_a_process_running_ray(manifest_df, local_ray, tmp_path):
+    assert not can_fork(manifest_df.to_dict("records"))  # Ray's threads are not fork-safe
+    assert prepare(manifest_df, 16, tmp_path, workers=2).stats["decoded_by"] == "2 threads"
 
 
 def _epoch(ds, seed, epoch, **kw):
