@@ -56,6 +56,7 @@ def memory_loop(cfg, train, val, pos_fraction: float) -> list[dict]:
 
     from xray_ray.augment import augment_batch, strengths_of
     from xray_ray.models import build_model
+    from xray_ray.pipeline import rows_for
     from xray_ray.search import _model_sizes, trial_seed
     from xray_ray.train import (array_batches, make_loss, make_optimizer, make_scheduler, predict_probs,
                                 train_one_epoch)
@@ -80,7 +81,7 @@ def memory_loop(cfg, train, val, pos_fraction: float) -> list[dict]:
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         stats = train_one_epoch(model, batches(epoch), optimizer, loss_fn=loss_fn, scheduler=scheduler)
-        predict_probs(model, array_batches(val.images, val.labels, 256), device="cpu")
+        predict_probs(model, array_batches(val.images, val.labels, rows_for(val.size)), device="cpu")
         rows.append({"epoch": epoch, "images": stats["images"], "images_per_s": stats["images_per_s"],
                      "seconds": time.perf_counter() - t0})
     return rows
@@ -101,9 +102,11 @@ def tune_trials(cfgs: dict, prepared: dict, pos_fraction: float, num_cpus: int |
         ray.data.DataContext.get_current().enable_progress_bars = False
         data = {s: {"train": train_dataset(p.splits["train"]), "val": p.splits["val"],
                     "n_train": len(p.splits["train"])} for s, p in prepared.items()}
-        S.warm_up_data_workers(next(iter(data.values()))["train"], 1)
+        slot = S.DATA_SLOT if ray.cluster_resources().get(S.DATA_SLOT) else None  # as search.run
+        S.warm_up_data_workers(next(iter(data.values()))["train"], 1, slot)
         runtime = S.Runtime(cpus_per_trial=1.0, gpus_per_trial=0.0, data_cpus=0.0, data_tasks=1,
-                            metric="val_auc", mode="max", pos_fraction=pos_fraction, prefetch=prefetch)
+                            metric="val_auc", mode="max", pos_fraction=pos_fraction, prefetch=prefetch,
+                            data_slot=slot)
         fn = tune.with_resources(tune.with_parameters(S.trainable, data=data, runtime=runtime), {"cpu": 1, "gpu": 0})
         base = next(iter(cfgs.values())).to_dict()
         space = {k: S.encode_value(v) for k, v in base.items()}

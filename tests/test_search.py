@@ -221,3 +221,28 @@ def test_overhead_leaves_the_idle_tail_out_of_the_busy_share():
     assert o["idle_tail_slot_seconds"] == pytest.approx(6.0)
     assert o["share_outside"] == pytest.approx(1 - 11.5 / 24)
     assert o["share_outside_busy"] == pytest.approx(1 - 11.5 / 18)
+
+
+def test_trials_hand_their_worker_processes_on(tiny_run):
+    """reuse_actors: 6 trials, 2 at a time, run in fewer than 6 worker processes (each import of torch saved)."""
+    pids = {json.loads(f.read_text().splitlines()[0])["trial_id"]: json.loads(f.read_text().splitlines()[0])["pid"]
+            for f in (tiny_run / "tune").glob("*/result.json")}
+    assert len(pids) == 6 and len(set(pids.values())) < 6, pids
+
+
+def test_local_cpu_runs_share_few_augmentation_workers(tiny_run):
+    import argparse
+
+    from xray_ray.search import data_slots
+
+    def ns(**kw):
+        return argparse.Namespace(**{"address": None, "gpus_per_trial": 0.0, "cpus_per_trial": 1.0,
+                                     "data_tasks": 1, **kw})
+
+    assert data_slots(ns(), 2) == 1 and data_slots(ns(), 8) == 4 and data_slots(ns(data_tasks=2), 8) == 8
+    assert data_slots(ns(cpus_per_trial=2.0), 8) == 2  # 4 trials
+    assert data_slots(ns(gpus_per_trial=0.25), 16) is None  # GPU trials consume far faster
+    assert data_slots(ns(address="auto"), 16) is None  # a cluster's nodes do not have the resource
+    run = json.loads((tiny_run / "run.json").read_text())
+    assert run["resources"]["augment_slots"] == data_slots(ns(), os.cpu_count())
+

@@ -28,6 +28,18 @@ import pandas as pd
 import pyarrow as pa
 
 PREP_VERSION = 1  # bump when the decode/resize contract changes: old caches are then ignored
+BATCH_PIXELS = 256 * 64 * 64  # evaluation batches: about a million pixels each
+
+
+def rows_for(size: int, most: int = 256) -> int:
+    """Rows of an evaluation batch of about a million pixels: 256 at 64 px, 113 at 96 px, 64 at 128 px.
+
+    A batch's activations grow with S squared: at 128 px, 256-image evaluation batches lifted a trial's
+    peak by about 550 MB and ran no faster than 64-image ones (2-core dev machine). Augmentation keeps
+    its 256 rows a task: its intermediates are a few inputs' worth (+10 MB at 128 px), and the map's
+    batch size shapes the local shuffle, so changing it would change every search's training order.
+    """
+    return max(16, min(most, BATCH_PIXELS // (size * size)))
 
 
 @dataclass
@@ -230,17 +242,18 @@ def train_dataset(arr: SplitArrays, *, block_rows: int = 512):
     return ray.data.from_arrow(tables)
 
 
-def epoch_batches(ds, *, strengths: Mapping[str, float], seed: int, epoch: int, batch_size: int,
-                  shuffle_buffer: int = 1024, data_cpus: float = 0.0, data_tasks: int = 1, device: str = "cpu",
-                  map_batch_rows: int = 256) -> Iterator[dict]:
-    """One augmented epoch as torch batches ``{"image": uint8 [B,S,S], "label": int64 [B], "idx": ...}``.
+def augmented(ds, *, strengths: Mapping[str, float], seed: int, epoch: int, data_cpus: float = 0.0,
+              data_tasks: int = 1, map_batch_rows: int = 256, data_slot: str | None = None):
+    """The split's Dataset with one epoch's augmentation mapped over it (lazy: nothing runs yet).
 
     ``data_tasks`` caps the augmentation tasks in flight for this epoch: with ``data_cpus=0`` nothing else
-    would (they reserve no CPU), and every extra task is a worker process with torch loaded.
+    would (they reserve no CPU), and every extra task is a worker process with torch loaded. ``data_slot``
+    names a custom Ray resource each task holds one unit of, so that all trials together run no more
+    augmentation tasks (and keep no more worker processes) than the node has of it.
     """
     import ray.data
 
-    aug = ds.map_batches(
+    return ds.map_batches(
         _augment_with_node,
         fn_kwargs={"strengths": dict(strengths), "seed": seed, "epoch": epoch},
         batch_size=map_batch_rows,
@@ -248,7 +261,16 @@ def epoch_batches(ds, *, strengths: Mapping[str, float], seed: int, epoch: int, 
         num_cpus=data_cpus,
         compute=ray.data.TaskPoolStrategy(size=max(1, data_tasks)),
         zero_copy_batch=True,
+        **({"resources": {data_slot: 1}} if data_slot else {}),
     )
+
+
+def epoch_batches(ds, *, strengths: Mapping[str, float], seed: int, epoch: int, batch_size: int,
+                  shuffle_buffer: int = 1024, data_cpus: float = 0.0, data_tasks: int = 1, device: str = "cpu",
+                  map_batch_rows: int = 256, data_slot: str | None = None) -> Iterator[dict]:
+    """One augmented epoch as torch batches ``{"image": uint8 [B,S,S], "label": int64 [B], "idx": ...}``."""
+    aug = augmented(ds, strengths=strengths, seed=seed, epoch=epoch, data_cpus=data_cpus, data_tasks=data_tasks,
+                    map_batch_rows=map_batch_rows, data_slot=data_slot)
     return aug.iter_torch_batches(
         batch_size=batch_size,
         local_shuffle_buffer_size=shuffle_buffer if shuffle_buffer > 0 else None,

@@ -19,10 +19,11 @@ import sys
 import tempfile
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,6 +47,7 @@ class Runtime:
     mode: str
     pos_fraction: float
     prefetch: bool = True  # start each next epoch's Ray Data stream while the current one validates
+    data_slot: str | None = None  # custom resource capping augmentation tasks across trials (local runs)
 
 
 # --------------------------------------------------------------------------- the trainable
@@ -61,7 +63,7 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
     from xray_ray import metrics as M
     from xray_ray.augment import strengths_of
     from xray_ray.models import build_model, config_from_dict
-    from xray_ray.pipeline import Prefetch, epoch_batches, node_code
+    from xray_ray.pipeline import Prefetch, epoch_batches, node_code, rows_for
     from xray_ray.train import (array_batches, make_ema, make_loss, make_optimizer, make_scheduler,
                                 predict_probs, train_one_epoch)
 
@@ -108,7 +110,8 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
     def stream(epoch: int):  # an epoch's augmented batches, started in the background
         def make():
             return epoch_batches(train_ds, strengths=strengths, seed=seed, epoch=epoch, batch_size=cfg.batch_size,
-                                 data_cpus=runtime.data_cpus, data_tasks=runtime.data_tasks)
+                                 data_cpus=runtime.data_cpus, data_tasks=runtime.data_tasks,
+                                 data_slot=runtime.data_slot)
         return Prefetch(make) if runtime.prefetch else make()
 
     upcoming = stream(start_epoch) if start_epoch <= cfg.epochs else None
@@ -124,7 +127,7 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
             upcoming = stream(epoch + 1)
         t1 = time.perf_counter()
         net = ema.module if ema is not None else model
-        y, p = predict_probs(net, array_batches(val.images, val.labels, 256), device=device)
+        y, p = predict_probs(net, array_batches(val.images, val.labels, rows_for(cfg.image_size)), device=device)
         with torch.no_grad():
             logit = torch.logit(torch.from_numpy(p).clamp(1e-6, 1 - 1e-6))
             val_loss = float(eval_loss(logit, torch.from_numpy(y)))
@@ -314,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial from its checkpoint")
     p.add_argument("--cache", default=None, help="pixel cache folder (default: ~/.cache/xray_ray)")
     p.add_argument("--no-export", action="store_true", help="skip evaluating and exporting the winner")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files per trial (loads torch into the driver: ~300 MB)")
     p.add_argument("--export-only", action="store_true",
                    help="with --resume: run no more trials; write the tables and export the best trial so far")
     p.add_argument("--allow-local-results", action="store_true",
@@ -464,6 +469,8 @@ def run(args: argparse.Namespace) -> str:
     init_ray(args)
     joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
     try:
+        slot = DATA_SLOT if not joined and ray.cluster_resources().get(DATA_SLOT) else None
+        run_info["resources"]["augment_slots"] = int(ray.cluster_resources()[DATA_SLOT]) if slot else None
         total_cpus = ray.cluster_resources().get("CPU", 0)
         total_gpus = ray.cluster_resources().get("GPU", 0)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -490,13 +497,13 @@ def run(args: argparse.Namespace) -> str:
         concurrent = max(1, min(wanted, limit))
         runtime = Runtime(args.cpus_per_trial, args.gpus_per_trial, args.data_cpus, args.data_tasks,
                           space.metric, space.mode,
-                          float(np.mean(train_labels)) if len(train_labels) else 0.5)
+                          float(np.mean(train_labels)) if len(train_labels) else 0.5, data_slot=slot)
         from xray_ray.pipeline import train_dataset
 
         data = {s: {"train": train_dataset(p.splits["train"]), "val": p.splits["val"],
                     "n_train": len(p.splits["train"])} for s, p in prepared.items()}
         ray.data.DataContext.get_current().enable_progress_bars = False
-        warm_up_data_workers(next(iter(data.values()))["train"], concurrent)
+        warm_up_data_workers(next(iter(data.values()))["train"], concurrent, slot)
         fn = tune.with_resources(tune.with_parameters(trainable, data=data, runtime=runtime),
                                  {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
         tune_dir = R.join(run_dir, "tune")
@@ -511,10 +518,15 @@ def run(args: argparse.Namespace) -> str:
                 param_space=param_space,
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=searcher,
                                             scheduler=build_scheduler(space), num_samples=space.num_samples,
-                                            max_concurrent_trials=concurrent),
+                                            max_concurrent_trials=concurrent,
+                                            # a finished or stopped trial hands its worker process, torch
+                                            # already imported, to the next trial. A stopped trial waits in
+                                            # its last report (Tune does not ask for the next result), so
+                                            # the reset that reuse needs never waits for an epoch.
+                                            reuse_actors=True),
                 run_config=tune.RunConfig(
                     name=exp_name, storage_path=storage, verbose=0,
-                    callbacks=[_Progress(space.metric, space.mode, space.num_samples)],
+                    callbacks=[_Progress(space.metric, space.mode, space.num_samples), *result_loggers(args)],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
                 ),
@@ -523,7 +535,8 @@ def run(args: argparse.Namespace) -> str:
               f"[xray_ray] searching: {space.num_samples} trials, {concurrent} at a time, "
               f"{space.searcher} + {space.scheduler} on {space.metric} ({space.mode}), "
               f"up to {space.max_epochs} epochs each", flush=True)
-        grid = tuner.get_results() if args.export_only else tuner.fit()
+        with env_set(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):  # result_loggers() adds the ones wanted
+            grid = tuner.get_results() if args.export_only else tuner.fit()
         trials, epochs = collect(grid, space)
         meta = {"run": name, "space": space.to_dict(), "seed": space.seed, "versions": run_info["versions"]}
         R.write_parquet(trials, R.join(run_dir, "trials.parquet"), meta)
@@ -595,17 +608,72 @@ def init_ray(args: argparse.Namespace) -> None:
         # for its augmentation tasks instead of spawning one, which cost ~2-8 s per trial on 2 cores. Ray's
         # default soft limit (one idle worker per CPU) caps how many stay: each holds ~350 MB of torch.
         os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
-        ray.init(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=env,
-                 log_to_driver=False, configure_logging=True, logging_level="WARNING")
+        cpus = args.num_cpus or os.cpu_count() or 1
+        slots = data_slots(args, cpus)
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=False,
+                 configure_logging=True, logging_level="WARNING", resources={DATA_SLOT: slots} if slots else None)
 
 
-def warm_up_data_workers(ds, concurrency: int) -> None:
-    """Run the augmentation once from the driver so trials find warm workers, not cold ones."""
-    from xray_ray.pipeline import epoch_batches
+@contextmanager
+def env_set(**values: str) -> Iterator[None]:
+    """Environment variables set for the block, restored after it."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
-    for _ in epoch_batches(ds.limit(64 * max(1, concurrency)), strengths={"zoom": 0.1}, seed=0, epoch=0,
-                           batch_size=64, map_batch_rows=64):
+
+def result_loggers(args: argparse.Namespace) -> list:
+    """Tune's per-trial result.json and progress.csv, and TensorBoard files only when asked for.
+
+    Tune adds a TensorBoard logger by default, and tensorboardX imports torch: ~300 MB and 1.3 s in a
+    driver that otherwise never needs torch until the export. run() turns Tune's default loggers off
+    (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS, for the fit only) and adds these instead.
+    """
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    loggers = [JsonLoggerCallback(), CSVLoggerCallback()]
+    if getattr(args, "tensorboard", False):
+        from ray.tune.logger import TBXLoggerCallback
+
+        loggers.append(TBXLoggerCallback())
+    return loggers
+
+
+def warm_up_data_workers(ds, concurrency: int, data_slot: str | None = None) -> None:
+    """Run the augmentation once from the driver so trials find warm workers, not cold ones.
+
+    Read as numpy batches: torch batches would load torch into the driver (~300 MB) for nothing.
+    """
+    from xray_ray.pipeline import augmented
+
+    aug = augmented(ds.limit(64 * max(1, concurrency)), strengths={"zoom": 0.1}, seed=0, epoch=0,
+                    map_batch_rows=64, data_slot=data_slot)
+    for _ in aug.iter_batches(batch_size=64, batch_format="numpy"):
         pass
+
+
+DATA_SLOT = "xray_ray_augment"  # the custom resource of local runs' augmentation tasks (see data_slots)
+
+
+def data_slots(args: argparse.Namespace, cpus: int) -> int | None:
+    """Augmentation tasks a local CPU-only search runs at once across all its trials; None: no cap.
+
+    A CPU trial trains about 30x slower than one core augments (seed CNN at 128 px: ~80 vs ~2,500 images
+    a second, 2-core dev machine), so one augmentation worker serves two trials; each worker process
+    saved is ~450 MB (torch's libraries and heap). GPU trials consume far faster, and a cluster's nodes
+    would each need the resource: neither is capped.
+    """
+    if args.address or os.environ.get("RAY_ADDRESS") or getattr(args, "gpus_per_trial", 0) > 0:
+        return None
+    trials = max(1, int(cpus // max(getattr(args, "cpus_per_trial", 1.0), 1e-9)))
+    return max(1, math.ceil(trials * getattr(args, "data_tasks", 1) / 2))
 
 
 def overhead(epochs: pd.DataFrame, wall: float, concurrency: int) -> dict[str, float]:

@@ -27,7 +27,7 @@ from xray_ray import CLASSES, export, report
 from xray_ray.evaluate import fingerprint, json_safe, summarize
 from xray_ray.metrics import choose_threshold
 from xray_ray.models import CNN
-from xray_ray.pipeline import SplitArrays
+from xray_ray.pipeline import SplitArrays, rows_for
 from xray_ray.results import versions
 from xray_ray.train import array_batches, predict_probs
 
@@ -35,11 +35,11 @@ AGREEMENT_TOLERANCE = 1e-4
 VALIDATION_SPLITS = ("val", "extra_val")
 
 
-def split_probs(model: CNN, arr: SplitArrays, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, P(PNEUMONIA)) for one split: eval mode, no grad, batched."""
+def split_probs(model: CNN, arr: SplitArrays, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, P(PNEUMONIA)) for one split: eval mode, no grad, batched (default: ``rows_for`` its size)."""
     # Cached pixels and pandas-3 label columns can be read-only; torch.from_numpy warns about those.
     images, labels = (a if a.flags.writeable else a.copy() for a in (arr.images, np.asarray(arr.labels)))
-    return predict_probs(model, array_batches(images, labels, batch_size), device="cpu")
+    return predict_probs(model, array_batches(images, labels, batch_size or rows_for(arr.size)), device="cpu")
 
 
 def pick_threshold(y: np.ndarray, p: np.ndarray, target_sensitivity: float) -> tuple[float, str]:
