@@ -103,7 +103,6 @@ def tune_trials(cfgs: dict, prepared: dict, pos_fraction: float, num_cpus: int |
         data = {s: {"train": train_dataset(p.splits["train"]), "val": p.splits["val"],
                     "n_train": len(p.splits["train"])} for s, p in prepared.items()}
         slot = S.DATA_SLOT if ray.cluster_resources().get(S.DATA_SLOT) else None  # as search.run
-        S.warm_up_data_workers(next(iter(data.values()))["train"], 1, slot)
         runtime = S.Runtime(cpus_per_trial=1.0, gpus_per_trial=0.0, data_cpus=0.0, data_tasks=1,
                             metric="val_auc", mode="max", pos_fraction=pos_fraction, prefetch=prefetch,
                             data_slot=slot)

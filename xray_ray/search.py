@@ -9,6 +9,8 @@ Tuner(OptunaSearch, ASHAScheduler) -> trials.parquet / epochs.parquet / run.json
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import math
 import os
@@ -67,6 +69,7 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
     from xray_ray.train import (array_batches, make_ema, make_loss, make_optimizer, make_scheduler,
                                 predict_probs, train_one_epoch)
 
+    release_freed_memory()  # a reused worker: the previous trial's garbage goes before this one allocates
     cfg = TrialConfig.from_dict(decode_config(config))
     torch.set_num_threads(max(1, int(round(runtime.cpus_per_trial))))
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -155,6 +158,20 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
             save_file({k: v.contiguous() for k, v in best_state.items()}, str(Path(tmp) / "best.safetensors"))
             (Path(tmp) / "config.json").write_text(json.dumps(cfg.to_dict()))
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand the heap's free pages back to the OS (glibc keeps them otherwise).
+
+    Trial workers are reused (``reuse_actors``); without this a worker's resident memory crept up by
+    tens of MB a trial (cpu.yaml at 128 px, 2-core dev machine).
+    """
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
 
 
 FAULT_ENV = "XRAY_RAY_INJECT_FAULT"
@@ -503,7 +520,6 @@ def run(args: argparse.Namespace) -> str:
         data = {s: {"train": train_dataset(p.splits["train"]), "val": p.splits["val"],
                     "n_train": len(p.splits["train"])} for s, p in prepared.items()}
         ray.data.DataContext.get_current().enable_progress_bars = False
-        warm_up_data_workers(next(iter(data.values()))["train"], concurrent, slot)
         fn = tune.with_resources(tune.with_parameters(trainable, data=data, runtime=runtime),
                                  {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
         tune_dir = R.join(run_dir, "tune")
@@ -592,7 +608,7 @@ def init_ray(args: argparse.Namespace) -> None:
     import ray
 
     # No worker set-up hook that imports torch: it would load torch (~350 MB each) into every Ray process,
-    # Ray Data's own stats and autoscaling actors included. warm_up_data_workers warms the data workers.
+    # Ray Data's own stats and autoscaling actors included. The first augmentation task warms its worker.
     env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
     if os.environ.get(FAULT_ENV):  # the tests' fault hook reaches every worker, on any node
         env["env_vars"][FAULT_ENV] = os.environ[FAULT_ENV]
@@ -606,8 +622,14 @@ def init_ray(args: argparse.Namespace) -> None:
     else:
         # Keep idle data workers alive between trials: a new trial then reuses a warm worker (torch imported)
         # for its augmentation tasks instead of spawning one, which cost ~2-8 s per trial on 2 cores. Ray's
-        # default soft limit (one idle worker per CPU) caps how many stay: each holds ~350 MB of torch.
+        # default soft limit (one idle worker per CPU) caps how many stay: each holds ~450 MB with torch.
+        # (A warm-up task from the driver used to warm one ahead of the first trial; the trials then did
+        # not reuse that worker but started another, ~450 MB more, for 2-3 s saved once a run.)
         os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
+        # No prestarted idle workers: an augmentation task would land on one as readily as on the warm
+        # worker and load torch into it as well (~450 MB more a worker). Trial workers start on demand.
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+        os.environ.setdefault("RAY_enable_worker_prestart", "0")
         cpus = args.num_cpus or os.cpu_count() or 1
         slots = data_slots(args, cpus)
         ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=False,
@@ -644,19 +666,6 @@ def result_loggers(args: argparse.Namespace) -> list:
 
         loggers.append(TBXLoggerCallback())
     return loggers
-
-
-def warm_up_data_workers(ds, concurrency: int, data_slot: str | None = None) -> None:
-    """Run the augmentation once from the driver so trials find warm workers, not cold ones.
-
-    Read as numpy batches: torch batches would load torch into the driver (~300 MB) for nothing.
-    """
-    from xray_ray.pipeline import augmented
-
-    aug = augmented(ds.limit(64 * max(1, concurrency)), strengths={"zoom": 0.1}, seed=0, epoch=0,
-                    map_batch_rows=64, data_slot=data_slot)
-    for _ in aug.iter_batches(batch_size=64, batch_format="numpy"):
-        pass
 
 
 DATA_SLOT = "xray_ray_augment"  # the custom resource of local runs' augmentation tasks (see data_slots)

@@ -96,16 +96,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     from ray import tune
 
-    S.init_ray(argparse.Namespace(address=args.address, num_cpus=args.num_cpus))
+    S.init_ray(argparse.Namespace(address=args.address, num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial))
     try:
         cpus = ray.cluster_resources().get("CPU", 1)
         concurrent = max(1, min(len(args.seeds), args.max_concurrent or int(cpus // args.cpus_per_trial) or 1))
+        slot = S.DATA_SLOT if ray.cluster_resources().get(S.DATA_SLOT) else None  # as search.run
         runtime = S.Runtime(args.cpus_per_trial, 0.0, 0.0, 1, metric, mode,
-                            float(np.mean(splits["train"].labels)))
+                            float(np.mean(splits["train"].labels)), data_slot=slot)
         data = {cfg.image_size: {"train": train_dataset(splits["train"]), "val": splits["val"],
                                  "n_train": len(splits["train"])}}
         ray.data.DataContext.get_current().enable_progress_bars = False
-        S.warm_up_data_workers(data[cfg.image_size]["train"], concurrent)
         fn = tune.with_resources(tune.with_parameters(S.trainable, data=data, runtime=runtime),
                                  {"cpu": args.cpus_per_trial})
         tune_dir = R.join(run_dir, "stability", "tune")
