@@ -12,7 +12,8 @@ No other Ray instance on the machine (a background search, say) is counted.
   pss       proportional set size (shared pages split between their processes), the fairest total; it costs
             the sampler 10-50 ms a process, so it is read only every --pss-every seconds
 Reports the peak, the total right after each trial ended (trial ends from epochs.parquet ``ended_at``) with
-a least-squares slope in MB per trial (does memory grow with trials?), and overhead.share_outside from the
+a least-squares slope in MB per trial (does memory grow with trials? fitted without the last trial, whose
+reading catches the search shutting down), and overhead.share_outside from the
 run's run.json (share of slot-seconds outside training and validation steps). The last line is JSON.
 """
 
@@ -168,7 +169,9 @@ def main() -> None:
     samples.to_csv(args.out / "overhead_memory_samples.csv", index=False)
     after = after_each_trial(samples, epochs)
     peak = samples.loc[samples["rss_mb"].idxmax()]
-    k = after["trials_done"].to_numpy(float) if len(after) else np.zeros(0)
+    # the last trial ends with the search: its reading catches the processes shutting down, not a trend
+    fit = after.iloc[:-1] if len(after) > 2 else after
+    k = fit["trials_done"].to_numpy(float) if len(fit) else np.zeros(0)
     overhead = run.get("overhead", {})
     pss_peak = samples["pss_mb"].max()
     result = {
@@ -184,7 +187,8 @@ def main() -> None:
                           "processes": int(r["processes"]),
                           **{c: round(float(r[c]), 1) for c in GROWTH}} for r in after.to_dict("records")],
         # the long-lived processes (driver, gcs/raylet) are where a leak would show; workers come and go
-        **{f"{c[:-3]}_slope_mb_per_trial": slope(k, after[c].to_numpy()) if len(after) else None for c in GROWTH},
+        **{f"{c[:-3]}_slope_mb_per_trial": slope(k, fit[c].to_numpy()) if len(fit) else None for c in GROWTH},
+        "slope_fitted_over_trials": [int(x) for x in k],
         "overhead": overhead, "share_outside": overhead.get("share_outside"),
         "share_outside_busy": overhead.get("share_outside_busy"),
         "files": {"samples": str(args.out / "overhead_memory_samples.csv"),
