@@ -1,7 +1,7 @@
 """Scale on paper: expected wall time of search_spaces/seed.yaml on 1, 4 and 16 GPUs (an estimate, not a run).
 
     python bench/scale.py [--throughput bench/out/trial_throughput.json] [--efficiency bench/out/search_efficiency.json]
-                          [--gpu-measured bench/measured/gpu_h200.json] [--gpu-search bench/measured/gpu_search_h200]
+                          [--gpu-measured bench/measured/gpu_h200.json] [--gpu-search bench/measured/gpu_search_h200_reuse]
                           [--quick]
 
 Inputs, each printed with where it came from:
@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--asha-share", type=float, default=None, help="ASHA trial-epochs / planned (overrides the file)")
     ap.add_argument("--gpu-measured", type=Path, default=MEASURED / "gpu_h200.json",
                     help="bench/gpu.py's JSON from a real card ('' for none: the flags below are then assumed)")
-    ap.add_argument("--gpu-search", type=Path, default=MEASURED / "gpu_search_h200",
+    ap.add_argument("--gpu-search", type=Path, default=MEASURED / "gpu_search_h200_reuse",
                     help="a GPU search's results folder (run.json, epochs.parquet) for the overheads")
     ap.add_argument("--gpu-images-per-s", type=float, default=3000.0,
                     help="ASSUMPTION, used without --gpu-measured: one trial's images/s at 128 px on its GPU share")
