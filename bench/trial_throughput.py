@@ -102,7 +102,7 @@ def tune_trials(cfgs: dict, prepared: dict, pos_fraction: float, num_cpus: int |
         ray.data.DataContext.get_current().enable_progress_bars = False
         data = {s: {"train": train_dataset(p.splits["train"]), "val": p.splits["val"],
                     "n_train": len(p.splits["train"])} for s, p in prepared.items()}
-        slot = S.DATA_SLOT if ray.cluster_resources().get(S.DATA_SLOT) else None  # as search.run
+        slot = S.data_slot()  # as search.run
         runtime = S.Runtime(cpus_per_trial=1.0, gpus_per_trial=0.0, data_cpus=0.0, data_tasks=1,
                             metric="val_auc", mode="max", pos_fraction=pos_fraction, prefetch=prefetch,
                             data_slot=slot)

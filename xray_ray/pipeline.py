@@ -149,8 +149,8 @@ def can_fork(rows: list[Mapping]) -> bool:
     """Whether decoding may fork worker processes here.
 
     Threads share one interpreter: PIL releases the GIL while it decodes and resizes, but its JPEG header
-    parsing and the per-image Python around it do not, so 2 threads decode only 1.4-1.7x as fast as one on
-    small images. Forked processes scale with the cores. Fork only where it is safe: on Linux (macOS
+    parsing and the per-image Python around it do not, so 2 threads prepared only 1.3-1.5x as fast as one
+    worker on the 224 px train JPEGs. Forked processes scale with the cores. Fork only where it is safe: on Linux (macOS
     frameworks are not fork-safe), with no Ray running in this process (its gRPC threads are not), and
     for local files or generated pixels (a remote filesystem's client is not to be shared across a fork).
     """
@@ -164,21 +164,14 @@ def can_fork(rows: list[Mapping]) -> bool:
 
 def decode_all(rows: list[Mapping], size: int, workers: int, forked: bool) -> np.ndarray:
     """uint8 [len(rows), size, size]: ``read_pixels`` of every row, spread over ``workers``."""
-    from xray_ray.sources import read_pixels
-
     n = len(rows)
     # spans of rows, a few per worker: one task per image costs more than it does
     step = max(1, min(256, -(-n // (workers * 8))))
     spans = [(i, min(i + step, n)) for i in range(0, n, step)]
     if not forked:
         pixels = np.empty((n, size, size), dtype=np.uint8)
-
-        def work(span: tuple[int, int]) -> None:
-            for i in range(*span):
-                pixels[i] = read_pixels(rows[i], size)
-
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(work, spans))
+            list(pool.map(lambda span: _decode_rows(rows, size, pixels, span), spans))
         return pixels
     global _FORK_JOB
     shared = mmap.mmap(-1, max(1, n * size * size))  # anonymous and shared: the children write into it
@@ -205,9 +198,12 @@ _FORK_JOB: tuple[list[Mapping], int, np.ndarray] | None = None
 
 def _decode_span(span: tuple[int, int]) -> None:
     """In a forked worker: decode rows[start:stop] into the shared array."""
+    _decode_rows(*_FORK_JOB, span)
+
+
+def _decode_rows(rows: list[Mapping], size: int, pixels: np.ndarray, span: tuple[int, int]) -> None:
     from xray_ray.sources import read_pixels
 
-    rows, size, pixels = _FORK_JOB
     for i in range(*span):
         pixels[i] = read_pixels(rows[i], size)
 
@@ -242,9 +238,10 @@ def train_dataset(arr: SplitArrays, *, block_rows: int = 512):
     return ray.data.from_arrow(tables)
 
 
-def augmented(ds, *, strengths: Mapping[str, float], seed: int, epoch: int, data_cpus: float = 0.0,
-              data_tasks: int = 1, map_batch_rows: int = 256, data_slot: str | None = None):
-    """The split's Dataset with one epoch's augmentation mapped over it (lazy: nothing runs yet).
+def epoch_batches(ds, *, strengths: Mapping[str, float], seed: int, epoch: int, batch_size: int,
+                  shuffle_buffer: int = 1024, data_cpus: float = 0.0, data_tasks: int = 1, device: str = "cpu",
+                  map_batch_rows: int = 256, data_slot: str | None = None) -> Iterator[dict]:
+    """One augmented epoch as torch batches ``{"image": uint8 [B,S,S], "label": int64 [B], "idx": ...}``.
 
     ``data_tasks`` caps the augmentation tasks in flight for this epoch: with ``data_cpus=0`` nothing else
     would (they reserve no CPU), and every extra task is a worker process with torch loaded. ``data_slot``
@@ -253,7 +250,7 @@ def augmented(ds, *, strengths: Mapping[str, float], seed: int, epoch: int, data
     """
     import ray.data
 
-    return ds.map_batches(
+    aug = ds.map_batches(
         _augment_with_node,
         fn_kwargs={"strengths": dict(strengths), "seed": seed, "epoch": epoch},
         batch_size=map_batch_rows,
@@ -263,14 +260,6 @@ def augmented(ds, *, strengths: Mapping[str, float], seed: int, epoch: int, data
         zero_copy_batch=True,
         **({"resources": {data_slot: 1}} if data_slot else {}),
     )
-
-
-def epoch_batches(ds, *, strengths: Mapping[str, float], seed: int, epoch: int, batch_size: int,
-                  shuffle_buffer: int = 1024, data_cpus: float = 0.0, data_tasks: int = 1, device: str = "cpu",
-                  map_batch_rows: int = 256, data_slot: str | None = None) -> Iterator[dict]:
-    """One augmented epoch as torch batches ``{"image": uint8 [B,S,S], "label": int64 [B], "idx": ...}``."""
-    aug = augmented(ds, strengths=strengths, seed=seed, epoch=epoch, data_cpus=data_cpus, data_tasks=data_tasks,
-                    map_batch_rows=map_batch_rows, data_slot=data_slot)
     return aug.iter_torch_batches(
         batch_size=batch_size,
         local_shuffle_buffer_size=shuffle_buffer if shuffle_buffer > 0 else None,

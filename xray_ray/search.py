@@ -486,7 +486,7 @@ def run(args: argparse.Namespace) -> str:
     init_ray(args)
     joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
     try:
-        slot = DATA_SLOT if not joined and ray.cluster_resources().get(DATA_SLOT) else None
+        slot = None if joined else data_slot()
         run_info["resources"]["augment_slots"] = int(ray.cluster_resources()[DATA_SLOT]) if slot else None
         total_cpus = ray.cluster_resources().get("CPU", 0)
         total_gpus = ray.cluster_resources().get("GPU", 0)
@@ -669,6 +669,13 @@ def result_loggers(args: argparse.Namespace) -> list:
 
 
 DATA_SLOT = "xray_ray_augment"  # the custom resource of local runs' augmentation tasks (see data_slots)
+
+
+def data_slot() -> str | None:
+    """DATA_SLOT where the running Ray declares it (a local run that init_ray capped), else None."""
+    import ray
+
+    return DATA_SLOT if ray.cluster_resources().get(DATA_SLOT) else None
 
 
 def data_slots(args: argparse.Namespace, cpus: int) -> int | None:

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         cpus = ray.cluster_resources().get("CPU", 1)
         concurrent = max(1, min(len(args.seeds), args.max_concurrent or int(cpus // args.cpus_per_trial) or 1))
-        slot = S.DATA_SLOT if ray.cluster_resources().get(S.DATA_SLOT) else None  # as search.run
+        slot = S.data_slot()  # as search.run
         runtime = S.Runtime(args.cpus_per_trial, 0.0, 0.0, 1, metric, mode,
                             float(np.mean(splits["train"].labels)), data_slot=slot)
         data = {cfg.image_size: {"train": train_dataset(splits["train"]), "val": splits["val"],
