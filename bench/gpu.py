@@ -77,10 +77,10 @@ def build(cfg, device):
     import torch
 
     from xray_ray.models import build_model
-    from xray_ray.search import _model_sizes
+    from xray_ray.search import model_sizes
 
     torch.manual_seed(0)
-    model = build_model(**_model_sizes(cfg)).to(device)
+    model = build_model(**model_sizes(cfg)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model

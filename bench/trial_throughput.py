@@ -57,14 +57,14 @@ def memory_loop(cfg, train, val, pos_fraction: float) -> list[dict]:
     from xray_ray.augment import augment_batch, strengths_of
     from xray_ray.models import build_model
     from xray_ray.pipeline import rows_for
-    from xray_ray.search import _model_sizes, trial_seed
+    from xray_ray.search import model_sizes, trial_seed
     from xray_ray.train import (array_batches, make_loss, make_optimizer, make_scheduler, predict_probs,
                                 train_one_epoch)
 
     torch.set_num_threads(1)
     seed = trial_seed(cfg)
     torch.manual_seed(seed)
-    model = build_model(**_model_sizes(cfg))
+    model = build_model(**model_sizes(cfg))
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, max(1, -(-len(train) // cfg.batch_size)))
     loss_fn = make_loss(cfg, pos_fraction)

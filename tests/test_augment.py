@@ -6,7 +6,7 @@ import pytest
 from xray_ray.augment import STRENGTHS, augment_batch, uniform_draws
 
 ALL = {"zoom": 0.3, "rotate": 10.0, "shift": 0.1, "hflip": 0.5, "vflip": 0.5, "brightness": 0.2,
-       "contrast": 0.2, "gamma": 0.2, "blur": 1.0}
+       "contrast": 0.2, "gamma": 0.2, "blur": 1.0, "crop": 0.5, "erase": 0.5}
 
 
 def _batch(n=16, s=32, seed=0):

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-STRENGTHS = ("zoom", "rotate", "shift", "hflip", "vflip", "brightness", "contrast", "gamma", "blur")
+STRENGTHS = ("zoom", "rotate", "shift", "hflip", "vflip", "brightness", "contrast", "gamma", "blur", "crop", "erase")
 _N_DRAWS = 11
+_EXTRA_KEY = 0x5EED  # a second, independent draw stream for crop and erase (the first stays as it was)
 
 
 def strengths_of(config: Mapping[str, float]) -> dict[str, float]:
@@ -51,7 +52,9 @@ def augment_batch(batch: dict[str, np.ndarray], *, strengths: Mapping[str, float
     x = torch.from_numpy(images).float().div_(255.0).unsqueeze(1)  # [N,1,S,S]
     n = x.shape[0]
 
-    if s["zoom"] or s["rotate"] or s["shift"] or s["hflip"] or s["vflip"]:
+    v = torch.from_numpy(uniform_draws(seed ^ _EXTRA_KEY, epoch, np.asarray(batch["idx"]), 9)).float() \
+        if s["crop"] or s["erase"] else None
+    if s["zoom"] or s["rotate"] or s["shift"] or s["hflip"] or s["vflip"] or s["crop"]:
         scale = 1.0 + s["zoom"] * (2 * u[:, 0] - 1)
         angle = math.radians(s["rotate"]) * (2 * u[:, 1] - 1)
         tx = 2 * s["shift"] * (2 * u[:, 2] - 1)
@@ -63,6 +66,8 @@ def augment_batch(batch: dict[str, np.ndarray], *, strengths: Mapping[str, float
             torch.stack([scale * cos * fx, -scale * sin * fy, tx], dim=1),
             torch.stack([scale * sin * fx, scale * cos * fy, ty], dim=1),
         ], dim=1)  # [N,2,3]: output coords -> input coords
+        if s["crop"]:
+            theta = _then_crop(theta, s["crop"], v)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -77,6 +82,8 @@ def augment_batch(batch: dict[str, np.ndarray], *, strengths: Mapping[str, float
     if s["gamma"]:
         g = torch.exp(s["gamma"] * (2 * u[:, 9] - 1)).view(n, 1, 1, 1)
         x = x.clamp(0, 1).pow(g)
+    if s["erase"]:
+        x = _erase(x, s["erase"], v)
     out = (x.clamp_(0, 1) * 255.0).round_().to(torch.uint8).squeeze(1).numpy()
     return {**batch, "image": out}
 
@@ -94,3 +101,35 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     y = F.conv2d(y, k.view(n, 1, 1, -1), groups=n)
     y = F.conv2d(y, k.view(n, 1, -1, 1), groups=n)
     return y.view(n, 1, h, w)
+
+
+def _then_crop(theta: torch.Tensor, crop: float, v: torch.Tensor) -> torch.Tensor:
+    """Compose ``theta`` with a random-resized crop: area in [1 - crop, 1], aspect 3/4..4/3, placed inside."""
+    area = 1.0 - crop * v[:, 0]
+    ratio = torch.exp(math.log(4 / 3) * (2 * v[:, 1] - 1))
+    sx = torch.sqrt(area * ratio).clamp(max=1.0)
+    sy = torch.sqrt(area / ratio).clamp(max=1.0)
+    tx = (1 - sx) * (2 * v[:, 2] - 1)
+    ty = (1 - sy) * (2 * v[:, 3] - 1)
+    lin = torch.stack([sx, sy], dim=1).unsqueeze(2)  # [N,2,1]: diag(sx, sy) applied after theta
+    out = theta * lin
+    out[:, :, 2] = out[:, :, 2] + torch.stack([tx, ty], dim=1)
+    return out
+
+
+def _erase(x: torch.Tensor, chance: float, v: torch.Tensor) -> torch.Tensor:
+    """With probability ``chance`` per image, fill one rectangle (2-25% of the area) with the image mean."""
+    n, _, h, w = x.shape
+    area = 0.02 + 0.23 * v[:, 4]
+    ratio = torch.exp(math.log(3.3) * (2 * v[:, 5] - 1))
+    eh = (torch.sqrt(area * ratio) * h).clamp(1, h)
+    ew = (torch.sqrt(area / ratio) * w).clamp(1, w)
+    top = (h - eh) * v[:, 6]
+    left = (w - ew) * v[:, 7]
+    rows = torch.arange(h, dtype=x.dtype).view(1, h, 1)
+    cols = torch.arange(w, dtype=x.dtype).view(1, 1, w)
+    inside = ((rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
+              & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1)))
+    on = (v[:, 8] < chance).view(n, 1, 1)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    return torch.where((inside & on).unsqueeze(1), mean.expand_as(x), x)

@@ -34,6 +34,7 @@ class TrialConfig:
     dropout: float = 0.2
     head: str = "gap"
     fc: tuple[int, ...] = (64,)
+    standardize: bool = False  # per-image standardisation inside the model instead of a fixed (x-0.5)/0.25
     # training
     epochs: int = 10
     batch_size: int = 32
@@ -45,6 +46,9 @@ class TrialConfig:
     class_weighting: str = "none"
     label_smoothing: float = 0.0
     ema: float = 0.0
+    swa: float = 0.0  # share of the last epochs whose weights are averaged (stochastic weight averaging); 0: off
+    sampler: str = "none"  # "balanced": each epoch draws both classes equally often (rows repeated or left out)
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup between images of a batch; 0: off
     # augmentation strengths (0 switches each off)
     zoom: float = 0.3
     rotate: float = 0.0
@@ -55,6 +59,8 @@ class TrialConfig:
     contrast: float = 0.0
     gamma: float = 0.0
     blur: float = 0.0
+    crop: float = 0.0  # random-resized crop: up to this share of the area cut away, aspect 3/4..4/3; 0: off
+    erase: float = 0.0  # chance of erasing one random rectangle (2-25% of the area) of each image; 0: off
     # reproducibility
     seed: int = 0
 
@@ -92,8 +98,13 @@ class TrialConfig:
             (0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}"),
             (self.ema == 0 or 0.5 <= self.ema < 1, f"ema must be 0 (off) or a decay in [0.5, 1), got {self.ema}"),
             (self.head in ("flatten", "gap"), f"head must be flatten or gap, got '{self.head}'"),
+            (0 <= self.swa < 1, f"swa must be in [0, 1) (the share of final epochs averaged), got {self.swa}"),
+            (not (self.swa and self.ema), "swa and ema both average weights; switch one of them off"),
+            (self.sampler in ("none", "balanced"), f"sampler must be none or balanced, got '{self.sampler}'"),
+            (0 <= self.mixup <= 1, f"mixup (alpha) must be between 0 and 1, got {self.mixup}"),
+            (0 <= self.crop <= 0.9, f"crop must be between 0 and 0.9, got {self.crop}"),
         ]
-        for name in ("zoom", "shift", "hflip", "vflip", "brightness", "contrast", "gamma"):
+        for name in ("zoom", "shift", "hflip", "vflip", "brightness", "contrast", "gamma", "erase"):
             v = getattr(self, name)
             checks.append((0 <= v <= 1, f"{name} must be between 0 and 1, got {v}"))
         checks.append((0 <= self.rotate <= 45, f"rotate (degrees) must be between 0 and 45, got {self.rotate}"))
@@ -199,7 +210,9 @@ class SearchSpace:
         }
 
 
-METRICS = {"val_auc": "max", "val_loss": "min", "val_acc": "max", "val_score": "max", "val_brier": "min"}
+METRICS = {"val_auc": "max", "val_loss": "min", "val_acc": "max", "val_score": "max", "val_brier": "min",
+           # robustness composites over the shift battery (xray_ray.robustness): worst and mean AUC, mean log-loss
+           "rob_auc_min": "max", "rob_auc_mean": "max", "rob_loss_mean": "min"}
 _TOP_KEYS = {"name", "space", "searcher", "scheduler", "data"}
 _SEARCHER_KEYS = {"algorithm", "num_samples", "max_concurrent", "seed"}
 _SCHEDULER_KEYS = {"algorithm", "metric", "mode", "grace_period", "reduction_factor"}

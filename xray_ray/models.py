@@ -78,6 +78,7 @@ class CNNConfig:
     head: str = "flatten"  # "flatten" (as the seed notebook) | "gap" (global average pooling)
     fc: tuple[int, ...] = (128,)
     in_channels: int = 1
+    standardize: bool = False  # per-image (x - mean) / std inside forward(), instead of the fixed NORM_*
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -97,6 +98,9 @@ class CNNConfig:
         if self.double_conv not in (True, False):  # also admits numpy bools and 0/1
             raise UserError(f"double_conv must be true or false, got {self.double_conv!r}.")
         put("double_conv", bool(self.double_conv))
+        if self.standardize not in (True, False):
+            raise UserError(f"standardize must be true or false, got {self.standardize!r}.")
+        put("standardize", bool(self.standardize))
         if self.head not in HEADS:
             raise UserError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}.")
         put("fc", _fc_sizes(self.fc))
@@ -141,6 +145,7 @@ class CNN(nn.Module):
         # Attributes, not globals: TorchScript cannot read closed-over floats.
         self.norm_mean = NORM_MEAN
         self.norm_std = NORM_STD
+        self.standardize = config.standardize
         blocks: list[nn.Module] = []
         cin = config.in_channels
         for cout in config.channels():
@@ -168,7 +173,13 @@ class CNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x float32 [N, C, S, S] in [0, 1] -> logits [N]."""
-        x = (x - self.norm_mean) / self.norm_std
+        if self.standardize:
+            # each image to zero mean and unit spread: exposure and contrast of the site no longer matter
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            std = x.std(dim=(1, 2, 3), keepdim=True)
+            x = (x - mean) / (std + 1e-3)
+        else:
+            x = (x - self.norm_mean) / self.norm_std
         x = self.pool(self.features(x))
         return self.classifier(torch.flatten(x, 1)).squeeze(-1)
 
@@ -182,7 +193,8 @@ class CNN(nn.Module):
             "resize": f"whole image to {s}x{s}, bilinear, no crop",
             "color": "grayscale 8-bit",
             "layout": "NCHW float32 in [0, 1]",
-            "normalization": f"inside the model: (x - {NORM_MEAN}) / {NORM_STD}",
+            "normalization": ("inside the model: per image, (x - mean(x)) / (std(x) + 0.001)"
+                              if self.standardize else f"inside the model: (x - {NORM_MEAN}) / {NORM_STD}"),
         }
 
 

@@ -240,19 +240,22 @@ def train_dataset(arr: SplitArrays, *, block_rows: int = 512):
 
 def epoch_batches(ds, *, strengths: Mapping[str, float], seed: int, epoch: int, batch_size: int,
                   shuffle_buffer: int = 1024, data_cpus: float = 0.0, data_tasks: int = 1, device: str = "cpu",
-                  map_batch_rows: int = 256, data_slot: str | None = None) -> Iterator[dict]:
+                  map_batch_rows: int = 256, data_slot: str | None = None,
+                  repeats: Mapping[int, float] | None = None) -> Iterator[dict]:
     """One augmented epoch as torch batches ``{"image": uint8 [B,S,S], "label": int64 [B], "idx": ...}``.
 
     ``data_tasks`` caps the augmentation tasks in flight for this epoch: with ``data_cpus=0`` nothing else
     would (they reserve no CPU), and every extra task is a worker process with torch loaded. ``data_slot``
     names a custom Ray resource each task holds one unit of, so that all trials together run no more
-    augmentation tasks (and keep no more worker processes) than the node has of it.
+    augmentation tasks (and keep no more worker processes) than the node has of it. ``repeats`` (label ->
+    expected copies of each row, see ``balanced_repeats``) resamples the epoch before augmenting it.
     """
     import ray.data
 
     aug = ds.map_batches(
         _augment_with_node,
-        fn_kwargs={"strengths": dict(strengths), "seed": seed, "epoch": epoch},
+        fn_kwargs={"strengths": dict(strengths), "seed": seed, "epoch": epoch,
+                   "repeats": dict(repeats) if repeats else None},
         batch_size=map_batch_rows,
         batch_format="numpy",
         num_cpus=data_cpus,
@@ -304,12 +307,40 @@ class Prefetch:
             yield from self._it
 
 
-def _augment_with_node(batch: dict[str, np.ndarray], strengths: Mapping[str, float], seed: int, epoch: int) -> dict:
+def balanced_repeats(labels: np.ndarray) -> dict[int, float]:
+    """Expected copies of each row per label so that an epoch of the same length holds both classes equally."""
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    return {int(c): len(labels) / (len(classes) * int(k)) for c, k in zip(classes, counts)}
+
+
+COPY_STRIDE = 1 << 32  # a repeated row's k-th copy gets idx + k * COPY_STRIDE: its own augmentation draws
+
+
+def resample(batch: dict[str, np.ndarray], repeats: Mapping[int, float], seed: int, epoch: int) -> dict[str, np.ndarray]:
+    """Each row repeated floor(r) or ceil(r) times (r = repeats[label]), fixed by (seed, epoch, idx)."""
+    from xray_ray.augment import uniform_draws
+
+    idx = np.asarray(batch["idx"], dtype=np.int64)
+    r = np.array([repeats.get(int(y), 1.0) for y in np.asarray(batch["label"])], dtype=np.float64)
+    u = uniform_draws(seed ^ 0xBA1A, epoch, idx, 1)[:, 0]
+    k = (np.floor(r) + (u < r - np.floor(r))).astype(np.int64)
+    rows = np.repeat(np.arange(len(idx)), k)
+    copy = np.concatenate([np.arange(n) for n in k]) if len(k) else np.zeros(0, np.int64)
+    out = {name: np.asarray(col)[rows] for name, col in batch.items()}
+    out["idx"] = idx[rows] + copy.astype(np.int64) * COPY_STRIDE
+    return out
+
+
+def _augment_with_node(batch: dict[str, np.ndarray], strengths: Mapping[str, float], seed: int, epoch: int,
+                       repeats: Mapping[int, float] | None = None) -> dict:
     """augment_batch plus the id of the node that ran it (so a search can show where Data work ran)."""
     import ray
 
     from xray_ray.augment import augment_batch
 
+    if repeats:
+        batch = resample(batch, repeats, seed, epoch)
     out = augment_batch(batch, strengths=strengths, seed=seed, epoch=epoch)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     out["node"] = np.full(len(out["image"]), node_code(node), dtype=np.int64)

@@ -33,6 +33,7 @@ import pandas as pd
 from xray_ray import results as R
 from xray_ray.config import SearchSpace, TrialConfig, load_space
 from xray_ray.errors import UserError
+from xray_ray.robustness import COMPOSITES, SHIFTS
 
 _TRIAL_FIELDS = {f.name for f in fields(TrialConfig)}
 
@@ -50,6 +51,7 @@ class Runtime:
     pos_fraction: float
     prefetch: bool = True  # start each next epoch's Ray Data stream while the current one validates
     data_slot: str | None = None  # custom resource capping augmentation tasks across trials (local runs)
+    score_epochs: tuple[int, ...] = ()  # epochs scored on the shift battery besides each trial's last (ASHA's rungs)
 
 
 # --------------------------------------------------------------------------- the trainable
@@ -66,7 +68,8 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
     from xray_ray.augment import strengths_of
     from xray_ray.models import build_model, config_from_dict
     from xray_ray.pipeline import Prefetch, epoch_batches, node_code, rows_for
-    from xray_ray.train import (array_batches, make_ema, make_loss, make_optimizer, make_scheduler,
+    from xray_ray.robustness import score as shift_score
+    from xray_ray.train import (array_batches, make_ema, make_loss, make_optimizer, make_scheduler, make_swa,
                                 predict_probs, train_one_epoch)
 
     release_freed_memory()  # a reused worker: the previous trial's garbage goes before this one allocates
@@ -81,13 +84,15 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
     train_ds, val = d["train"], d["val"]
     n_train = d["n_train"]
     steps = max(1, math.ceil(n_train / cfg.batch_size))
-    model = build_model(**_model_sizes(cfg)).to(device)
+    model = build_model(**model_sizes(cfg)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     device_name = f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps)
     ema = make_ema(model, cfg.ema)
+    swa = make_swa(model, cfg.swa)
+    swa_from = cfg.epochs - max(1, math.ceil(cfg.swa * cfg.epochs)) + 1 if swa is not None else cfg.epochs + 1
     loss_fn = make_loss(cfg, runtime.pos_fraction)
     eval_loss = make_loss(replace(cfg, label_smoothing=0.0, class_weighting="none"), runtime.pos_fraction)
     better = (lambda a, b: a > b) if runtime.mode == "max" else (lambda a, b: a < b)
@@ -102,6 +107,8 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
+        if swa is not None and "swa" in state:
+            swa.load_state_dict(state["swa"])
         start_epoch, best, best_epoch = state["epoch"] + 1, state["best"], state["best_epoch"]
         best_state = state["best_model"]
 
@@ -109,12 +116,15 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
     codes = {node_code(n["NodeID"]): n["NodeID"] for n in ray.nodes()}
     data_nodes: set[str] = set()
     strengths = strengths_of(cfg.to_dict())
+    repeats = d.get("repeats") if cfg.sampler == "balanced" else None
+    shifted = d.get("shifted")
+    rows = rows_for(cfg.image_size)
 
     def stream(epoch: int):  # an epoch's augmented batches, started in the background
         def make():
             return epoch_batches(train_ds, strengths=strengths, seed=seed, epoch=epoch, batch_size=cfg.batch_size,
                                  data_cpus=runtime.data_cpus, data_tasks=runtime.data_tasks,
-                                 data_slot=runtime.data_slot)
+                                 data_slot=runtime.data_slot, repeats=repeats)
         return Prefetch(make) if runtime.prefetch else make()
 
     upcoming = stream(start_epoch) if start_epoch <= cfg.epochs else None
@@ -124,13 +134,16 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
         batches, upcoming = upcoming, None
         seen_nodes: set[int] = set()
         stats = train_one_epoch(model, batches, optimizer, loss_fn=loss_fn, device=device, scheduler=scheduler,
-                                ema=ema, on_batch=lambda b: seen_nodes.update(b["node"].unique().tolist()))
+                                ema=ema, on_batch=lambda b: seen_nodes.update(b["node"].unique().tolist()),
+                                mixup=cfg.mixup, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        if swa is not None and epoch >= swa_from:
+            swa.update_parameters(model)
         data_nodes.update(codes.get(c, str(c)) for c in seen_nodes)
         if epoch < cfg.epochs:  # the next epoch's stream starts up while this one validates and reports
             upcoming = stream(epoch + 1)
         t1 = time.perf_counter()
-        net = ema.module if ema is not None else model
-        y, p = predict_probs(net, array_batches(val.images, val.labels, rows_for(cfg.image_size)), device=device)
+        net = ema.module if ema is not None else swa.module if swa is not None and epoch >= swa_from else model
+        y, p = predict_probs(net, array_batches(val.images, val.labels, rows), device=device)
         with torch.no_grad():
             logit = torch.logit(torch.from_numpy(p).clamp(1e-6, 1 - 1e-6))
             val_loss = float(eval_loss(logit, torch.from_numpy(y)))
@@ -138,26 +151,39 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
         brier = float(np.mean((p - y) ** 2))
         val_metrics = {"val_auc": auc, "val_loss": val_loss, "val_acc": float(np.mean((p >= 0.5) == y)),
                        "val_brier": brier, "val_score": auc - brier}
+        t_rob = time.perf_counter()
+        val_metrics.update(UNSCORED)  # every row carries the same columns (Tune's CSV keeps the first row's)
+        if shifted is not None and (epoch == cfg.epochs or epoch in runtime.score_epochs):
+            val_metrics.update(shift_score(
+                lambda im: predict_probs(net, array_batches(im, np.zeros(len(im), np.int64), rows), device=device)[1],
+                shifted))
         t2 = time.perf_counter()
-        current = val_metrics[runtime.metric]
-        if best is None or (math.isfinite(current) and better(current, best)):
+        current = val_metrics.get(runtime.metric, float("nan"))
+        # epochs not scored on the battery have no robustness metric (NaN): a finite value always beats it
+        if best is None or (math.isfinite(current) and (not math.isfinite(best) or better(current, best))):
             best, best_epoch = current, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if k != "n_averaged"}
         row = {
             "epoch": epoch, "train_loss": stats["train_loss"], **val_metrics,
             "lr": optimizer.param_groups[0]["lr"], "seconds": t2 - t0, "step_seconds": stats["step_seconds"],
-            "eval_seconds": t2 - t1, "images": stats["images"], "images_per_s": stats["images_per_s"],
+            "eval_seconds": t2 - t1, "rob_seconds": t2 - t_rob, "images": stats["images"], "images_per_s": stats["images_per_s"],
             "node_id": node_id, "data_nodes": ",".join(sorted(data_nodes)), "device": device_name,
             "best_metric": best, "best_epoch": best_epoch, "epochs": cfg.epochs, "ended_at": time.time(),
         }
         with tempfile.TemporaryDirectory() as tmp:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {}),
+                        **({"swa": swa.state_dict()} if swa is not None else {}),
                         "epoch": epoch, "best": best, "best_epoch": best_epoch, "best_model": best_state},
                        Path(tmp) / "state.pt")
             save_file({k: v.contiguous() for k, v in best_state.items()}, str(Path(tmp) / "best.safetensors"))
             (Path(tmp) / "config.json").write_text(json.dumps(cfg.to_dict()))
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+# the robustness columns of an epoch that was not scored on the battery
+UNSCORED: dict[str, Any] = {**{f"shift_{m}__{n}": float("nan") for n in SHIFTS for m in ("auc", "loss")},
+                            **{c: float("nan") for c in COMPOSITES}, "rob_worst_shift": ""}
 
 
 def release_freed_memory() -> None:
@@ -204,16 +230,25 @@ def inject_fault(epoch: int) -> None:
         raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_ENV}: {spec})")
 
 
-def _model_sizes(cfg: TrialConfig) -> dict[str, Any]:
+def model_sizes(cfg: TrialConfig) -> dict[str, Any]:
     from xray_ray.models import CNNConfig
 
     names = {f.name for f in fields(CNNConfig)}
     return {k: v for k, v in cfg.to_dict().items() if k in names and k != "in_channels"}
 
 
+# settings added after the first release: left out of the seed's hash while at their default, so that a
+# configuration that does not use them draws exactly what it drew before they existed
+_LATER_SETTINGS = ("standardize", "swa", "sampler", "mixup", "crop", "erase")
+
+
 def trial_seed(cfg: TrialConfig) -> int:
     """A seed fixed by the run's seed and the trial's own hyperparameters."""
-    return zlib.crc32(json.dumps(cfg.to_dict(), sort_keys=True).encode()) % (2**31)
+    d = cfg.to_dict()
+    for k in _LATER_SETTINGS:
+        if d[k] == getattr(TrialConfig, k):
+            del d[k]
+    return zlib.crc32(json.dumps(d, sort_keys=True).encode()) % (2**31)
 
 
 def encode_value(v: Any) -> Any:
@@ -279,7 +314,7 @@ def build_scheduler(space: SearchSpace):
                          grace_period=space.grace_period, reduction_factor=space.reduction_factor)
 
 
-class _Progress:
+class ProgressPrinter:
     """A Tune callback printing one line per reported epoch: the trial, its metric, the best so far."""
 
     def __new__(cls, metric: str, mode: str, total: int):
@@ -514,11 +549,9 @@ def run(args: argparse.Namespace) -> str:
         concurrent = max(1, min(wanted, limit))
         runtime = Runtime(args.cpus_per_trial, args.gpus_per_trial, args.data_cpus, args.data_tasks,
                           space.metric, space.mode,
-                          float(np.mean(train_labels)) if len(train_labels) else 0.5, data_slot=slot)
-        from xray_ray.pipeline import train_dataset
-
-        data = {s: {"train": train_dataset(p.splits["train"]), "val": p.splits["val"],
-                    "n_train": len(p.splits["train"])} for s, p in prepared.items()}
+                          float(np.mean(train_labels)) if len(train_labels) else 0.5, data_slot=slot,
+                          score_epochs=rungs(space))
+        data = trial_data(prepared, space.seed)
         ray.data.DataContext.get_current().enable_progress_bars = False
         fn = tune.with_resources(tune.with_parameters(trainable, data=data, runtime=runtime),
                                  {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
@@ -542,7 +575,7 @@ def run(args: argparse.Namespace) -> str:
                                             reuse_actors=True),
                 run_config=tune.RunConfig(
                     name=exp_name, storage_path=storage, verbose=0,
-                    callbacks=[_Progress(space.metric, space.mode, space.num_samples), *result_loggers(args)],
+                    callbacks=[ProgressPrinter(space.metric, space.mode, space.num_samples), *result_loggers(args)],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
                 ),
@@ -583,6 +616,35 @@ def run(args: argparse.Namespace) -> str:
         return run_dir
     finally:
         ray.shutdown()
+
+
+def rungs(space: SearchSpace) -> tuple[int, ...]:
+    """The epochs at which ASHA compares trials (grace_period * reduction_factor**k below max_t)."""
+    if space.scheduler != "asha":
+        return ()
+    out, t = [], space.grace_period
+    while t < space.max_epochs:
+        out.append(t)
+        t *= space.reduction_factor
+    return tuple(out)
+
+
+def trial_data(prepared: dict, seed: int) -> dict[int, dict[str, Any]]:
+    """What every trial reads, per image size: the train Dataset, val, the class repeats of a balanced
+    sampler and the shift battery built on val (fixed by the run's seed)."""
+    from xray_ray.pipeline import balanced_repeats, train_dataset
+    from xray_ray.robustness import battery
+
+    out = {}
+    for s, p in prepared.items():
+        t0 = time.perf_counter()
+        val = p.splits["val"]
+        out[s] = {"train": train_dataset(p.splits["train"]), "val": val, "n_train": len(p.splits["train"]),
+                  "repeats": balanced_repeats(p.splits["train"].labels),
+                  "shifted": battery(val.images, val.labels, seed=seed)}
+        print(f"[xray_ray] {s}px: shift battery of {len(SHIFTS)} shifts x {len(out[s]['shifted']['labels'])} "
+              f"val images in {time.perf_counter() - t0:.1f}s", flush=True)
+    return out
 
 
 MAX_LISTED_SKIPS = 1000  # run.json lists this many skipped files (path, reason); the count is always whole
@@ -757,6 +819,7 @@ def collect(grid, space: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
             "data_nodes": last.get("data_nodes") if len(hist) else None,
             "device": last.get("device") if len(hist) else None,
             "checkpoint_path": _checkpoint_uri(res.checkpoint),
+            **_robustness_of(hist, best_row),
             **{f"p_{k}": _scalar(cfg.get(k)) for k in searched},
         })
     trials = pd.DataFrame(trows)
@@ -764,6 +827,18 @@ def collect(grid, space: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
         trials = trials.sort_values("best_metric", ascending=space.mode == "min", na_position="last").reset_index(drop=True)
     epochs = pd.DataFrame(erows, columns=R.EPOCH_COLUMNS)
     return trials, epochs
+
+
+_ROB_COLUMNS = [c for c in R.TRIAL_COLUMNS if c.startswith(("rob_", "shift_")) and c != "rob_epoch"]
+
+
+def _robustness_of(hist: pd.DataFrame, best_row) -> dict[str, Any]:
+    """The robustness columns of the best epoch when it was scored, else of the last epoch that was."""
+    scored = hist[hist["rob_auc_min"].notna()] if len(hist) and "rob_auc_min" in hist else hist.iloc[:0]
+    if not len(scored):
+        return {"rob_epoch": None, **{c: None for c in _ROB_COLUMNS}}
+    row = best_row if len(best_row) and pd.notna(best_row.get("rob_auc_min")) else scored.iloc[-1]
+    return {"rob_epoch": int(row["epoch"]), **{c: row.get(c) for c in _ROB_COLUMNS}}
 
 
 def _checkpoint_uri(checkpoint) -> str | None:
@@ -832,7 +907,7 @@ def export_best(grid, trials: pd.DataFrame, epochs: pd.DataFrame, prepared: dict
         shutil.copy(Path(cdir) / "best.safetensors", best_dir / "weights.safetensors")
     (best_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "trial_id": winner["trial_id"],
                                                       "best_epoch": int(winner["best_epoch"])}, indent=2))
-    model = load_weights(build_model(**_model_sizes(cfg)), best_dir / "weights.safetensors")
+    model = load_weights(build_model(**model_sizes(cfg)), best_dir / "weights.safetensors")
     splits = prepared[cfg.image_size].splits
     info = {**run_info, "winner": {"trial_id": winner["trial_id"], "best_epoch": int(winner["best_epoch"]),
                                    "selection_metric": space.metric, "selection_value": float(winner["best_metric"])}}

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from xray_ray import search as S
     from xray_ray.export import load_weights
     from xray_ray.models import build_model
-    from xray_ray.pipeline import prepare, train_dataset
+    from xray_ray.pipeline import prepare
     from xray_ray.sources import load_source
     from xray_ray.splits import assign_splits
     from xray_ray.winner import pick_threshold, split_probs
@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{cfg.epochs} epochs each", flush=True)
     manifest = load_source(spec, seed=seed)
     df, _ = assign_splits(manifest.df, seed=seed, **space["data"])
-    splits = prepare(df, cfg.image_size, args.cache).splits
+    prepared = prepare(df, cfg.image_size, args.cache)
+    splits = prepared.splits
     expected = (card.get("data") or {}).get("fingerprints") or {}
     for name, fp in expected.items():
         if name in splits and fingerprint(splits[name].uids, splits[name].images) != fp:
@@ -103,8 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         slot = S.data_slot()  # as search.run
         runtime = S.Runtime(args.cpus_per_trial, 0.0, 0.0, 1, metric, mode,
                             float(np.mean(splits["train"].labels)), data_slot=slot)
-        data = {cfg.image_size: {"train": train_dataset(splits["train"]), "val": splits["val"],
-                                 "n_train": len(splits["train"])}}
+        data = S.trial_data({cfg.image_size: prepared}, seed)
         ray.data.DataContext.get_current().enable_progress_bars = False
         fn = tune.with_resources(tune.with_parameters(S.trainable, data=data, runtime=runtime),
                                  {"cpu": args.cpus_per_trial})
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError(f"replica with seed {res.config.get('seed')} failed: {res.error}")
             rcfg = TrialConfig.from_dict(S.decode_config(res.config))
             with res.checkpoint.as_directory() as cdir:
-                model = load_weights(build_model(**S._model_sizes(rcfg)), Path(cdir) / "best.safetensors")
+                model = load_weights(build_model(**S.model_sizes(rcfg)), Path(cdir) / "best.safetensors")
             preds = {s: split_probs(model, splits[s]) for s in SPLITS if s in splits and len(splits[s])}
             threshold, _ = pick_threshold(*preds["val"], target)
             metrics = {s: summarize(y, p, threshold, groups=splits[s].patients, n_boot=args.n_boot)

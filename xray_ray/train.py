@@ -83,12 +83,24 @@ def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedMo
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+def make_swa(model: nn.Module, share: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """Equal-weight average of the weights (and BatchNorm buffers) at the end of the last epochs, or None."""
+    if not share:
+        return None
+    return torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+
+
 def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Any]], optimizer: torch.optim.Optimizer, *,
                     loss_fn: Callable, device: torch.device | str = "cpu",
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                     ema: torch.optim.swa_utils.AveragedModel | None = None,
-                    on_batch: Callable[[dict], None] | None = None) -> dict[str, float]:
-    """Train over ``batches`` once. Returns mean loss, images, seconds inside steps, images per second."""
+                    on_batch: Callable[[dict], None] | None = None, mixup: float = 0.0,
+                    generator: torch.Generator | None = None) -> dict[str, float]:
+    """Train over ``batches`` once. Returns mean loss, images, seconds inside steps, images per second.
+
+    ``mixup`` > 0 blends each batch with a shuffled copy of itself, images and labels alike, by a weight
+    drawn from Beta(mixup, mixup) (Zhang et al., ICLR 2018); ``generator`` makes those draws repeatable.
+    """
     model.train()
     device = torch.device(device)
     amp = device.type == "cuda"
@@ -98,6 +110,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Any]], optimiz
         t0 = time.perf_counter()
         x = to_input(batch["image"], device)
         y = batch["label"].to(device, non_blocking=True)
+        if mixup > 0 and len(y) > 1:
+            x, y = mix(x, y, mixup, generator)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
         loss = loss_fn(logits, y)
@@ -121,6 +135,17 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Any]], optimiz
     wall = time.perf_counter() - t_epoch
     return {"train_loss": total_loss / max(n, 1), "images": n, "step_seconds": step_seconds,
             "wall_seconds": wall, "images_per_s": n / wall if wall > 0 else float("nan")}
+
+
+def mix(x: torch.Tensor, y: torch.Tensor, alpha: float, generator: torch.Generator | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup of a batch with a permutation of itself; labels become the same blend (binary cross-entropy
+    is linear in its target, so this equals blending the two losses)."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample().item()) if generator is None else \
+        float(np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator))).beta(alpha, alpha))
+    perm = torch.randperm(len(y), generator=generator).to(x.device)
+    yf = y.float()
+    return lam * x + (1 - lam) * x[perm], lam * yf + (1 - lam) * yf[perm]
 
 
 @torch.no_grad()
