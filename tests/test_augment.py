@@ -59,3 +59,40 @@ def test_uniform_draws_are_uniform_and_keyed():
     assert u.shape == (20000, 11) and 0 <= u.min() and u.max() < 1
     assert abs(u.mean() - 0.5) < 0.01
     np.testing.assert_array_equal(uniform_draws(0, 0, np.array([5]))[0], u[5])
+
+
+def test_crop_and_erase_leave_the_first_draw_stream_alone():
+    # crop and erase draw from a second stream: switching them on keeps every other draw as it was, so
+    # configurations without them augment exactly as before they existed
+    b = _batch(n=16)
+    base = {"zoom": 0.2, "rotate": 5.0}
+    with_erase = augment_batch(b, strengths={**base, "erase": 1.0}, seed=3, epoch=2)["image"]
+    without = augment_batch(b, strengths=base, seed=3, epoch=2)["image"]
+    changed = (with_erase != without).reshape(len(b["image"]), -1).mean(axis=1)
+    assert (changed > 0).all() and (changed < 0.4).all()  # one rectangle of at most a quarter (+ rounding)
+
+
+def test_erase_fills_one_rectangle_with_the_image_mean():
+    b = {"image": np.full((8, 32, 32), 10, np.uint8), "idx": np.arange(8, dtype=np.int64), "label": np.zeros(8)}
+    b["image"][:, :16, :] = 250  # mean 130
+    out = augment_batch(b, strengths={"erase": 1.0}, seed=0, epoch=0)["image"]
+    for before, after in zip(b["image"], out):
+        diff = before != after
+        rows, cols = np.flatnonzero(diff.any(axis=1)), np.flatnonzero(diff.any(axis=0))
+        assert diff.sum() > 0
+        # the changed pixels lie in one axis-aligned rectangle and all hold the mean
+        assert set(np.unique(after[diff])) == {130}
+        block = after[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert (block == 130).all()
+
+
+def test_crop_only_zooms_in_and_keeps_a_filled_frame():
+    # a random-resized crop never looks outside the image: no border-padding streaks at the edges
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (1, 64, 64), dtype=np.uint8).repeat(32, axis=0)
+    b = {"image": img, "idx": np.arange(32, dtype=np.int64), "label": np.zeros(32)}
+    out = augment_batch(b, strengths={"crop": 0.6}, seed=1, epoch=0)["image"]
+    assert (out != img).mean() > 0.5
+    # border padding would repeat the edge row; a crop inside the image keeps rows distinct
+    edge_repeats = np.mean([np.array_equal(o[0], o[1]) and np.array_equal(o[1], o[2]) for o in out])
+    assert edge_repeats < 0.2

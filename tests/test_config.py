@@ -93,3 +93,28 @@ def test_trial_config_rejects_unknown_and_wrong_types():
     with pytest.raises(UserError, match="'batch_size' must be an integer"):
         TrialConfig.from_dict({"batch_size": "32"})
     assert TrialConfig.from_dict({"fc": [8, 4]}).fc == (8, 4)
+
+
+def test_new_ideas_default_off_and_old_trial_seeds_are_unchanged():
+    from xray_ray.search import trial_seed
+
+    # the seeds computed by the release before these settings existed (crc32 of the old config dict)
+    assert trial_seed(TrialConfig()) == 2107442432
+    assert trial_seed(TrialConfig(seed=3, zoom=0.1, blocks=5)) == 2088280835
+    assert trial_seed(TrialConfig(mixup=0.2)) != trial_seed(TrialConfig())
+    cfg = TrialConfig()
+    assert (cfg.standardize, cfg.sampler, cfg.mixup, cfg.crop, cfg.erase, cfg.swa) == (False, "none", 0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("bad, words", [({"sampler": "oversample"}, "sampler"), ({"mixup": 2.0}, "mixup"),
+                                        ({"crop": 0.95}, "crop"), ({"erase": -0.1}, "erase"),
+                                        ({"swa": 0.3, "ema": 0.99}, "swa and ema")])
+def test_new_settings_are_checked(bad, words):
+    with pytest.raises(UserError, match=words):
+        TrialConfig.from_dict(bad)
+
+
+def test_robustness_composites_are_metrics_with_their_direction():
+    space = parse_space({"space": {"epochs": 2}, "scheduler": {"metric": "rob_loss_mean"}})
+    assert (space.metric, space.mode) == ("rob_loss_mean", "min")
+    assert parse_space({"space": {"epochs": 2}, "scheduler": {"metric": "rob_auc_min"}}).mode == "max"

@@ -173,3 +173,20 @@ def test_prefetch_raises_a_background_error_in_the_consumer():
     p = Prefetch(make)
     with pytest.raises(FileNotFoundError, match="gone"):
         list(p)
+
+
+def test_balanced_resampling_evens_the_classes_and_gives_copies_their_own_draws():
+    from xray_ray.pipeline import COPY_STRIDE, balanced_repeats, resample
+
+    labels = np.array([0] * 250 + [1] * 750)
+    rep = balanced_repeats(labels)
+    assert rep == pytest.approx({0: 2.0, 1: 2 / 3})
+    batch = {"image": np.zeros((1000, 4, 4), np.uint8), "label": labels, "idx": np.arange(1000, dtype=np.int64)}
+    out = resample(batch, rep, seed=0, epoch=1)
+    counts = np.bincount(out["label"])
+    assert abs(counts[0] - 500) <= 1 and abs(counts[1] - 500) < 60
+    assert len(np.unique(out["idx"])) == len(out["idx"])  # every copy has its own augmentation key
+    assert (out["idx"] % COPY_STRIDE < 1000).all()
+    again = resample(batch, rep, seed=0, epoch=1)
+    np.testing.assert_array_equal(again["idx"], out["idx"])
+    assert not np.array_equal(resample(batch, rep, seed=0, epoch=2)["idx"], out["idx"])

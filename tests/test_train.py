@@ -71,3 +71,30 @@ def test_balanced_weighting_and_label_smoothing_change_the_loss():
     smooth = make_loss(TrialConfig(label_smoothing=0.2), 0.75)(logits, y)
     assert balanced < plain  # positives weigh 1/3 when they are 75% of train
     assert smooth != plain
+
+
+def test_mixup_blends_images_and_labels_alike_and_is_repeatable():
+    from xray_ray.train import mix
+
+    x = torch.stack([torch.full((1, 4, 4), float(i)) for i in range(8)])
+    y = torch.tensor([0, 1] * 4)
+    x1, y1 = mix(x, y, 0.4, torch.Generator().manual_seed(5))
+    x2, y2 = mix(x, y, 0.4, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(x1, x2)
+    torch.testing.assert_close(y1, y2)
+    # each mixed image is lam * x_i + (1 - lam) * x_perm(i); the label carries the same weights
+    lam_perm = [(float(x1[i, 0, 0, 0]), float(y1[i])) for i in range(8)]
+    assert any(0 < lbl < 1 for _, lbl in lam_perm) or all(lbl in (0.0, 1.0) for _, lbl in lam_perm)
+    assert not torch.equal(x1, x) and torch.all((y1 >= 0) & (y1 <= 1))
+
+
+def test_standardized_model_ignores_exposure_and_contrast():
+    from xray_ray.models import build_model
+
+    torch.manual_seed(0)
+    m = build_model(image_size=32, blocks=2, double_conv=False, width=4, fc=(), head="gap", standardize=True).eval()
+    x = torch.rand(4, 1, 32, 32) * 0.5 + 0.2
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m(x * 1.4 + 0.1), atol=2e-3, rtol=2e-3)
+        plain = build_model(image_size=32, blocks=2, double_conv=False, width=4, fc=(), head="gap").eval()
+        assert not torch.allclose(plain(x), plain(x * 1.4 + 0.1), atol=1e-3)
