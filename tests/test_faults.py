@@ -29,7 +29,8 @@ from PIL import Image
 from conftest import png_with_size, write_kaggle_tree
 from xray_ray import results as R
 from xray_ray.phantoms import render
-from xray_ray.search import FAULT_ENV, main
+from xray_ray.faults import FAULT_ENV, SWITCH_ENV
+from xray_ray.search import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "xray_ray"
@@ -392,7 +393,8 @@ def test_a_trial_that_raises_runs_out_of_memory_or_goes_nan_is_errored_and_the_s
         tmp_path, monkeypatch, capsys):
     # lr 1e20 makes the loss NaN within the first epoch (train_one_epoch raises FloatingPointError);
     # the hook makes one healthy trial raise and another run out of memory at epoch 2
-    monkeypatch.setenv(FAULT_ENV, f"raise:epoch=2,once={tmp_path / 'raised'};oom:epoch=2,once={tmp_path / 'oom'}")
+    monkeypatch.setenv(SWITCH_ENV, "1")
+    monkeypatch.setenv(FAULT_ENV, "raise:epoch=2,once=raised;oom:epoch=2,once=oom")
     lrs = {"type": "categorical", "choices": [1.0e-3, 2.0e-3, 1.0e20]}
     space = space_file(tmp_path, space={"epochs": 2, "lr": lrs}, searcher={"num_samples": 4, "seed": 0})
     assert main(search_args(tmp_path, space, "--max-failures", "0", "--no-export")) == 0
@@ -417,10 +419,11 @@ def test_a_trial_that_raises_runs_out_of_memory_or_goes_nan_is_errored_and_the_s
 @pytest.mark.slow
 def test_a_killed_trial_is_retried_from_its_checkpoint(tmp_path, monkeypatch):
     # SIGKILL of the trial's process at epoch 2 (as an OOM killer does), once; --max-failures 1 retries it
-    monkeypatch.setenv(FAULT_ENV, f"kill:epoch=2,once={tmp_path / 'killed'}")
+    monkeypatch.setenv(SWITCH_ENV, "1")
+    monkeypatch.setenv(FAULT_ENV, "kill:epoch=2,once=killed")
     space = space_file(tmp_path, space={"epochs": 2})
     assert main(search_args(tmp_path, space, "--max-failures", "1", "--no-export")) == 0
-    assert (tmp_path / "killed").exists()  # the fault did fire
+    assert (tmp_path / "results" / "faults" / "tune" / ".faults" / "killed").exists()  # the fault did fire
     run_dir = tmp_path / "results" / "faults"
     trials, epochs = assert_each_epoch_once(run_dir)
     assert len(trials) == 2 and (trials["status"] == "completed").all() and (trials["epochs_run"] == 2).all()
@@ -599,3 +602,54 @@ def test_local_ray_keeps_the_dashboard_off_and_auth_on():
         assert "0.0.0.0" not in text and "dashboard_host" not in text, path.name
         assert not re.search(r"RAY_AUTH_MODE\W+(?!token)\w", text), path.name
     assert "RAY_AUTH_TOKEN" not in search  # tokens come from Ray's own files or environment, never from us
+
+
+# ---------------------------------------------------------------- the test-only hook itself
+
+def test_the_fault_hook_is_inert_without_the_test_switch(tmp_path, monkeypatch):
+    from xray_ray.faults import inject_fault
+
+    monkeypatch.delenv(SWITCH_ENV, raising=False)
+    monkeypatch.setenv(FAULT_ENV, "raise:epoch=1,once=marker")
+    inject_fault(1, tmp_path)  # nothing happens, nothing is written
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv(SWITCH_ENV, "1")
+    with pytest.raises(RuntimeError, match="injected fault at epoch 1"):
+        inject_fault(1, tmp_path)
+    assert (tmp_path / "marker").exists()
+    inject_fault(1, tmp_path)  # once: the marker exists, so no second failure
+
+
+@pytest.mark.parametrize("name", ["/tmp/elsewhere", "../up", "a/b", ".."])
+def test_the_fault_hook_never_writes_outside_the_run(tmp_path, monkeypatch, name):
+    from xray_ray.faults import inject_fault
+
+    monkeypatch.setenv(SWITCH_ENV, "1")
+    monkeypatch.setenv(FAULT_ENV, f"raise:epoch=1,once={name}")
+    with pytest.raises(ValueError, match="plain file name"):
+        inject_fault(1, tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not Path("/tmp/elsewhere").exists()
+
+
+def test_the_shipped_trainable_reaches_the_hook_only_through_the_faults_module():
+    import inspect
+
+    import xray_ray.search as S
+
+    src = inspect.getsource(S)
+    assert "os.open(" not in src and "SIGKILL" not in src  # the hook's file and kill code live in faults.py
+
+
+@pytest.mark.slow
+def test_the_ray_token_file_is_private_after_a_local_start(tmp_path):
+    # Ray 2.60 writes ~/.ray/auth_token with the process umask (0644 here); init_ray narrows it to 0600
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")} | {"HOME": str(home)}
+    code = ("import argparse, os, ray; os.umask(0o022); from xray_ray.search import init_ray; "
+            "init_ray(argparse.Namespace(address=None, num_cpus=1, cpus_per_trial=1.0)); ray.shutdown()")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    token = home / ".ray" / "auth_token"
+    assert token.is_file() and token.stat().st_size > 0
+    assert token.stat().st_mode & 0o077 == 0 and token.parent.stat().st_mode & 0o077 == 0

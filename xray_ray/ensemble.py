@@ -72,8 +72,10 @@ class Ensemble(nn.Module):
 
     @property
     def primary(self) -> CNN:
-        """The member with the largest weight (Grad-CAM in the report explains this one)."""
-        return self.members[int(torch.argmax(self.weights))]
+        """The member with the largest weight among those at the ensemble's own input size (Grad-CAM in the
+        report explains this one, on the ensemble's input)."""
+        at_size = [i for i, s in enumerate(self.sizes) if s == self.size]
+        return self.members[max(at_size, key=lambda i: float(self.weights[i]))]
 
     def forward(self, x: Tensor) -> Tensor:
         """x float32 [N, C, S, S] in [0, 1] -> logit of the weighted mean probability [N]."""

@@ -124,7 +124,12 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
 def load_model(best_dir: str | os.PathLike) -> CNN:
     """The CNN saved in `best_dir` (config.json + weights.safetensors), on CPU, in eval mode."""
     best = Path(best_dir)
-    model = CNN(config_from_dict(load_config(best / CONFIG_NAME)))
+    config = load_config(best / CONFIG_NAME)
+    if config.get("kind") == "ensemble":
+        from xray_ray.ensemble import from_config
+
+        return load_weights(from_config(config), best / WEIGHTS_NAME).eval()
+    model = CNN(config_from_dict(config))
     return load_weights(model, best / WEIGHTS_NAME).eval()
 
 

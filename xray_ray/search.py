@@ -16,7 +16,6 @@ import math
 import os
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -30,7 +29,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
+from xray_ray import faults
 from xray_ray import results as R
+from xray_ray.faults import inject_fault
 from xray_ray.config import SearchSpace, TrialConfig, load_space
 from xray_ray.errors import UserError
 from xray_ray.robustness import COMPOSITES, SHIFTS
@@ -52,6 +53,7 @@ class Runtime:
     prefetch: bool = True  # start each next epoch's Ray Data stream while the current one validates
     data_slot: str | None = None  # custom resource capping augmentation tasks across trials (local runs)
     score_epochs: tuple[int, ...] = ()  # epochs scored on the shift battery besides each trial's last (ASHA's rungs)
+    fault_dir: str | None = None  # where the tests' fault hook keeps its markers (xray_ray.faults): the run's own
 
 
 # --------------------------------------------------------------------------- the trainable
@@ -129,7 +131,7 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
 
     upcoming = stream(start_epoch) if start_epoch <= cfg.epochs else None
     for epoch in range(start_epoch, cfg.epochs + 1):
-        inject_fault(epoch)
+        inject_fault(epoch, runtime.fault_dir)
         t0 = time.perf_counter()
         batches, upcoming = upcoming, None
         seen_nodes: set[int] = set()
@@ -198,36 +200,6 @@ def release_freed_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):  # not glibc (musl): nothing to trim
             pass
-
-
-FAULT_ENV = "XRAY_RAY_INJECT_FAULT"
-
-
-def inject_fault(epoch: int) -> None:
-    """Fail on purpose where $XRAY_RAY_INJECT_FAULT says so: the hook the fault-tolerance tests use.
-
-    Faults separated by ';', each ``KIND[:epoch=N][,once=PATH]``, e.g. ``kill:epoch=2,once=/tmp/m``.
-    KIND: raise (RuntimeError), oom (torch.OutOfMemoryError, as CUDA raises it), kill (SIGKILL to the
-    trial's own process, as the kernel's or Ray's OOM killer does). With once=PATH only the trial that
-    creates PATH first fails, so retries and other trials run on. Unset (always, outside tests): no-op.
-    """
-    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(";")):
-        kind, _, opts = spec.partition(":")
-        options = dict(kv.split("=", 1) for kv in opts.split(",") if "=" in kv)
-        if int(options.get("epoch", 1)) != epoch:
-            continue
-        if "once" in options:
-            try:
-                os.close(os.open(options["once"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                continue
-        if kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if kind == "oom":
-            import torch
-
-            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_ENV} at epoch {epoch})")
-        raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_ENV}: {spec})")
 
 
 def model_sizes(cfg: TrialConfig) -> dict[str, Any]:
@@ -348,6 +320,11 @@ class ProgressPrinter:
 
 # --------------------------------------------------------------------------- the run
 
+# the defaults the generalisation ablation supports (docs/results.md)
+DEFAULT_ENSEMBLE = 1
+DEFAULT_THRESHOLD_RULE = "clean"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m xray_ray.search", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="synthetic", help="folder (Kaggle layout), .npz, 'synthetic[:N]', or a URI")
@@ -369,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial from its checkpoint")
     p.add_argument("--cache", default=None, help="pixel cache folder (default: ~/.cache/xray_ray)")
     p.add_argument("--no-export", action="store_true", help="skip evaluating and exporting the winner")
+    p.add_argument("--ensemble", type=int, default=DEFAULT_ENSEMBLE,
+                   help="ship a greedy ensemble chosen in this many rounds among the best trials (1: the single "
+                        "winner); works with --resume --export-only too")
+    p.add_argument("--threshold-rule", choices=("clean", "shifted"), default=DEFAULT_THRESHOLD_RULE,
+                   help="meet the target sensitivity on clean validation, or on clean and shifted validation pooled")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files per trial (loads torch into the driver: ~300 MB)")
     p.add_argument("--export-only", action="store_true",
@@ -420,6 +402,8 @@ def check_flags(args: argparse.Namespace, space: SearchSpace) -> None:
         raise UserError(f"--max-failures must be 0 or more, got {args.max_failures}.")
     if args.seed is not None and args.seed < 0:
         raise UserError(f"--seed must be 0 or more, got {args.seed}.")
+    if not 1 <= args.ensemble <= 32:
+        raise UserError(f"--ensemble must be between 1 and 32 (selection rounds), got {args.ensemble}.")
 
 
 def check_local_resources(args: argparse.Namespace) -> None:
@@ -512,6 +496,7 @@ def run(args: argparse.Namespace) -> str:
         "resources": {"cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial,
                       "data_cpus": args.data_cpus, "data_tasks": args.data_tasks,
                       "address": args.address},
+        "export": {"ensemble": args.ensemble, "threshold_rule": args.threshold_rule},
         "versions": R.versions(), "git_commit": R.git_commit(),
     }
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -550,7 +535,8 @@ def run(args: argparse.Namespace) -> str:
         runtime = Runtime(args.cpus_per_trial, args.gpus_per_trial, args.data_cpus, args.data_tasks,
                           space.metric, space.mode,
                           float(np.mean(train_labels)) if len(train_labels) else 0.5, data_slot=slot,
-                          score_epochs=rungs(space))
+                          score_epochs=rungs(space),
+                          fault_dir=None if R.is_uri(run_dir) else str(Path(run_dir) / "tune" / ".faults"))
         data = trial_data(prepared, space.seed)
         ray.data.DataContext.get_current().enable_progress_bars = False
         fn = tune.with_resources(tune.with_parameters(trainable, data=data, runtime=runtime),
@@ -609,7 +595,9 @@ def run(args: argparse.Namespace) -> str:
             R.write_json(run_info, run_json)
             raise KeyboardInterrupt  # main() prints the resume command and exits 130
         if not args.no_export and trials["best_metric"].notna().any():
-            card = export_best(grid, trials, epochs, prepared, run_info, run_dir, space)
+            card = export_best(grid, trials, epochs, prepared, run_info, run_dir, space,
+                               batteries={sz: d["shifted"] for sz, d in data.items()}, ensemble=args.ensemble,
+                               threshold_rule=args.threshold_rule)
             run_info["best"] = {"trial_id": card.get("trial_id"), "threshold": card.get("threshold", {}).get("value")}
         R.write_json(run_info, run_json)
         print(f"[xray_ray] done in {wall:.0f}s; results in {run_dir}", flush=True)
@@ -672,8 +660,7 @@ def init_ray(args: argparse.Namespace) -> None:
     # No worker set-up hook that imports torch: it would load torch (~350 MB each) into every Ray process,
     # Ray Data's own stats and autoscaling actors included. The first augmentation task warms its worker.
     env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
-    if os.environ.get(FAULT_ENV):  # the tests' fault hook reaches every worker, on any node
-        env["env_vars"][FAULT_ENV] = os.environ[FAULT_ENV]
+    env["env_vars"].update(faults.worker_env())  # the tests' fault hook reaches every worker; empty otherwise
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         try:
@@ -696,6 +683,22 @@ def init_ray(args: argparse.Namespace) -> None:
         slots = data_slots(args, cpus)
         ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=False,
                  configure_logging=True, logging_level="WARNING", resources={DATA_SLOT: slots} if slots else None)
+        private_token_file()
+
+
+def private_token_file() -> None:
+    """Make Ray's token file (~/.ray/auth_token) readable by its owner only; Ray writes it world-readable.
+
+    Ray 2.60 binds its local servers to every interface whatever the node address (see docs/reliability.md):
+    the token is what keeps other machines and users out, so it must not be readable by them.
+    """
+    token = Path.home() / ".ray" / "auth_token"
+    for path, mode in ((token.parent, 0o700), (token, 0o600)):
+        try:
+            if path.exists() and not path.is_symlink() and path.stat().st_uid == os.getuid():
+                path.chmod(mode)
+        except OSError:  # a read-only home: nothing more can be done here
+            pass
 
 
 @contextmanager
@@ -886,32 +889,68 @@ def print_leaderboard(trials: pd.DataFrame, space: SearchSpace, top: int = 10) -
         print(trials[cols].head(top).to_string(index=False), flush=True)
 
 
-def export_best(grid, trials: pd.DataFrame, epochs: pd.DataFrame, prepared: dict, run_info: dict, run_dir: str,
-                space: SearchSpace) -> dict:
-    """Copy the winner's best weights + config into best/ and evaluate and export them there."""
-    import pyarrow.fs as pafs
+ENSEMBLE_CANDIDATES = 8  # an ensemble is chosen among this many of the best trials (each loaded and scored)
 
+
+def winner_model(grid, trials: pd.DataFrame, space: SearchSpace, prepared: dict,
+                 batteries: dict[int, dict] | None, ensemble: int):
+    """The model to ship: the best trial's kept weights, or a greedy ensemble over the best trials' weights
+    (``ensemble`` selection rounds, on the space's metric over validation and, for ``rob_*``, its battery).
+
+    Returns (model, config dict for best/config.json, the winner facts for the card, ensemble facts or None).
+    """
+    from xray_ray.ensemble import select
     from xray_ray.export import load_weights
     from xray_ray.models import build_model
+
+    ranked = trials.dropna(subset=["best_metric", "checkpoint_path"])
+    winner = ranked.iloc[0]
+    by_id = {(r.metrics or {}).get("trial_id"): r for r in grid}
+    facts = {"trial_id": winner["trial_id"], "best_epoch": int(winner["best_epoch"]),
+             "selection_metric": space.metric, "selection_value": float(winner["best_metric"])}
+
+    def load(trial_id: str):
+        res = by_id[trial_id]
+        cfg = TrialConfig.from_dict(decode_config(res.config))
+        with res.checkpoint.as_directory() as cdir:
+            return cfg, load_weights(build_model(**model_sizes(cfg)), Path(cdir) / "best.safetensors")
+
+    cfg, model = load(winner["trial_id"])
+    config = {**cfg.to_dict(), "trial_id": winner["trial_id"], "best_epoch": int(winner["best_epoch"])}
+    if ensemble <= 1 or len(ranked) < 2:
+        return model, config, facts, None
+    members = {winner["trial_id"]: model}
+    for tid in ranked["trial_id"].iloc[1:ENSEMBLE_CANDIDATES]:
+        members[tid] = load(tid)[1]
+    val = {s: (p.splits["val"].images, p.splits["val"].labels) for s, p in prepared.items()}
+    chosen, info = select(members, val, batteries, space.metric, space.mode, ensemble)
+    print(f"[xray_ray] ensemble: {info['picked']} of {len(members)} candidates, {space.metric} "
+          f"{info['score']:.4f} (best single {info['best_single_score']:.4f})", flush=True)
+    if chosen is model:
+        return model, config, facts, info
+    return chosen, chosen.config.to_dict(), {**facts, "trial_id": "ensemble"}, info
+
+
+def export_best(grid, trials: pd.DataFrame, epochs: pd.DataFrame, prepared: dict, run_info: dict, run_dir: str,
+                space: SearchSpace, batteries: dict[int, dict] | None = None, ensemble: int = 1,
+                threshold_rule: str = "clean") -> dict:
+    """Write the model to ship (the winner, or an ensemble) into best/, then evaluate and export it there."""
+    import pyarrow.fs as pafs
+
+    from xray_ray.export import save_weights
     from xray_ray.winner import finalize
 
-    winner = trials.dropna(subset=["best_metric"]).iloc[0]
-    res = next(r for r in grid if (r.metrics or {}).get("trial_id") == winner["trial_id"])
-    cfg = TrialConfig.from_dict(decode_config(res.config))
+    model, config, facts, ens = winner_model(grid, trials, space, prepared, batteries, ensemble)
     remote = R.is_uri(run_dir)
     best_dir = Path(tempfile.mkdtemp(prefix="xray_best_")) / "best" if remote else Path(run_dir) / "best"
     if best_dir.exists():
         shutil.rmtree(best_dir)
     best_dir.mkdir(parents=True)
-    with res.checkpoint.as_directory() as cdir:
-        shutil.copy(Path(cdir) / "best.safetensors", best_dir / "weights.safetensors")
-    (best_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "trial_id": winner["trial_id"],
-                                                      "best_epoch": int(winner["best_epoch"])}, indent=2))
-    model = load_weights(build_model(**model_sizes(cfg)), best_dir / "weights.safetensors")
-    splits = prepared[cfg.image_size].splits
-    info = {**run_info, "winner": {"trial_id": winner["trial_id"], "best_epoch": int(winner["best_epoch"]),
-                                   "selection_metric": space.metric, "selection_value": float(winner["best_metric"])}}
-    card = finalize(best_dir, model, splits, info, trials, epochs)
+    save_weights(model, best_dir / "weights.safetensors")
+    (best_dir / "config.json").write_text(json.dumps(config, indent=2))
+    size = model.config.image_size
+    card = finalize(best_dir, model, prepared[size].splits, {**run_info, "winner": facts}, trials, epochs,
+                    battery=(batteries or {}).get(size), threshold_rule=threshold_rule, ensemble=ens)
     if remote:
         fs, path = R.resolve(R.join(run_dir, "best"))
         pafs.copy_files(str(best_dir), path, destination_filesystem=fs)

@@ -25,7 +25,7 @@ import torch
 
 from xray_ray import CLASSES, export, report
 from xray_ray.evaluate import fingerprint, json_safe, summarize
-from xray_ray.metrics import choose_threshold
+from xray_ray.metrics import choose_threshold, roc_auc
 from xray_ray.models import CNN
 from xray_ray.pipeline import SplitArrays, rows_for
 from xray_ray.results import versions
@@ -147,10 +147,30 @@ def _input_contract(model: CNN) -> dict[str, Any]:
     }
 
 
+def shift_report(model: CNN, val: SplitArrays, battery: Mapping[str, np.ndarray]) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The model's scores on the shift battery of validation, and its pooled (labels, probabilities)."""
+    from xray_ray.ensemble import candidate_preds
+    from xray_ray.robustness import SHIFTS, log_loss, summarize
+
+    preds = candidate_preds(model, val.images, battery)
+    y = battery["labels"]
+    per = {name: (roc_auc(y, p), log_loss(y, p)) for name, p in preds.items() if name != "val"}
+    report_ = {"images": int(len(y)), "shifts": {name: {"what": SHIFTS[name], "auc": auc, "log_loss": loss}
+                                                for name, (auc, loss) in per.items()}, **summarize(per)}
+    shifted = [p for name, p in preds.items() if name != "val"]
+    return report_, np.tile(y, len(shifted)), np.concatenate(shifted)
+
+
 def finalize(best_dir: Path, model: CNN, splits: dict[str, SplitArrays], run_info: dict,
              trials: pd.DataFrame, epochs: pd.DataFrame, *, target_sensitivity: float = 0.95,
-             n_boot: int = 1000, seed: int = 0) -> dict:
-    """Threshold on val, score test once, export ONNX + TorchScript, write model.json, pictures, report.html."""
+             n_boot: int = 1000, seed: int = 0, battery: Mapping[str, np.ndarray] | None = None,
+             threshold_rule: str = "clean", ensemble: Mapping[str, Any] | None = None) -> dict:
+    """Threshold on val, score test once, export ONNX + TorchScript, write model.json, pictures, report.html.
+
+    ``battery`` (the shift battery of val, ``xray_ray.robustness``) adds the card's robustness section;
+    ``threshold_rule`` "shifted" meets the target sensitivity on clean and shifted validation scores
+    pooled, so that the threshold still holds when images look different ("clean": on clean val only).
+    """
     t0 = time.perf_counter()
     best_dir = Path(best_dir)
     best_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +179,17 @@ def finalize(best_dir: Path, model: CNN, splits: dict[str, SplitArrays], run_inf
     model = model.cpu().eval()
 
     preds = {s: split_probs(model, splits[s]) for s in VALIDATION_SPLITS if s in splits and len(splits[s])}
+    robustness = None
     threshold, method = pick_threshold(*preds["val"], target_sensitivity)
+    if battery is not None:
+        robustness, y_shift, p_shift = shift_report(model, splits["val"], battery)
+        if threshold_rule == "shifted":
+            y_val, p_val = preds["val"]
+            threshold, method = pick_threshold(np.concatenate([y_val, y_shift]), np.concatenate([p_val, p_shift]),
+                                               target_sensitivity)
+            method += " on clean and shifted validation images pooled (the shift battery)"
+    elif threshold_rule == "shifted":
+        raise ValueError("the shifted threshold rule needs the shift battery")
     # Test is scored here, once, after the threshold is fixed: nothing below feeds back into a choice.
     if "test" in splits and len(splits["test"]):
         preds["test"] = split_probs(model, splits["test"])
@@ -190,12 +220,15 @@ def finalize(best_dir: Path, model: CNN, splits: dict[str, SplitArrays], run_inf
             "rule": "PNEUMONIA when prob_pneumonia >= value, else NORMAL",
             "method": method,
             "split": "val",
+            "rule_name": threshold_rule,
             "target_sensitivity": target_sensitivity,
             "val_sensitivity": at_val["recall"],
             "val_specificity": at_val["specificity"],
             "default": 0.5,
         },
         "model": model.config.to_dict(),
+        **({"ensemble": dict(ensemble)} if ensemble else {}),
+        **({"robustness": robustness} if robustness is not None else {}),
         "trial": trial,
         "metrics": metrics,
         "bootstrap": {"n_boot": n_boot, "unit": "patient", "alpha": 0.05, "seed": seed},
@@ -210,7 +243,7 @@ def finalize(best_dir: Path, model: CNN, splits: dict[str, SplitArrays], run_inf
                      for name in (export.ONNX_NAME, export.TORCHSCRIPT_NAME, export.WEIGHTS_NAME)}
     auc = {s: m["at_threshold"]["roc_auc"] for s, m in metrics.items()}
     test_images = splits["test"].images if "test" in preds else None
-    card["pictures"] = report.write_pictures(best_dir, model=model, preds=preds, auc=auc, threshold=threshold,
+    card["pictures"] = report.write_pictures(best_dir, model=getattr(model, "primary", model), preds=preds, auc=auc, threshold=threshold,
                                              test_images=test_images, trials=trials, epochs=epochs,
                                              winner=trial["id"])
     card["report"] = "report.html"

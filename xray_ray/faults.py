@@ -1,0 +1,58 @@
+"""The fault-injection hook of the fault-tolerance tests: inert unless a test switches it on.
+
+Two variables must both be set for anything to happen: ``XRAY_RAY_TESTING=1`` (the test-only switch) and
+``XRAY_RAY_INJECT_FAULT``, faults separated by ';', each ``KIND[:epoch=N][,once=NAME]``, e.g.
+``kill:epoch=2,once=killed``. KIND: raise (RuntimeError), oom (torch.OutOfMemoryError, as CUDA raises it),
+kill (SIGKILL to the trial's own process, as the kernel's or Ray's OOM killer does). With once=NAME only
+the trial that creates the marker file NAME first fails, so retries and other trials run on; NAME is one
+plain file name, created inside the run's own folder (``<run>/tune/.faults``), never anywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+FAULT_ENV = "XRAY_RAY_INJECT_FAULT"
+SWITCH_ENV = "XRAY_RAY_TESTING"
+_PLAIN = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def active() -> bool:
+    """True only when a test switched the hook on and named a fault."""
+    return os.environ.get(SWITCH_ENV) == "1" and bool(os.environ.get(FAULT_ENV))
+
+
+def worker_env() -> dict[str, str]:
+    """The variables that carry the hook to every Ray worker (empty unless a test switched it on)."""
+    return {SWITCH_ENV: "1", FAULT_ENV: os.environ[FAULT_ENV]} if active() else {}
+
+
+def inject_fault(epoch: int, marker_dir: str | os.PathLike | None) -> None:
+    """Fail on purpose at ``epoch`` where the hook says so; a no-op unless ``active()``."""
+    if not active():
+        return
+    for spec in filter(None, os.environ[FAULT_ENV].split(";")):
+        kind, _, opts = spec.partition(":")
+        options = dict(kv.split("=", 1) for kv in opts.split(",") if "=" in kv)
+        if int(options.get("epoch", 1)) != epoch:
+            continue
+        if "once" in options:
+            name = options["once"]
+            if not _PLAIN.match(name) or name in (".", "..") or marker_dir is None:
+                raise ValueError(f"{FAULT_ENV}: once= takes a plain file name kept in the run's folder, got {name!r}")
+            folder = Path(marker_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                os.close(os.open(folder / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
+            except FileExistsError:
+                continue
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "oom":
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_ENV} at epoch {epoch})")
+        raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_ENV}: {spec})")
