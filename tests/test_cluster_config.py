@@ -302,8 +302,18 @@ def test_aws_bootstrap_against_moto(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert profile.endswith(f"instance-profile/{aws_config.DEFAULT_RAY_INSTANCE_PROFILE}"), profile
         role = boto3.client("iam").get_instance_profile(
             InstanceProfileName=aws_config.DEFAULT_RAY_INSTANCE_PROFILE)["InstanceProfile"]["Roles"][0]
-        policies = boto3.client("iam").list_attached_role_policies(RoleName=role["RoleName"])
-        assert "AmazonS3FullAccess" in {p["PolicyName"] for p in policies["AttachedPolicies"]}
+        iam = boto3.client("iam")
+        attached = iam.list_attached_role_policies(RoleName=role["RoleName"])["AttachedPolicies"]
+        assert "AmazonS3FullAccess" in {p["PolicyName"] for p in attached}
+        # ...but nothing lets the head pass that role to the workers it launches: hence the one
+        # iam:PassRole grant docs/cluster.md asks for.
+        actions = set()
+        for policy in attached:
+            version = iam.get_policy(PolicyArn=policy["PolicyArn"])["Policy"]["DefaultVersionId"]
+            document = iam.get_policy_version(PolicyArn=policy["PolicyArn"], VersionId=version)["PolicyVersion"]
+            statements = document["Document"]["Statement"]
+            actions |= {a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+        assert "ec2:*" in actions and not {"iam:PassRole", "iam:*", "*"} & actions, sorted(actions)
 
     for name, node_type in config["available_node_types"].items():
         info = catalog[node_type["node_config"]["InstanceType"]]
