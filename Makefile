@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-gpu bench-quick clean
+.PHONY: install demo test test-fast lint bench bench-gpu bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,16 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# the edit loop: everything but the end-to-end runs marked slow (under two minutes on 2 cores)
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+# ruff's lint rules (pyflakes, pycodestyle, isort, bugbear, pyupgrade, bandit) and its formatter, as configured
+# in pyproject.toml; `ruff format .` and `ruff check --fix .` apply what they can
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # the full benchmarks, one after another on a quiet machine (about 40 min on 2 cores); figures in bench/out/
 bench: install

@@ -223,11 +223,25 @@ def test_secret_scan_finds_planted_credentials(text: str) -> None:
     assert find_secrets(CLUSTER_YAML.read_text() + "\n" + text)
 
 
-def test_every_placeholder_is_explained_in_the_docs() -> None:
-    placeholders = set(re.findall(r"REPLACE_WITH_\w+", CLUSTER_YAML.read_text()))
-    assert placeholders, "expected the AMI and instance-profile placeholders"
+def test_runs_as_shipped_with_no_placeholders() -> None:
+    """Nothing to edit before `ray up`: the launcher fills in the AMI and the head's instance profile."""
+    from ray.autoscaler._private.aws.config import DEFAULT_RAY_INSTANCE_PROFILE
+
+    text, config = CLUSTER_YAML.read_text(), load_cluster()
+    assert not re.search(r"REPLACE|\bTODO\b|\bCHANGEME\b", text), "placeholder left in cluster.yaml"
+    assert not re.search(r"ImageId:", text), "a fixed AMI exists in one region only; leave it to the launcher"
+    head = config["available_node_types"][config["head_node_type"]]
+    assert "IamInstanceProfile" not in head["node_config"], "the launcher creates the head's default profile"
+    for name, node_type in worker_node_types(config).items():
+        # Workers write checkpoints to S3, so they need a profile; the launcher gives the head one only.
+        assert node_type["node_config"]["IamInstanceProfile"] == {"Name": DEFAULT_RAY_INSTANCE_PROFILE}, name
+
+
+def test_the_docs_say_how_to_pin_what_the_launcher_chooses_and_what_it_costs() -> None:
     doc = CLUSTER_DOC.read_text()
-    assert not {p for p in placeholders if p not in doc}, "placeholder missing from docs/cluster.md"
+    for needle in ("ImageId", "IamInstanceProfile", "iam:PassRole", "ray down cluster.yaml", "per hour"):
+        assert needle in doc, f"docs/cluster.md does not mention {needle!r}"
+    assert "REPLACE_WITH" not in doc
 
 
 def test_aws_bootstrap_against_moto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -235,11 +249,14 @@ def test_aws_bootstrap_against_moto(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     moto answers the EC2/IAM calls in-process; no request leaves this machine. It proves the AWS
     sections are shaped the way Ray's AWS bootstrap needs, and that the CPU/GPU counts declared per
-    node type agree with EC2's instance catalog. It cannot prove the AMI, quotas or IAM work.
+    node type agree with EC2's instance catalog, and that the launcher fills in what cluster.yaml leaves
+    out (the region's default AMI, its default instance profile for the head). It cannot prove the AMI,
+    quotas or IAM work.
     """
     moto = pytest.importorskip("moto")
     boto3 = pytest.importorskip("boto3")
     from ray.autoscaler._private import commands
+    from ray.autoscaler._private.aws import config as aws_config
     from ray.autoscaler._private.aws import node_provider
 
     # Fake credentials and an empty home: the launcher writes its SSH key to ~/.ssh.
@@ -250,6 +267,8 @@ def test_aws_bootstrap_against_moto(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws_credentials"))
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    # The launcher attaches AWS managed policies (AmazonEC2FullAccess, AmazonS3FullAccess) to its role.
+    monkeypatch.setenv("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
 
     config = load_cluster()
     catalog: dict[str, dict] = {}
@@ -263,15 +282,38 @@ def test_aws_bootstrap_against_moto(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         return instances["InstanceTypes"]
 
     monkeypatch.setattr(node_provider, "list_ec2_instances", list_config_instance_types)
+    # The launcher waits 15 s twice for IAM to propagate after creating its default profile and role.
+    monkeypatch.setattr(aws_config.time, "sleep", lambda seconds: None)
     zones = set(config["provider"]["availability_zone"].split(","))
+    region = config["provider"]["region"]
     with moto.mock_aws():
         resolved = commands._bootstrap_config(copy.deepcopy(config), no_config_cache=True)
-        ec2 = boto3.client("ec2", region_name=config["provider"]["region"])
+        ec2 = boto3.client("ec2", region_name=region)
         for name, node_type in resolved["available_node_types"].items():
             node_config = node_type["node_config"]
             assert node_config["SecurityGroupIds"] and node_config["KeyName"], name
             subnets = ec2.describe_subnets(SubnetIds=node_config["SubnetIds"])["Subnets"]
             assert {s["AvailabilityZone"] for s in subnets} == zones, f"{name}: a listed zone has no subnet"
+            # Left out of cluster.yaml, so the launcher's default AMI for the region fills it in.
+            assert node_config["ImageId"] == aws_config.DEFAULT_AMI[region], name
+        # The launcher created its default profile (S3 and EC2 access) and gave it to the head; the
+        # workers name that same profile.
+        profile = resolved["head_node"]["IamInstanceProfile"]["Arn"]
+        assert profile.endswith(f"instance-profile/{aws_config.DEFAULT_RAY_INSTANCE_PROFILE}"), profile
+        role = boto3.client("iam").get_instance_profile(
+            InstanceProfileName=aws_config.DEFAULT_RAY_INSTANCE_PROFILE)["InstanceProfile"]["Roles"][0]
+        iam = boto3.client("iam")
+        attached = iam.list_attached_role_policies(RoleName=role["RoleName"])["AttachedPolicies"]
+        assert "AmazonS3FullAccess" in {p["PolicyName"] for p in attached}
+        # ...but nothing lets the head pass that role to the workers it launches: hence the one
+        # iam:PassRole grant docs/cluster.md asks for.
+        actions = set()
+        for policy in attached:
+            version = iam.get_policy(PolicyArn=policy["PolicyArn"])["Policy"]["DefaultVersionId"]
+            document = iam.get_policy_version(PolicyArn=policy["PolicyArn"], VersionId=version)["PolicyVersion"]
+            statements = document["Document"]["Statement"]
+            actions |= {a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+        assert "ec2:*" in actions and not {"iam:PassRole", "iam:*", "*"} & actions, sorted(actions)
 
     for name, node_type in config["available_node_types"].items():
         info = catalog[node_type["node_config"]["InstanceType"]]

@@ -31,7 +31,7 @@ import yaml
 from conftest import write_kaggle_tree
 from xray_ray import results as R
 
-pytestmark = pytest.mark.slow
+# Tests that start a two-node Ray cluster are marked slow one by one; the pure unit test runs in `make test-fast`.
 ROOT = Path(__file__).resolve().parents[1]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the venv's own ray CLI, never a PATH lookup
 BUCKET = "xray-test"
@@ -130,6 +130,7 @@ def space_file(tmp_path_factory) -> Path:
 
 # --------------------------------------------------------------------------- tests
 
+@pytest.mark.slow
 def test_token_auth_guards_the_cluster(cluster):
     """The cluster answers its own token only: a client or a node with a wrong token, or none, is refused."""
     ok = _ray_status(cluster.address, cluster.env)
@@ -159,6 +160,7 @@ def test_token_auth_guards_the_cluster(cluster):
     assert len(_wait_for_nodes(cluster.address, cluster.env, 2)) == 2
 
 
+@pytest.mark.slow
 def test_multi_node_refuses_node_local_results(cluster, space_file):
     results = cluster.tmp / "local-results"
     proc = _search(cluster, "--data", "synthetic:300", "--space", str(space_file), "--results", str(results),
@@ -181,6 +183,7 @@ def test_file_uris_count_as_node_local():
     assert not R.node_local("s3://bucket/results") and not R.node_local("gs://bucket/results")
 
 
+@pytest.mark.slow
 def test_search_spreads_trials_and_data_over_both_nodes(cluster, space_file):
     results = cluster.tmp / "shared-results"  # both nodes are this machine: the folder is shared for real
     proc = _search(cluster, "--data", "synthetic:300", "--space", str(space_file),
@@ -199,6 +202,7 @@ def test_search_spreads_trials_and_data_over_both_nodes(cluster, space_file):
     assert info["status"] == "finished" and info["resources"]["address"] == cluster.address
 
 
+@pytest.mark.slow
 def test_search_reads_and_writes_s3(cluster, space_file):
     s3 = _boto3_client(cluster.s3_endpoint)
     s3.create_bucket(Bucket=BUCKET)

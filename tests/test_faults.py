@@ -1,6 +1,6 @@
 """Reliability and security: bad input is refused in one sentence, faults during a search are contained.
 
-Rows of the README's "Bad input and faults" table that other test files already prove are cited there, not repeated here. Searches use
+Rows of the table in docs/reliability.md that other test files already prove are cited there, not repeated here. Searches use
 tiny synthetic data (32 px, one block of 4 channels) so each takes well under a minute on 2 cores.
 """
 

@@ -97,6 +97,7 @@ def test_decoding_forks_local_files_without_ray(manifest_df):
     assert not can_fork([*rows, {"location": "s3://bucket/x.jpeg"}])  # a remote client is not shared
 
 
+@pytest.mark.slow  # starts a local Ray
 def test_decoding_never_forks_a_process_running_ray(manifest_df, local_ray, tmp_path):
     assert not can_fork(manifest_df.to_dict("records"))  # Ray's threads are not fork-safe
     assert prepare(manifest_df, 16, tmp_path, workers=2).stats["decoded_by"] == "2 threads"
@@ -113,6 +114,7 @@ def _epoch(ds, seed, epoch, **kw):
     return idx[order], np.concatenate(imgs)[order], np.concatenate(labels)[order]
 
 
+@pytest.mark.slow  # starts a local Ray
 def test_every_training_image_exactly_once_per_epoch_and_deterministic(local_ray, manifest_df, tmp_path):
     train = prepare(manifest_df, 32, tmp_path).splits["train"]
     ds = train_dataset(train, block_rows=50)
@@ -126,6 +128,7 @@ def test_every_training_image_exactly_once_per_epoch_and_deterministic(local_ray
     assert not np.array_equal(imgs, imgs3)
 
 
+@pytest.mark.slow  # starts a local Ray
 def test_pipeline_is_not_starved_when_trials_hold_every_cpu(local_ray, manifest_df, tmp_path):
     ray = local_ray
     train = prepare(manifest_df, 32, tmp_path).splits["train"]

@@ -15,7 +15,7 @@ import yaml
 from xray_ray import results as R
 from xray_ray.search import main
 
-pytestmark = pytest.mark.slow
+# The end-to-end searches are marked slow one by one; the pure unit tests run in `make test-fast` too.
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY_SPACE = {
@@ -57,6 +57,7 @@ def tiny_run(tmp_path_factory):
     return tmp / "results" / "tiny"
 
 
+@pytest.mark.slow
 def test_tables_have_the_contracted_schema(tiny_run):
     trials = pd.read_parquet(tiny_run / "trials.parquet")
     epochs = pd.read_parquet(tiny_run / "epochs.parquet")
@@ -75,12 +76,14 @@ def test_tables_have_the_contracted_schema(tiny_run):
     assert trials["device"].eq("cpu").all()  # no --gpus-per-trial: every trial trained on the CPU
 
 
+@pytest.mark.slow
 def test_asha_stopped_some_trials_early(tiny_run):
     trials = pd.read_parquet(tiny_run / "trials.parquet")
     assert (trials["status"] == "stopped").any(), trials[["trial_id", "status", "epochs_run", "p_epochs"]]
     assert trials["epochs_run"].nunique() > 1
 
 
+@pytest.mark.slow
 def test_trial_rows_match_tunes_result_grid(tiny_run):
     # Tune's own record of each trial: params.json and one result.json line per report
     trials = pd.read_parquet(tiny_run / "trials.parquet").set_index("trial_id")
@@ -95,6 +98,7 @@ def test_trial_rows_match_tunes_result_grid(tiny_run):
         assert row.p_lr == pytest.approx(params["lr"]) and row.p_blocks == params["blocks"]
 
 
+@pytest.mark.slow
 def test_run_json_and_best_folder(tiny_run):
     run = json.loads((tiny_run / "run.json").read_text())
     for key in ("space", "command", "data", "versions", "git_commit", "started", "finished", "seed", "overhead"):
@@ -108,6 +112,7 @@ def test_run_json_and_best_folder(tiny_run):
     assert json.loads((best / "config.json").read_text())["trial_id"] == trials.iloc[0]["trial_id"]
 
 
+@pytest.mark.slow
 def test_a_second_search_into_the_same_folder_is_refused(tiny_run, capsys):
     rc = main(["--data", "synthetic:300", "--space", str(_space(tiny_run.parent.parent)),
                "--results", str(tiny_run.parent)])
@@ -125,6 +130,7 @@ def _reported_epochs(trial_dir):
     return len(f.read_text().splitlines()) if f.exists() else 0
 
 
+@pytest.mark.slow
 def test_resume_after_the_driver_is_killed(tmp_path):
     space = _space(tmp_path, searcher={"num_samples": 5, "max_concurrent": 1},
                    scheduler={"algorithm": "fifo"})
@@ -164,6 +170,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
             assert len(rows) == 3 and max(r["timestamp"] for r in rows) <= killed_at
 
 
+@pytest.mark.slow
 def test_stability_retrains_the_winner_with_other_seeds_on_the_same_splits(tiny_run, tmp_path, capsys):
     import shutil
 
@@ -223,6 +230,7 @@ def test_overhead_leaves_the_idle_tail_out_of_the_busy_share():
     assert o["share_outside_busy"] == pytest.approx(1 - 11.5 / 18)
 
 
+@pytest.mark.slow
 def test_trials_hand_their_worker_processes_on(tiny_run):
     """reuse_actors: 6 trials, 2 at a time, run in fewer than 6 worker processes (each import of torch saved)."""
     pids = {json.loads(f.read_text().splitlines()[0])["trial_id"]: json.loads(f.read_text().splitlines()[0])["pid"]
@@ -230,6 +238,7 @@ def test_trials_hand_their_worker_processes_on(tiny_run):
     assert len(pids) == 6 and len(set(pids.values())) < 6, pids
 
 
+@pytest.mark.slow
 def test_local_cpu_runs_share_few_augmentation_workers(tiny_run):
     import argparse
 
