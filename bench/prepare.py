@@ -14,7 +14,7 @@ machine hits them alike; each row's figure is the median of its rounds.
                         cache (cached_share = its time / the cold time)
   memory_epoch          plain in-memory batches of the prepared arrays, augmented in-process
   ray_data_epoch        one augmented epoch streamed through Ray Data (map_batches + iter_torch_batches)
-Targets (issue 7): per_core_ratio >= 0.8, cached_share < 5%. The discovery scan that every run does before
+Targets: per_core_ratio >= 0.8, cached_share < 5%. The discovery scan that every run does before
 preparing (xray_ray.sources.load_source: list, hash and verify every file) is timed on its own row too.
 The last line is JSON with every figure and the machine it ran on.
 """

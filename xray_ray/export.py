@@ -174,7 +174,7 @@ def export_onnx(model: CNN, path: str | os.PathLike, opset: int = 17) -> None:
     wrapped = _frozen_copy(model)
     # The TorchScript-based exporter, not the dynamo one: dynamo only implements opset >= 18 and its
     # down-conversion to 17 fails for the "gap" head (ReduceMean axes), while this one writes opset 17
-    # natively for every head, in ~0.05 s instead of ~1.5 s. It is deprecated upstream (torch is pinned).
+    # natively for every head, and many times faster. It is deprecated upstream (torch is pinned).
     with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         raw = os.path.join(scratch, "raw.onnx")

@@ -34,10 +34,10 @@ BATCH_PIXELS = 256 * 64 * 64  # evaluation batches: about a million pixels each
 def rows_for(size: int, most: int = 256) -> int:
     """Rows of an evaluation batch of about a million pixels: 256 at 64 px, 113 at 96 px, 64 at 128 px.
 
-    A batch's activations grow with S squared: at 128 px, 256-image evaluation batches lifted a trial's
-    peak by about 550 MB and ran no faster than 64-image ones (2-core dev machine). Augmentation keeps
-    its 256 rows a task: its intermediates are a few inputs' worth (+10 MB at 128 px), and the map's
-    batch size shapes the local shuffle, so changing it would change every search's training order.
+    A batch's activations grow with S squared, so a fixed pixel budget bounds a trial's peak memory
+    without slowing evaluation (docs/performance.md has the measurements). Augmentation keeps its 256
+    rows a task: its intermediates are a few inputs' worth, and the map's batch size shapes the local
+    shuffle, so changing it would change every search's training order.
     """
     return max(16, min(most, BATCH_PIXELS // (size * size)))
 
@@ -149,8 +149,8 @@ def can_fork(rows: list[Mapping]) -> bool:
     """Whether decoding may fork worker processes here.
 
     Threads share one interpreter: PIL releases the GIL while it decodes and resizes, but its JPEG header
-    parsing and the per-image Python around it do not, so 2 threads prepared only 1.3-1.5x as fast as one
-    worker on the 224 px train JPEGs. Forked processes scale with the cores. Fork only where it is safe: on Linux (macOS
+    parsing and the per-image Python around it do not, so threads scale poorly with the cores
+    (docs/performance.md). Forked processes scale with them. Fork only where it is safe: on Linux (macOS
     frameworks are not fork-safe), with no Ray running in this process (its gRPC threads are not), and
     for local files or generated pixels (a remote filesystem's client is not to be shared across a fork).
     """

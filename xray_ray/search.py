@@ -191,8 +191,8 @@ UNSCORED: dict[str, Any] = {**{f"shift_{m}__{n}": float("nan") for n in SHIFTS f
 def release_freed_memory() -> None:
     """Collect garbage and hand the heap's free pages back to the OS (glibc keeps them otherwise).
 
-    Trial workers are reused (``reuse_actors``); without this a worker's resident memory crept up by
-    tens of MB a trial (cpu.yaml at 128 px, 2-core dev machine).
+    Trial workers are reused (``reuse_actors``); without this a worker's resident memory creeps up from
+    trial to trial.
     """
     gc.collect()
     if sys.platform.startswith("linux"):
@@ -657,7 +657,7 @@ def init_ray(args: argparse.Namespace) -> None:
     """Start a local Ray (token authentication left on) or join a cluster (--address or RAY_ADDRESS)."""
     import ray
 
-    # No worker set-up hook that imports torch: it would load torch (~350 MB each) into every Ray process,
+    # No worker set-up hook that imports torch: it would load torch into every Ray process,
     # Ray Data's own stats and autoscaling actors included. The first augmentation task warms its worker.
     env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
     env["env_vars"].update(faults.worker_env())  # the tests' fault hook reaches every worker; empty otherwise
@@ -670,13 +670,12 @@ def init_ray(args: argparse.Namespace) -> None:
                             f"RAY_AUTH_MODE=token and the cluster's token are set here.") from None
     else:
         # Keep idle data workers alive between trials: a new trial then reuses a warm worker (torch imported)
-        # for its augmentation tasks instead of spawning one, which cost ~2-8 s per trial on 2 cores. Ray's
-        # default soft limit (one idle worker per CPU) caps how many stay: each holds ~450 MB with torch.
-        # (A warm-up task from the driver used to warm one ahead of the first trial; the trials then did
-        # not reuse that worker but started another, ~450 MB more, for 2-3 s saved once a run.)
+        # for its augmentation tasks instead of spawning one (seconds per trial). Ray's default soft limit
+        # (one idle worker per CPU) caps how many stay, each holding torch. No warm-up task from the driver:
+        # the trials would not reuse that worker but start another.
         os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
         # No prestarted idle workers: an augmentation task would land on one as readily as on the warm
-        # worker and load torch into it as well (~450 MB more a worker). Trial workers start on demand.
+        # worker and load torch into it as well. Trial workers start on demand.
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         os.environ.setdefault("RAY_enable_worker_prestart", "0")
         cpus = args.num_cpus or os.cpu_count() or 1
@@ -719,8 +718,8 @@ def env_set(**values: str) -> Iterator[None]:
 def result_loggers(args: argparse.Namespace) -> list:
     """Tune's per-trial result.json and progress.csv, and TensorBoard files only when asked for.
 
-    Tune adds a TensorBoard logger by default, and tensorboardX imports torch: ~300 MB and 1.3 s in a
-    driver that otherwise never needs torch until the export. run() turns Tune's default loggers off
+    Tune adds a TensorBoard logger by default, and tensorboardX imports torch into a driver that
+    otherwise never needs torch until the export. run() turns Tune's default loggers off
     (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS, for the fit only) and adds these instead.
     """
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -746,9 +745,8 @@ def data_slot() -> str | None:
 def data_slots(args: argparse.Namespace, cpus: int) -> int | None:
     """Augmentation tasks a local CPU-only search runs at once across all its trials; None: no cap.
 
-    A CPU trial trains about 30x slower than one core augments (seed CNN at 128 px: ~80 vs ~2,500 images
-    a second, 2-core dev machine), so one augmentation worker serves two trials; each worker process
-    saved is ~450 MB (torch's libraries and heap). GPU trials consume far faster, and a cluster's nodes
+    A CPU trial trains many times slower than one core augments (docs/performance.md), so one
+    augmentation worker serves two trials; each worker process saved is torch's libraries and heap. GPU trials consume far faster, and a cluster's nodes
     would each need the resource: neither is capped.
     """
     if args.address or os.environ.get("RAY_ADDRESS") or getattr(args, "gpus_per_trial", 0) > 0:

@@ -27,7 +27,7 @@ from xray_ray import results as R
 from xray_ray.config import TrialConfig
 from xray_ray.errors import UserError
 
-TARGET_SPREAD_POINTS = 1.5  # issue 6: three seeds of the winning config within 1.5 points of each other
+TARGET_SPREAD_POINTS = 1.5  # the target: three seeds of the winning config within 1.5 points of each other
 SPLITS = ("val", "test", "extra_val")
 METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
 
