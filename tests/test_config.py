@@ -27,7 +27,7 @@ def test_shipped_space_parses_and_every_choice_builds_a_model(path):
         for v in values:
             cfg = TrialConfig.from_dict({**base.to_dict(), p.name: int(v) if p.kind == "int" else v})
             for size in space.image_sizes:
-                build_model(**{k: v for k, v in config_from_dict({**cfg.to_dict(), "image_size": size}).__dict__.items()
+                build_model(**{k: v for k, v in config_from_dict({**cfg.to_dict(), "image_size": size}).to_dict().items()
                                if k != "in_channels"})
 
 
@@ -118,3 +118,65 @@ def test_robustness_composites_are_metrics_with_their_direction():
     space = parse_space({"space": {"epochs": 2}, "scheduler": {"metric": "rob_loss_mean"}})
     assert (space.metric, space.mode) == ("rob_loss_mean", "min")
     assert parse_space({"space": {"epochs": 2}, "scheduler": {"metric": "rob_auc_min"}}).mode == "max"
+
+
+# ---------------------------------------------------------------- one validated config for the family
+
+def test_model_fields_have_one_set_of_defaults():
+    from xray_ray import models
+    from xray_ray.config import CNNConfig
+
+    assert models.CNNConfig is CNNConfig  # the old import path names the same type
+    model, trial = CNNConfig().to_dict(), TrialConfig().to_dict()
+    assert model.pop("in_channels") == 1
+    assert model == {k: trial[k] for k in model}
+    assert (trial["blocks"], trial["head"], trial["fc"]) == (4, "gap", [64])
+    assert TrialConfig.defaults()["epochs"] == 10 and "in_channels" not in TrialConfig.field_names()
+
+
+def test_values_as_tune_and_optuna_hand_them_over_are_accepted():
+    np = pytest.importorskip("numpy")
+    cfg = TrialConfig.from_dict({"blocks": np.int64(3), "width": np.float64(8.0), "double_conv": np.bool_(False),
+                                 "lr": np.float64(0.01), "fc": "[64, 32]", "head": np.str_("flatten"),
+                                 "batch_size": 16.0, "standardize": np.bool_(True)})
+    assert (cfg.blocks, cfg.width, cfg.double_conv, cfg.fc, cfg.head, cfg.batch_size) == (3, 8, False, (64, 32),
+                                                                                          "flatten", 16)
+    assert [type(v) for v in (cfg.blocks, cfg.width, cfg.double_conv, cfg.lr, cfg.head)] == [int, int, bool, float, str]
+    assert TrialConfig.from_dict({"fc": "64,32"}).fc == (64, 32) and TrialConfig.from_dict({"fc": "[]"}).fc == ()
+    d = cfg.to_dict()
+    assert d["fc"] == [64, 32] and TrialConfig.from_dict(d) == cfg and list(d) == list(TrialConfig().to_dict())
+    hash(cfg)
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"blocks": 0}, "blocks must be at least 1, got 0."),
+    ({"image_size": 32, "blocks": 7}, "blocks=7 does not fit image_size=32: each block halves the image, so use 1 "
+                                      "to 5 blocks or a larger image_size."),
+    ({"width": 0}, "width must be at least 1, got 0."),
+    ({"max_width": 0}, "max_width must be at least 1, got 0."),
+    ({"fc": [0]}, "fc"), ({"fc": [-4]}, "fc"), ({"fc": "64,big"}, "fc"), ({"fc": [64, 2.5]}, "fc"),
+    ({"image_size": 100000}, "image_size must be between 8 and 1024"), ({"image_size": 4}, "image_size"),
+    ({"batch_size": 10**9}, "batch_size must be between 1 and 4096"), ({"batch_size": 0}, "batch_size"),
+    ({"blocks": 16.5}, "'blocks' must be an integer"), ({"blocks": True}, "'blocks' must be an integer"),
+    ({"lr": True}, "'lr' must be a number"), ({"lr": "0.1"}, "'lr' must be a number"),
+    ({"lr": float("nan")}, "'lr' must be a number"), ({"growth": 0.0}, "growth"),
+    ({"double_conv": 1}, "'double_conv' must be true or false"), ({"head": "avg"}, "head"),
+    ({"epochs": 101}, "epochs must be between 1 and 100"), ({"ema": 0.3}, "ema"),
+    ({"epochs": 3, "warmup_epochs": 3}, "warmup_epochs must be below epochs"), ({"rotate": 46}, "rotate"),
+])
+def test_impossible_trials_are_refused_in_one_sentence_naming_the_key(bad, words):
+    with pytest.raises(UserError) as e:
+        TrialConfig.from_dict(bad)
+    msg = str(e.value)
+    assert words in msg and "\n" not in msg and msg.endswith(".") and not msg.endswith(".."), msg
+    with pytest.raises(UserError):  # the constructor checks as much as from_dict
+        TrialConfig(**bad)
+
+
+def test_config_is_frozen_and_a_changed_copy_is_checked_again():
+    cfg = TrialConfig(image_size=32)
+    with pytest.raises(Exception):
+        cfg.blocks = 3
+    assert cfg.replace(blocks=5).blocks == 5 and cfg.blocks == 4
+    with pytest.raises(UserError, match="blocks=6 does not fit image_size=32"):
+        cfg.replace(blocks=6)

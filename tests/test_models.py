@@ -1,7 +1,6 @@
 """The CNN family: every preset and block count runs, trains, scripts; bad sizes are refused."""
 
 import io
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -35,7 +34,7 @@ def _forward_backward(model: CNN, n: int = 2) -> torch.Tensor:
 def test_every_preset_runs_and_trains_at_every_size(preset, size):
     torch.manual_seed(0)
     model = build_model(preset, image_size=size)
-    assert model.config == CNNConfig(**{**asdict(PRESETS[preset]), "image_size": size})
+    assert model.config == CNNConfig(**{**PRESETS[preset].to_dict(), "image_size": size})
     _forward_backward(model)
     model.eval()
     assert model(torch.rand(1, 1, size, size)).shape == (1,)

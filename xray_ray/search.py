@@ -22,7 +22,7 @@ import tempfile
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -31,11 +31,11 @@ import numpy as np
 import pandas as pd
 
 from xray_ray import results as R
-from xray_ray.config import SearchSpace, TrialConfig, load_space
+from xray_ray.config import CNNConfig, SearchSpace, TrialConfig, load_space
 from xray_ray.errors import UserError
 from xray_ray.robustness import COMPOSITES, SHIFTS
 
-_TRIAL_FIELDS = {f.name for f in fields(TrialConfig)}
+_TRIAL_FIELDS = set(TrialConfig.field_names())
 
 
 @dataclass
@@ -94,7 +94,7 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
     swa = make_swa(model, cfg.swa)
     swa_from = cfg.epochs - max(1, math.ceil(cfg.swa * cfg.epochs)) + 1 if swa is not None else cfg.epochs + 1
     loss_fn = make_loss(cfg, runtime.pos_fraction)
-    eval_loss = make_loss(replace(cfg, label_smoothing=0.0, class_weighting="none"), runtime.pos_fraction)
+    eval_loss = make_loss(cfg.replace(label_smoothing=0.0, class_weighting="none"), runtime.pos_fraction)
     better = (lambda a, b: a > b) if runtime.mode == "max" else (lambda a, b: a < b)
 
     start_epoch, best, best_epoch, best_state = 1, None, 0, None
@@ -231,9 +231,8 @@ def inject_fault(epoch: int) -> None:
 
 
 def model_sizes(cfg: TrialConfig) -> dict[str, Any]:
-    from xray_ray.models import CNNConfig
-
-    names = {f.name for f in fields(CNNConfig)}
+    """The CNNConfig sizes of a trial (build_model(**model_sizes(cfg)))."""
+    names = CNNConfig.field_names()
     return {k: v for k, v in cfg.to_dict().items() if k in names and k != "in_channels"}
 
 
@@ -244,9 +243,9 @@ _LATER_SETTINGS = ("standardize", "swa", "sampler", "mixup", "crop", "erase")
 
 def trial_seed(cfg: TrialConfig) -> int:
     """A seed fixed by the run's seed and the trial's own hyperparameters."""
-    d = cfg.to_dict()
+    d, default = cfg.to_dict(), TrialConfig.defaults()
     for k in _LATER_SETTINGS:
-        if d[k] == getattr(TrialConfig, k):
+        if d[k] == default[k]:
             del d[k]
     return zlib.crc32(json.dumps(d, sort_keys=True).encode()) % (2**31)
 
@@ -257,12 +256,8 @@ def encode_value(v: Any) -> Any:
 
 
 def decode_config(config: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in config.items():
-        if k not in _TRIAL_FIELDS:
-            continue
-        out[k] = json.loads(v) if k == "fc" and isinstance(v, str) else v
-    return out
+    """The trial settings of Tune's config (TrialConfig reads fc back from its JSON string itself)."""
+    return {k: v for k, v in config.items() if k in _TRIAL_FIELDS}
 
 
 # --------------------------------------------------------------------------- Tune wiring
@@ -792,7 +787,7 @@ def collect(grid, space: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
         for _, h in hist.iterrows():
             erows.append({"trial_id": trial_id, **{c: h.get(c) for c in R.EPOCH_COLUMNS if c != "trial_id"}})
         last = hist.iloc[-1] if len(hist) else {}
-        epochs_planned = int(cfg.get("epochs", TrialConfig.epochs))
+        epochs_planned = int(cfg.get("epochs", TrialConfig.defaults()["epochs"]))
         epochs_run = int(len(hist))
         if res.error is not None:
             status = "errored"
