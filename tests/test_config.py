@@ -180,3 +180,73 @@ def test_config_is_frozen_and_a_changed_copy_is_checked_again():
     assert cfg.replace(blocks=5).blocks == 5 and cfg.blocks == 4
     with pytest.raises(UserError, match="blocks=6 does not fit image_size=32"):
         cfg.replace(blocks=6)
+
+
+# ---------------------------------------------------------------- the space check knows the family's limits
+
+@pytest.mark.parametrize("space, words", [
+    ({"image_size": 48, "blocks": {"type": "int", "low": 2, "high": 9}},
+     "blocks=9 does not fit image_size=48: each block halves the image, so use 1 to 5 blocks"),
+    # the largest blocks with the smallest image size among the choices
+    ({"image_size": {"type": "categorical", "choices": [128, 48]}, "blocks": {"type": "int", "low": 2, "high": 6}},
+     "blocks=6 does not fit image_size=48"),
+    ({"image_size": {"type": "categorical", "choices": [48, 96]}, "blocks": 6}, "blocks=6 does not fit image_size=48"),
+    ({"epochs": {"type": "int", "low": 2, "high": 6}, "warmup_epochs": {"type": "int", "low": 0, "high": 3}},
+     "warmup_epochs must be below epochs"),
+    ({"swa": {"type": "float", "low": 0.0, "high": 0.3}, "ema": {"type": "categorical", "choices": [0.0, 0.99]}},
+     "swa and ema both average weights"),
+    ({"blocks": 0}, "blocks must be at least 1"), ({"width": 0}, "width must be at least 1"),
+    ({"width": {"type": "categorical", "choices": [8, 0]}}, "width must be at least 1"),
+    ({"max_width": {"type": "int", "low": 0, "high": 8}}, "max_width must be at least 1"),
+    ({"fc": [0]}, "fc"), ({"fc": [-4]}, "fc"), ({"fc": {"type": "categorical", "choices": [[64], [32, 0]]}}, "fc"),
+    ({"image_size": 100000}, "image_size must be between 8 and 1024"),
+    ({"image_size": {"type": "categorical", "choices": [64, 4096]}}, "image_size must be between 8 and 1024"),
+    ({"batch_size": "1e9"}, "batch_size"), ({"batch_size": 1.0e9}, "batch_size must be between 1 and 4096"),
+    ({"batch_size": {"type": "int", "low": 16, "high": 100000}}, "batch_size must be between 1 and 4096"),
+])
+def test_a_space_that_reaches_an_impossible_trial_is_refused(space, words):
+    with pytest.raises(UserError) as e:
+        parse_space({"space": {"epochs": 3, **space}})
+    msg = str(e.value)
+    assert words in msg and msg.startswith("space") and "\n" not in msg and msg.endswith("."), msg
+
+
+def test_the_space_check_tries_corners_against_the_space_not_the_defaults():
+    # 7 blocks do not fit the default 64 px, but every image size this space prepares takes them
+    space = parse_space({"space": {"image_size": {"type": "categorical", "choices": [128, 256]},
+                                   "blocks": {"type": "int", "low": 2, "high": 7}, "epochs": 3}})
+    assert space.image_sizes == [128, 256]
+    # swa searched while ema is off, warm-up always below the fewest epochs
+    parse_space({"space": {"swa": {"type": "float", "low": 0.0, "high": 0.3}, "ema": 0.0,
+                           "epochs": {"type": "int", "low": 4, "high": 6},
+                           "warmup_epochs": {"type": "int", "low": 0, "high": 3}}})
+
+
+def test_a_space_of_constants_trains_once_unless_asked_for_more():
+    one = parse_space({"name": "one", "space": {"image_size": 48, "blocks": 4, "epochs": 2}})
+    assert one.params == () and one.num_samples == 1
+    assert parse_space({"space": {"epochs": 2}, "searcher": {"num_samples": 3}}).num_samples == 3
+    assert parse_space({"space": {"epochs": {"type": "int", "low": 2, "high": 3}}}).num_samples == 8
+
+
+BAD_SPACES = {
+    "blocks 9 at 48 px": "image_size: 48\n  blocks: {type: int, low: 2, high: 9}\n",
+    "blocks 0": "blocks: 0\n", "width 0": "width: 0\n", "fc [0]": "fc: [0]\n", "fc [-4]": "fc: [-4]\n",
+    "image_size 100000": "image_size: 100000\n", "batch_size 1e9": "batch_size: 1e9\n",
+    "batch_size 1.0e9": "batch_size: 1.0e+9\n",
+}
+
+
+@pytest.mark.parametrize("body", BAD_SPACES.values(), ids=BAD_SPACES.keys())
+def test_the_search_refuses_an_impossible_space_before_reading_data(tmp_path, body):
+    from conftest import run_module
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nspace:\n  epochs: 2\n  " + body)
+    res = run_module("xray_ray.search", "--data", "synthetic:60", "--space", str(bad),
+                     "--results", str(tmp_path / "results"), "--cache", str(tmp_path / "cache"))
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: space"), res.stderr
+    assert "Traceback" not in res.stderr + res.stdout and "loading data" not in res.stdout
+    assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
