@@ -211,10 +211,13 @@ def test_a_space_that_reaches_an_impossible_trial_is_refused(space, words):
     assert words in msg and msg.startswith("space") and "\n" not in msg and msg.endswith("."), msg
 
 
-def test_the_space_check_tries_corners_against_the_space_not_the_defaults():
+def test_the_space_check_tries_the_corners_of_the_space_itself():
+    blocks = {"type": "int", "low": 2, "high": 7}
+    with pytest.raises(UserError, match="blocks=7 does not fit image_size=48"):
+        parse_space({"space": {"image_size": {"type": "categorical", "choices": [48, 128]}, "blocks": blocks}})
     # 7 blocks do not fit the default 64 px, but every image size this space prepares takes them
-    space = parse_space({"space": {"image_size": {"type": "categorical", "choices": [128, 256]},
-                                   "blocks": {"type": "int", "low": 2, "high": 7}, "epochs": 3}})
+    space = parse_space({"space": {"image_size": {"type": "categorical", "choices": [128, 256]}, "blocks": blocks,
+                                   "epochs": 3}})
     assert space.image_sizes == [128, 256]
     # swa searched while ema is off, warm-up always below the fewest epochs
     parse_space({"space": {"swa": {"type": "float", "low": 0.0, "high": 0.3}, "ema": 0.0,
@@ -224,7 +227,7 @@ def test_the_space_check_tries_corners_against_the_space_not_the_defaults():
 
 def test_a_space_of_constants_trains_once_unless_asked_for_more():
     one = parse_space({"name": "one", "space": {"image_size": 48, "blocks": 4, "epochs": 2}})
-    assert one.params == () and one.num_samples == 1
+    assert one.params == () and one.num_samples == 1 and one.scheduler == "fifo"
     assert parse_space({"space": {"epochs": 2}, "searcher": {"num_samples": 3}}).num_samples == 3
     assert parse_space({"space": {"epochs": {"type": "int", "low": 2, "high": 3}}}).num_samples == 8
 

@@ -170,3 +170,16 @@ def test_torchscript_script_and_trace_round_trip(preset):
             loaded = torch.jit.load(buffer)
             assert torch.allclose(loaded(x), expected, atol=1e-6)  # batch differs from the traced one
             assert loaded(x[:1]).shape == (1,)
+
+
+def test_the_default_model_is_the_default_trials_model():
+    """One set of defaults: build_model() with no sizes is the model a TrialConfig() trains."""
+    from xray_ray import config
+    from xray_ray.config import TrialConfig
+    from xray_ray.search import model_sizes
+
+    assert CNNConfig is config.CNNConfig and max_blocks is config.max_blocks
+    default, trial = build_model(), build_model(**model_sizes(TrialConfig()))
+    assert default.config == trial.config and count_params(default) == count_params(trial)
+    assert (default.config.blocks, default.config.head, default.config.fc) == (4, "gap", (64,))
+    assert isinstance(default.pool, torch.nn.AdaptiveAvgPool2d)

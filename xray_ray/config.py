@@ -436,7 +436,8 @@ def parse_space(doc: Any, default_name: str = "space") -> SearchSpace:
         max_concurrent=_int_at(searcher, "max_concurrent", 0, "searcher", lo=0),
         searcher=_choice_at(searcher, "algorithm", "optuna", ("optuna", "random"), "searcher"),
         seed=_int_at(searcher, "seed", 0, "searcher", lo=0),
-        scheduler=_choice_at(scheduler, "algorithm", "asha", ("asha", "fifo"), "scheduler"),
+        # ...and its replicas all train to the end: nothing differs between them for ASHA to compare
+        scheduler=_choice_at(scheduler, "algorithm", "asha" if params else "fifo", ("asha", "fifo"), "scheduler"),
         metric=metric,
         mode=mode,
         grace_period=_int_at(scheduler, "grace_period", 1, "scheduler", lo=1),

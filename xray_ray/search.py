@@ -263,7 +263,16 @@ def decode_config(config: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- Tune wiring
 
 def build_searcher(space: SearchSpace, seed: int):
-    """OptunaSearch (TPE, seeded) over the space's parameters, or seeded random search."""
+    """OptunaSearch (TPE, seeded) over the space's parameters, or seeded random search.
+
+    A space of constants has nothing to search: its configuration is trained num_samples times, trial i
+    with seed + i, so that the trials are replicas that differ in their trial seed only.
+    """
+    if not space.params:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        replicas = [{"seed": seed + i} for i in range(space.num_samples)]
+        return BasicVariantGenerator(points_to_evaluate=replicas), {**tune_space(space), "seed": seed}
     if space.searcher == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -606,11 +615,28 @@ def run(args: argparse.Namespace) -> str:
         if not args.no_export and trials["best_metric"].notna().any():
             card = export_best(grid, trials, epochs, prepared, run_info, run_dir, space)
             run_info["best"] = {"trial_id": card.get("trial_id"), "threshold": card.get("threshold", {}).get("value")}
+        failure = every_trial_failed(trials)
+        if failure:  # the tables and run.json still say what happened to each trial
+            run_info.update(status="failed", error=failure)
         R.write_json(run_info, run_json)
+        if failure:
+            raise UserError(failure)
         print(f"[xray_ray] done in {wall:.0f}s; results in {run_dir}", flush=True)
         return run_dir
     finally:
         ray.shutdown()
+
+
+def every_trial_failed(trials: pd.DataFrame) -> str | None:
+    """One sentence when no trial has a finite best metric and every trial errored (the first one's error), else None."""
+    if not len(trials) or not (trials["status"] == "errored").all():
+        return None
+    if pd.to_numeric(trials["best_metric"], errors="coerce").map(math.isfinite).any():
+        return None
+    first = trials.sort_values("trial_id").iloc[0]
+    why = " ".join(str(first["error"] or "no error message").split()).rstrip(".")
+    return (f"every trial failed ({len(trials)} of {len(trials)}), so there is no model; the first "
+            f"({first['trial_id']}) with: {why}.")
 
 
 def rungs(space: SearchSpace) -> tuple[int, ...]:
