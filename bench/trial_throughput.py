@@ -39,13 +39,10 @@ TARGET = 0.95
 
 def trial_config(preset: str, size: int, epochs: int, batch_size: int):
     """The TrialConfig both sides train: the preset's model at ``size`` plus the fixed augmentation."""
-    from dataclasses import asdict
-
     from xray_ray.config import TrialConfig
     from xray_ray.models import PRESETS
 
-    model = {k: v for k, v in asdict(PRESETS[preset]).items() if k in TrialConfig.__dataclass_fields__}
-    model.pop("in_channels", None)
+    model = {k: v for k, v in PRESETS[preset].to_dict().items() if k in TrialConfig.field_names()}
     return TrialConfig.from_dict({**model, "image_size": size, "epochs": epochs, "batch_size": batch_size,
                                   **STRENGTHS, "seed": 0})
 

@@ -1,7 +1,6 @@
 """The CNN family: every preset and block count runs, trains, scripts; bad sizes are refused."""
 
 import io
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -35,7 +34,7 @@ def _forward_backward(model: CNN, n: int = 2) -> torch.Tensor:
 def test_every_preset_runs_and_trains_at_every_size(preset, size):
     torch.manual_seed(0)
     model = build_model(preset, image_size=size)
-    assert model.config == CNNConfig(**{**asdict(PRESETS[preset]), "image_size": size})
+    assert model.config == CNNConfig(**{**PRESETS[preset].to_dict(), "image_size": size})
     _forward_backward(model)
     model.eval()
     assert model(torch.rand(1, 1, size, size)).shape == (1,)
@@ -171,3 +170,16 @@ def test_torchscript_script_and_trace_round_trip(preset):
             loaded = torch.jit.load(buffer)
             assert torch.allclose(loaded(x), expected, atol=1e-6)  # batch differs from the traced one
             assert loaded(x[:1]).shape == (1,)
+
+
+def test_the_default_model_is_the_default_trials_model():
+    """One set of defaults: build_model() with no sizes is the model a TrialConfig() trains."""
+    from xray_ray import config
+    from xray_ray.config import TrialConfig
+    from xray_ray.search import model_sizes
+
+    assert CNNConfig is config.CNNConfig and max_blocks is config.max_blocks
+    default, trial = build_model(), build_model(**model_sizes(TrialConfig()))
+    assert default.config == trial.config and count_params(default) == count_params(trial)
+    assert (default.config.blocks, default.config.head, default.config.fc) == (4, "gap", (64,))
+    assert isinstance(default.pool, torch.nn.AdaptiveAvgPool2d)

@@ -255,3 +255,45 @@ def test_local_cpu_runs_share_few_augmentation_workers(tiny_run):
     run = json.loads((tiny_run / "run.json").read_text())
     assert run["resources"]["augment_slots"] == data_slots(ns(), os.cpu_count())
 
+
+
+def _search_cli(tmp_path, space_text: str, *flags: str) -> subprocess.CompletedProcess:
+    space = tmp_path / "space.yaml"
+    space.write_text(space_text)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "xray_ray.search", "--data", "synthetic:60", "--space", str(space),
+                           "--results", str(tmp_path / "results"), "--cache", str(tmp_path / "cache"),
+                           "--num-cpus", "2", "--no-export", *flags],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+
+
+def test_a_space_of_constants_trains_its_configuration_as_seeded_replicas(tmp_path):
+    """Issue 15 #12: no searched parameter used to crash OptunaSearch; now each trial is the same config."""
+    res = _search_cli(tmp_path, "name: one\nspace:\n  image_size: 32\n  blocks: 2\n  epochs: 1\n  width: 4\n"
+                                "  double_conv: false\n", "--num-samples", "2", "--seed", "5")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = tmp_path / "results" / "one"
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    assert len(trials) == 2 and (trials["status"] == "completed").all() and (trials["epochs_run"] == 1).all()
+    params = [json.loads((d / "params.json").read_text()) for d in _trial_dirs(run_dir)]
+    assert sorted(p["seed"] for p in params) == [5, 6]  # replicas: the run's seed + i
+    assert all({k: v for k, v in p.items() if k != "seed"} == {k: v for k, v in params[0].items() if k != "seed"}
+               for p in params)
+
+
+def test_a_search_whose_every_trial_errored_exits_2_with_the_reason(tmp_path):
+    """Issue 15: every trial NaN (lr 1e20) used to end with exit 0, 'done' and no model."""
+    res = _search_cli(tmp_path, "name: nan\nspace:\n  image_size: 32\n  blocks: 2\n  epochs: 1\n  width: 4\n"
+                                "  lr: {type: float, low: 1.0e+19, high: 1.0e+20, log: true}\n"
+                                "searcher: {algorithm: random, num_samples: 2}\nscheduler: {algorithm: fifo}\n",
+                      "--max-failures", "0")
+    assert res.returncode == 2, res.stderr[-3000:]
+    last = [line for line in res.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: every trial failed (2 of 2)") and "lower the learning rate" in last, last
+    assert "done in" not in res.stdout
+    run_dir = tmp_path / "results" / "nan"
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    assert len(trials) == 2 and (trials["status"] == "errored").all()
+    assert (run_dir / "epochs.parquet").is_file() and not (run_dir / "best").exists()
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "failed" and run["error"] == last.removeprefix("error: ")

@@ -1,152 +1,319 @@
 """Typed trial config and search-space files.
 
-A trial is described by one flat, frozen :class:`TrialConfig` (defaults defined here once). A search-space
-YAML file says which of its fields are searched and how, plus the searcher and scheduler settings. Unknown
-keys, wrong types and empty ranges are rejected with a sentence that names the key.
+A trial is described by one flat, frozen :class:`TrialConfig`; its model fields are :class:`CNNConfig`'s,
+and every default is defined here once. Both are pydantic models: unknown keys, wrong types, values out of
+bounds and sizes the CNN family cannot build are refused with one sentence that names the key
+(:class:`~xray_ray.errors.UserError`). A search-space YAML file says which fields are searched and how, plus
+the searcher and scheduler settings; its check proves every corner of the space buildable before Ray starts.
+This module imports no torch: the search driver validates configs without it.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
+import json
 import math
-from dataclasses import dataclass, field, fields
+import numbers
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, ClassVar, Literal, Mapping
 
+import annotated_types as at
+import numpy as np
 import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import model_validator
 
 from xray_ray.errors import UserError
 
 MAX_EPOCHS = 100
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
+MAX_BATCH_SIZE = 4096
 
 
-@dataclass(frozen=True)
-class TrialConfig:
-    """Everything one trial needs: model sizes, training and augmentation settings."""
+def max_blocks(image_size: int) -> int:
+    """Most conv blocks an image of this size allows: each block halves it and >= 1 px must remain."""
+    return max(0, int(image_size).bit_length() - 1)
 
-    # model (names match models.CNNConfig)
-    image_size: int = 64
-    blocks: int = 4
-    double_conv: bool = True
-    width: int = 16
-    growth: float = 2.0
-    max_width: int = 256
-    dropout: float = 0.2
-    head: str = "gap"
-    fc: tuple[int, ...] = (64,)
-    standardize: bool = False  # per-image standardisation inside the model instead of a fixed (x-0.5)/0.25
-    # training
-    epochs: int = 10
-    batch_size: int = 32
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    warmup_epochs: int = 0
-    class_weighting: str = "none"
-    label_smoothing: float = 0.0
-    ema: float = 0.0
-    swa: float = 0.0  # share of the last epochs whose weights are averaged (stochastic weight averaging); 0: off
-    sampler: str = "none"  # "balanced": each epoch draws both classes equally often (rows repeated or left out)
-    mixup: float = 0.0  # Beta(alpha, alpha) of mixup between images of a batch; 0: off
-    # augmentation strengths (0 switches each off)
-    zoom: float = 0.3
-    rotate: float = 0.0
-    shift: float = 0.0
-    hflip: float = 0.0
-    vflip: float = 0.5
-    brightness: float = 0.0
-    contrast: float = 0.0
-    gamma: float = 0.0
-    blur: float = 0.0
-    crop: float = 0.0  # random-resized crop: up to this share of the area cut away, aspect 3/4..4/3; 0: off
-    erase: float = 0.0  # chance of erasing one random rectangle (2-25% of the area) of each image; 0: off
-    # reproducibility
-    seed: int = 0
+
+# --------------------------------------------------------------------------- values as Tune, Optuna and YAML give them
+
+class _WrongType(ValueError):
+    """A value of the wrong kind (its sentence names the key in quotes, as the type errors always did)."""
+
+
+def _show(v: Any) -> str:
+    return repr(v.item() if isinstance(v, np.generic) else v)
+
+
+def _as_int(v: Any) -> int:
+    # Tune and Optuna hand over numpy ints, or floats such as 16.0; accept those, refuse 16.5, True and "16".
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise _WrongType(f"must be an integer, got {_show(v)}")
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if math.isfinite(float(v)) and float(v).is_integer():
+        return int(v)
+    raise _WrongType(f"must be an integer, got {_show(v)}")
+
+
+def _as_float(v: Any) -> float:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        raise _WrongType(f"must be a number, got {_show(v)}")
+    return float(v)
+
+
+def _as_bool(v: Any) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise _WrongType(f"must be true or false, got {_show(v)}")
+    return bool(v)
+
+
+def _as_str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise _WrongType(f"must be a string, got {_show(v)}")
+    return str(v)  # a numpy str_ becomes a plain str
+
+
+def _as_sizes(v: Any) -> tuple[int, ...]:
+    # Optuna's categorical choices must be scalars, so fc arrives as JSON "[512, 128, 64]" or as "512,128,64".
+    if isinstance(v, str):
+        parts = [part for part in re.split(r"[,x\-\s]+", v.strip().strip("[]()").lower()) if part]
+        if parts in ([], ["none"]):
+            return ()
+        try:
+            v = [int(part) for part in parts]
+        except ValueError:
+            raise _WrongType(f"must list layer sizes such as [128, 64] or '128,64', got {v!r}") from None
+    elif isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)):
+        v = [v]
+    if not isinstance(v, (list, tuple)):
+        raise _WrongType(f"must be a list of layer sizes such as [128, 64], got {_show(v)}")
+    try:
+        sizes = tuple(_as_int(size) for size in v)
+    except _WrongType:
+        raise _WrongType(f"must be a list of integers, got {_show(v)}") from None
+    if any(size < 1 for size in sizes):
+        raise ValueError(f"layer sizes must each be at least 1, got {list(sizes)}")
+    return sizes
+
+
+def _ema_rule(v: float) -> float:
+    if not (v == 0 or 0.5 <= v < 1):
+        raise ValueError(f"must be 0 (off) or a decay in [0.5, 1), got {v}")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_as_int)]
+Float = Annotated[float, BeforeValidator(_as_float)]
+Bool = Annotated[bool, BeforeValidator(_as_bool)]
+Sizes = Annotated[tuple[int, ...], BeforeValidator(_as_sizes)]
+
+# what a bound means, where the name alone does not say it
+_UNITS = {"rotate": "degrees", "blur": "sigma in pixels", "mixup": "alpha"}
+_NOTES = {"swa": "the share of final epochs averaged"}
+
+
+def _num(x: Any) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _range_text(info) -> str:
+    lo = hi = None
+    lo_open = hi_open = False
+    for m in info.metadata:
+        if isinstance(m, at.Ge):
+            lo = m.ge
+        elif isinstance(m, at.Gt):
+            lo, lo_open = m.gt, True
+        elif isinstance(m, at.Le):
+            hi = m.le
+        elif isinstance(m, at.Lt):
+            hi, hi_open = m.lt, True
+    if lo is not None and hi is not None:
+        if not lo_open and not hi_open:
+            return f"between {_num(lo)} and {_num(hi)}"
+        return f"in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
+    if lo is not None:
+        return ("positive" if lo == 0 else f"greater than {_num(lo)}") if lo_open else f"at least {_num(lo)}"
+    return f"below {_num(hi)}" if hi_open else f"at most {_num(hi)}"
+
+
+def _sentence(err: Mapping[str, Any], name: str | None, model: type["_Config"]) -> str:
+    """One pydantic error as the one sentence a user reads: what is wrong with which key, and what is allowed."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return (f"unknown {model.what} '{name}'; known settings are: {', '.join(sorted(model.field_names()))}.")
+    if kind in ("value_error", "assertion_error") and "error" in ctx:
+        exc = ctx["error"]
+        text = str(exc)
+        if name is None:
+            out = text
+        elif isinstance(exc, _WrongType):
+            out = f"'{name}' {text}"
+        else:
+            out = f"{name} {text}"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        unit = f" ({_UNITS[name]})" if name in _UNITS else ""
+        note = f" ({_NOTES[name]})" if name in _NOTES else ""
+        out = f"{name}{unit} must be {_range_text(model.model_fields[name])}{note}, got {_show(err['input'])}"
+    elif kind == "literal_error":
+        out = f"{name} must be {ctx.get('expected')}, got {_show(err['input'])}"
+    else:  # pragma: no cover - every field has a before-validator that turns odd input into one of the above
+        out = f"'{name}' is not valid: {err['msg']}, got {_show(err.get('input'))}"
+    out = " ".join(out.split())
+    return out if out.endswith(".") else out + "."
+
+
+def _refusal(e: ValidationError, model: type["_Config"], name: str | None = None) -> UserError:
+    err = e.errors(include_url=False)[0]
+    loc = err.get("loc") or ()
+    return UserError(_sentence(err, name if name is not None else (str(loc[0]) if loc else None), model))
+
+
+class _Config(BaseModel):
+    """A frozen, strict pydantic model whose errors are one-sentence UserErrors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=False)
+    what: ClassVar[str] = "setting"
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise _refusal(e, type(self)) from None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        """Build from a flat dict (e.g. Tune's config), checking names, types, ranges and the family's limits."""
+        if not isinstance(d, Mapping):
+            raise UserError(f"a {cls.__name__} is built from a mapping of settings, got {_show(d)}.")
+        return cls(**{str(k): v for k, v in d.items()})
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(cls.model_fields)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default, as to_dict() gives it."""
+        return _defaults(cls)
+
+    @classmethod
+    def check_value(cls, name: str, value: Any) -> Any:
+        """One field's value checked and normalised on its own (type and bounds; rules between fields not)."""
+        try:
+            return _adapter(cls, name).validate_python(value)
+        except ValidationError as e:
+            raise _refusal(e, cls, name) from None
+
+    def replace(self, **changes: Any):
+        """A validated copy with some fields changed."""
+        return type(self).from_dict({**self.to_dict(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """JSON-able dict of the fields (fc as a list)."""
+        d = self.model_dump()
         d["fc"] = list(self.fc)
         return d
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrialConfig":
-        """Build from a flat dict (e.g. Tune's config), checking names, types and ranges."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise UserError(f"unknown trial setting '{unknown[0]}'; known settings are: {', '.join(sorted(names))}.")
-        kwargs = {k: _coerce(k, v) for k, v in d.items()}
-        cfg = cls(**kwargs)
-        cfg.validate()
-        return cfg
 
-    def validate(self) -> None:
-        checks: list[tuple[bool, str]] = [
-            (1 <= self.epochs <= MAX_EPOCHS, f"epochs must be between 1 and {MAX_EPOCHS}, got {self.epochs}"),
-            (self.image_size >= 8, f"image_size must be at least 8, got {self.image_size}"),
-            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
-            (self.lr > 0, f"lr must be positive, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
-            (self.optimizer in ("adam", "adamw", "sgd"), f"optimizer must be adam, adamw or sgd, got '{self.optimizer}'"),
-            (self.schedule in ("cosine", "constant"), f"schedule must be cosine or constant, got '{self.schedule}'"),
-            (0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
-             f"warmup_epochs must be below epochs, got {self.warmup_epochs}"),
-            (self.class_weighting in ("none", "balanced"),
-             f"class_weighting must be none or balanced, got '{self.class_weighting}'"),
-            (0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}"),
-            (self.ema == 0 or 0.5 <= self.ema < 1, f"ema must be 0 (off) or a decay in [0.5, 1), got {self.ema}"),
-            (self.head in ("flatten", "gap"), f"head must be flatten or gap, got '{self.head}'"),
-            (0 <= self.swa < 1, f"swa must be in [0, 1) (the share of final epochs averaged), got {self.swa}"),
-            (not (self.swa and self.ema), "swa and ema both average weights; switch one of them off"),
-            (self.sampler in ("none", "balanced"), f"sampler must be none or balanced, got '{self.sampler}'"),
-            (0 <= self.mixup <= 1, f"mixup (alpha) must be between 0 and 1, got {self.mixup}"),
-            (0 <= self.crop <= 0.9, f"crop must be between 0 and 0.9, got {self.crop}"),
-        ]
-        for name in ("zoom", "shift", "hflip", "vflip", "brightness", "contrast", "gamma", "erase"):
-            v = getattr(self, name)
-            checks.append((0 <= v <= 1, f"{name} must be between 0 and 1, got {v}"))
-        checks.append((0 <= self.rotate <= 45, f"rotate (degrees) must be between 0 and 45, got {self.rotate}"))
-        checks.append((0 <= self.blur <= 3, f"blur (sigma in pixels) must be between 0 and 3, got {self.blur}"))
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg + ".")
+@lru_cache(maxsize=None)
+def _adapter(model: type[_Config], name: str) -> TypeAdapter:
+    info = model.model_fields[name]
+    return TypeAdapter(Annotated[(info.annotation, *info.metadata)])
 
 
-_FIELD_TYPES = {f.name: f.type for f in fields(TrialConfig)}
+@lru_cache(maxsize=None)
+def _defaults_json(model: type[_Config]) -> str:
+    return json.dumps(model().to_dict())
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Check and coerce one value to the type of TrialConfig.<name>."""
-    t = str(_FIELD_TYPES[name])
-    if t == "tuple[int, ...]":
-        if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
-            raise UserError(f"'{name}' must be a list of integers, got {value!r}.")
-        return tuple(int(v) for v in value)
-    if t == "bool":
-        if not isinstance(value, bool):
-            raise UserError(f"'{name}' must be true or false, got {value!r}.")
-        return value
-    if t == "int":
-        if not _is_int(value):
-            raise UserError(f"'{name}' must be an integer, got {value!r}.")
-        return int(value)
-    if t == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserError(f"'{name}' must be a number, got {value!r}.")
-        return float(value)
-    if t == "str":
-        if not isinstance(value, str):
-            raise UserError(f"'{name}' must be a string, got {value!r}.")
-        return value
-    raise AssertionError(f"unhandled field type {t}")  # pragma: no cover
+def _defaults(model: type[_Config]) -> dict[str, Any]:
+    return json.loads(_defaults_json(model))
 
 
-def _is_int(v: Any) -> bool:
-    import numpy as np
+class _Sizes(_Config):
+    """The model fields a trial searches (in_channels is CNNConfig's only: X-rays are grayscale)."""
 
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    image_size: Int = Field(64, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
+    blocks: Int = Field(4, ge=1)  # at most max_blocks(image_size): each block halves the image
+    double_conv: Bool = True
+    width: Int = Field(16, ge=1)  # channels of the first block
+    growth: Float = Field(2.0, gt=0)  # channel multiplier per block (rounded, capped at max_width)
+    max_width: Int = Field(256, ge=1)
+    dropout: Float = Field(0.2, ge=0, lt=1)
+    head: Annotated[Literal["flatten", "gap"], BeforeValidator(_as_str)] = "gap"  # gap: global average pooling
+    fc: Sizes = (64,)  # hidden layer sizes of the head
+    standardize: Bool = False  # per-image standardisation inside the model instead of a fixed (x-0.5)/0.25
+
+    @model_validator(mode="after")
+    def _blocks_fit_the_image(self):
+        limit = max_blocks(self.image_size)
+        if self.blocks > limit:
+            raise ValueError(f"blocks={self.blocks} does not fit image_size={self.image_size}: each block halves "
+                             f"the image, so use 1 to {limit} blocks or a larger image_size.")
+        return self
+
+
+class CNNConfig(_Sizes):
+    """Sizes of one CNN of the family; validated and normalised on creation, so every instance builds a model."""
+
+    what: ClassVar[str] = "model size"
+    in_channels: Int = Field(1, ge=1)
+
+    def channels(self) -> list[int]:
+        """Output channels of each block: min(max_width, round(width * growth**i)), at least 1."""
+        return [max(1, round(min(self.max_width, self.width * self.growth**i))) for i in range(self.blocks)]
+
+
+class TrialConfig(_Sizes):
+    """Everything one trial needs: model sizes (CNNConfig's fields), training and augmentation settings."""
+
+    what: ClassVar[str] = "trial setting"
+    # training
+    epochs: Int = Field(10, ge=1, le=MAX_EPOCHS)
+    batch_size: Int = Field(32, ge=1, le=MAX_BATCH_SIZE)
+    optimizer: Annotated[Literal["adam", "adamw", "sgd"], BeforeValidator(_as_str)] = "adam"
+    lr: Float = Field(1e-3, gt=0)
+    weight_decay: Float = Field(0.0, ge=0)
+    schedule: Annotated[Literal["cosine", "constant"], BeforeValidator(_as_str)] = "cosine"
+    warmup_epochs: Int = Field(0, ge=0)  # below epochs
+    class_weighting: Annotated[Literal["none", "balanced"], BeforeValidator(_as_str)] = "none"
+    label_smoothing: Float = Field(0.0, ge=0, lt=0.5)
+    ema: Annotated[Float, AfterValidator(_ema_rule)] = 0.0
+    swa: Float = Field(0.0, ge=0, lt=1)  # share of the last epochs whose weights are averaged; 0: off
+    # "balanced": each epoch draws both classes equally often (rows repeated or left out)
+    sampler: Annotated[Literal["none", "balanced"], BeforeValidator(_as_str)] = "none"
+    mixup: Float = Field(0.0, ge=0, le=1)  # Beta(alpha, alpha) of mixup between images of a batch; 0: off
+    # augmentation strengths (0 switches each off)
+    zoom: Float = Field(0.3, ge=0, le=1)
+    rotate: Float = Field(0.0, ge=0, le=45)
+    shift: Float = Field(0.0, ge=0, le=1)
+    hflip: Float = Field(0.0, ge=0, le=1)
+    vflip: Float = Field(0.5, ge=0, le=1)
+    brightness: Float = Field(0.0, ge=0, le=1)
+    contrast: Float = Field(0.0, ge=0, le=1)
+    gamma: Float = Field(0.0, ge=0, le=1)
+    blur: Float = Field(0.0, ge=0, le=3)
+    crop: Float = Field(0.0, ge=0, le=0.9)  # random-resized crop: up to this share of the area cut away; 0: off
+    erase: Float = Field(0.0, ge=0, le=1)  # chance of erasing one random rectangle (2-25% of the area); 0: off
+    # reproducibility
+    seed: Int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _rules_between_fields(self):
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs must be below epochs, got {self.warmup_epochs} with epochs={self.epochs}.")
+        if self.swa and self.ema:
+            raise ValueError("swa and ema both average weights; switch one of them off.")
+        return self
+
+
+# the fields that take part in a rule between fields: a space's check tries their corners together
+LINKED_FIELDS = ("image_size", "blocks", "epochs", "warmup_epochs", "swa", "ema")
 
 
 # --------------------------------------------------------------------------- search spaces
@@ -188,14 +355,14 @@ class SearchSpace:
         for p in self.params:
             if p.name == "epochs":
                 return int(p.high if p.kind == "int" else max(p.choices))
-        return int(self.constants.get("epochs", TrialConfig.epochs))
+        return int(self.constants.get("epochs", TrialConfig.defaults()["epochs"]))
 
     @property
     def image_sizes(self) -> list[int]:
         for p in self.params:
             if p.name == "image_size":
                 return sorted({int(c) for c in p.choices})
-        return [int(self.constants.get("image_size", TrialConfig.image_size))]
+        return [int(self.constants.get("image_size", TrialConfig.defaults()["image_size"]))]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -242,21 +409,15 @@ def parse_space(doc: Any, default_name: str = "space") -> SearchSpace:
         raise UserError("the search space needs a non-empty 'space' section mapping settings to values or distributions.")
     params: list[Param] = []
     constants: dict[str, Any] = {}
+    names = TrialConfig.field_names()
     for name, spec in space.items():
-        if name not in _FIELD_TYPES:
-            raise UserError(f"unknown key 'space.{name}'; known settings are: {', '.join(sorted(_FIELD_TYPES))}.")
+        if name not in names:
+            raise UserError(f"unknown key 'space.{name}'; known settings are: {', '.join(sorted(names))}.")
         if isinstance(spec, dict):
             params.append(_parse_param(name, spec))
         else:
-            constants[name] = _coerce(name, spec)
-    # every constant and every choice must make a valid config on its own
-    base = TrialConfig.from_dict(constants)
-    for prm in params:
-        for v in _extremes(prm):
-            try:
-                TrialConfig.from_dict({**base.to_dict(), prm.name: v})
-            except UserError as e:
-                raise UserError(f"space.{prm.name}: {e}") from None
+            constants[name] = _checked(name, spec, f"space.{name}")
+    check_corners(constants, params)
     searcher = _section(doc, "searcher", _SEARCHER_KEYS)
     scheduler = _section(doc, "scheduler", _SCHEDULER_KEYS)
     data = _section(doc, "data", _DATA_KEYS)
@@ -270,11 +431,13 @@ def parse_space(doc: Any, default_name: str = "space") -> SearchSpace:
         name=str(doc.get("name", default_name)),
         params=tuple(params),
         constants=constants,
-        num_samples=_int_at(searcher, "num_samples", 8, "searcher", lo=1),
+        # a space of constants trains that one configuration: once, unless more replicas are asked for
+        num_samples=_int_at(searcher, "num_samples", 8 if params else 1, "searcher", lo=1),
         max_concurrent=_int_at(searcher, "max_concurrent", 0, "searcher", lo=0),
         searcher=_choice_at(searcher, "algorithm", "optuna", ("optuna", "random"), "searcher"),
         seed=_int_at(searcher, "seed", 0, "searcher", lo=0),
-        scheduler=_choice_at(scheduler, "algorithm", "asha", ("asha", "fifo"), "scheduler"),
+        # ...and its replicas all train to the end: nothing differs between them for ASHA to compare
+        scheduler=_choice_at(scheduler, "algorithm", "asha" if params else "fifo", ("asha", "fifo"), "scheduler"),
         metric=metric,
         mode=mode,
         grace_period=_int_at(scheduler, "grace_period", 1, "scheduler", lo=1),
@@ -290,12 +453,12 @@ def parse_space(doc: Any, default_name: str = "space") -> SearchSpace:
 def _parse_param(name: str, spec: dict) -> Param:
     _reject_unknown(spec, _PARAM_KEYS, f"space.{name}.")
     kind = spec.get("type")
-    ftype = str(_FIELD_TYPES[name])
+    ftype = _kind_of(name)
     if kind == "categorical" or (kind is None and "choices" in spec):
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise UserError(f"space.{name}.choices must be a non-empty list.")
-        return Param(name, "categorical", choices=tuple(_coerce(name, c) for c in choices))
+        return Param(name, "categorical", choices=tuple(_checked(name, c, f"space.{name}") for c in choices))
     if kind not in ("int", "float"):
         raise UserError(f"space.{name}.type must be int, float or categorical, got {kind!r}.")
     if name == "image_size":
@@ -309,6 +472,8 @@ def _parse_param(name: str, spec: dict) -> Param:
         if kind == "int" and not _is_int(v):
             raise UserError(f"space.{name}.{k} must be an integer for an int parameter, got {v!r}.")
     low, high = spec["low"], spec["high"]
+    for v in (low, high):
+        _checked(name, v, f"space.{name}")
     log = spec.get("log", False)
     if not isinstance(log, bool):
         raise UserError(f"space.{name}.log must be true or false, got {log!r}.")
@@ -319,10 +484,49 @@ def _parse_param(name: str, spec: dict) -> Param:
     return Param(name, kind, low=low, high=high, log=log)
 
 
+def _kind_of(name: str) -> str:
+    """The kind of a TrialConfig field as a space file would call it: int, float, bool, str or list."""
+    t = TrialConfig.model_fields[name].annotation
+    return {int: "int", float: "float", bool: "bool"}.get(t, "list" if t == tuple[int, ...] else "str")
+
+
+def _checked(name: str, value: Any, where: str) -> Any:
+    try:
+        return TrialConfig.check_value(name, value)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
 def _extremes(p: Param) -> list[Any]:
+    """The values of a parameter that a rule between fields can fail at first: its smallest and largest."""
     if p.kind == "categorical":
-        return list(p.choices)
+        return sorted(set(p.choices))[:: max(1, len(set(p.choices)) - 1)]
     return [p.low, p.high] if p.kind == "float" else [int(p.low), int(p.high)]
+
+
+def check_corners(constants: Mapping[str, Any], params: tuple[Param, ...] | list[Param]) -> None:
+    """Refuse a space that reaches a trial the family cannot build, before any data is read.
+
+    Every value is checked on its own where it is parsed. What is left are the rules between fields
+    (blocks against image_size, warmup_epochs against epochs, swa with ema): each is monotone in its
+    fields, so trying every combination of the smallest and largest value of the searched fields it
+    involves, with the constants, finds any trial of the space that breaks it.
+    """
+    linked = [p for p in params if p.name in LINKED_FIELDS]
+    for values in itertools.product(*(_extremes(p) for p in linked)):
+        corner = {p.name: v for p, v in zip(linked, values)}
+        try:
+            TrialConfig.from_dict({**constants, **corner})
+        except UserError as e:
+            if not corner:
+                raise
+            where = (f"space.{next(iter(corner))}" if len(corner) == 1 else
+                     "space (at " + ", ".join(f"{k}={_jsonable(v)}" for k, v in corner.items()) + ")")
+            raise UserError(f"{where}: {e}") from None
 
 
 def _section(doc: dict, key: str, allowed: set[str]) -> dict:

@@ -21,7 +21,7 @@ import tempfile
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -31,12 +31,12 @@ import pandas as pd
 
 from xray_ray import faults
 from xray_ray import results as R
-from xray_ray.faults import inject_fault
-from xray_ray.config import SearchSpace, TrialConfig, load_space
+from xray_ray.config import CNNConfig, SearchSpace, TrialConfig, load_space
 from xray_ray.errors import UserError
+from xray_ray.faults import inject_fault
 from xray_ray.robustness import COMPOSITES, SHIFTS
 
-_TRIAL_FIELDS = {f.name for f in fields(TrialConfig)}
+_TRIAL_FIELDS = set(TrialConfig.field_names())
 
 
 @dataclass
@@ -96,7 +96,7 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
     swa = make_swa(model, cfg.swa)
     swa_from = cfg.epochs - max(1, math.ceil(cfg.swa * cfg.epochs)) + 1 if swa is not None else cfg.epochs + 1
     loss_fn = make_loss(cfg, runtime.pos_fraction)
-    eval_loss = make_loss(replace(cfg, label_smoothing=0.0, class_weighting="none"), runtime.pos_fraction)
+    eval_loss = make_loss(cfg.replace(label_smoothing=0.0, class_weighting="none"), runtime.pos_fraction)
     better = (lambda a, b: a > b) if runtime.mode == "max" else (lambda a, b: a < b)
 
     start_epoch, best, best_epoch, best_state = 1, None, 0, None
@@ -203,9 +203,8 @@ def release_freed_memory() -> None:
 
 
 def model_sizes(cfg: TrialConfig) -> dict[str, Any]:
-    from xray_ray.models import CNNConfig
-
-    names = {f.name for f in fields(CNNConfig)}
+    """The CNNConfig sizes of a trial (build_model(**model_sizes(cfg)))."""
+    names = CNNConfig.field_names()
     return {k: v for k, v in cfg.to_dict().items() if k in names and k != "in_channels"}
 
 
@@ -216,9 +215,9 @@ _LATER_SETTINGS = ("standardize", "swa", "sampler", "mixup", "crop", "erase")
 
 def trial_seed(cfg: TrialConfig) -> int:
     """A seed fixed by the run's seed and the trial's own hyperparameters."""
-    d = cfg.to_dict()
+    d, default = cfg.to_dict(), TrialConfig.defaults()
     for k in _LATER_SETTINGS:
-        if d[k] == getattr(TrialConfig, k):
+        if d[k] == default[k]:
             del d[k]
     return zlib.crc32(json.dumps(d, sort_keys=True).encode()) % (2**31)
 
@@ -229,18 +228,23 @@ def encode_value(v: Any) -> Any:
 
 
 def decode_config(config: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in config.items():
-        if k not in _TRIAL_FIELDS:
-            continue
-        out[k] = json.loads(v) if k == "fc" and isinstance(v, str) else v
-    return out
+    """The trial settings of Tune's config (TrialConfig reads fc back from its JSON string itself)."""
+    return {k: v for k, v in config.items() if k in _TRIAL_FIELDS}
 
 
 # --------------------------------------------------------------------------- Tune wiring
 
 def build_searcher(space: SearchSpace, seed: int):
-    """OptunaSearch (TPE, seeded) over the space's parameters, or seeded random search."""
+    """OptunaSearch (TPE, seeded) over the space's parameters, or seeded random search.
+
+    A space of constants has nothing to search: its configuration is trained num_samples times, trial i
+    with seed + i, so that the trials are replicas that differ in their trial seed only.
+    """
+    if not space.params:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        replicas = [{"seed": seed + i} for i in range(space.num_samples)]
+        return BasicVariantGenerator(points_to_evaluate=replicas), {**tune_space(space), "seed": seed}
     if space.searcher == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -599,11 +603,28 @@ def run(args: argparse.Namespace) -> str:
                                batteries={sz: d["shifted"] for sz, d in data.items()}, ensemble=args.ensemble,
                                threshold_rule=args.threshold_rule)
             run_info["best"] = {"trial_id": card.get("trial_id"), "threshold": card.get("threshold", {}).get("value")}
+        failure = every_trial_failed(trials)
+        if failure:  # the tables and run.json still say what happened to each trial
+            run_info.update(status="failed", error=failure)
         R.write_json(run_info, run_json)
+        if failure:
+            raise UserError(failure)
         print(f"[xray_ray] done in {wall:.0f}s; results in {run_dir}", flush=True)
         return run_dir
     finally:
         ray.shutdown()
+
+
+def every_trial_failed(trials: pd.DataFrame) -> str | None:
+    """One sentence when no trial has a finite best metric and every trial errored (the first one's error), else None."""
+    if not len(trials) or not (trials["status"] == "errored").all():
+        return None
+    if pd.to_numeric(trials["best_metric"], errors="coerce").map(math.isfinite).any():
+        return None
+    first = trials.sort_values("trial_id").iloc[0]
+    why = " ".join(str(first["error"] or "no error message").split()).rstrip(".")
+    return (f"every trial failed ({len(trials)} of {len(trials)}), so there is no model; the first "
+            f"({first['trial_id']}) with: {why}.")
 
 
 def rungs(space: SearchSpace) -> tuple[int, ...]:
@@ -793,7 +814,7 @@ def collect(grid, space: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
         for _, h in hist.iterrows():
             erows.append({"trial_id": trial_id, **{c: h.get(c) for c in R.EPOCH_COLUMNS if c != "trial_id"}})
         last = hist.iloc[-1] if len(hist) else {}
-        epochs_planned = int(cfg.get("epochs", TrialConfig.epochs))
+        epochs_planned = int(cfg.get("epochs", TrialConfig.defaults()["epochs"]))
         epochs_run = int(len(hist))
         if res.error is not None:
             status = "errored"

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--seeds must be distinct non-negative integers, got {args.seeds}.")
     space = run_info["space"]
     metric, mode = space["scheduler"]["metric"], space["scheduler"]["mode"]
-    cfg = TrialConfig.from_dict({k: v for k, v in best_cfg.items() if k in TrialConfig.__dataclass_fields__})
+    cfg = TrialConfig.from_dict({k: v for k, v in best_cfg.items() if k in TrialConfig.field_names()})
     if cfg.seed in args.seeds:
         raise UserError(f"seed {cfg.seed} is the search's own (its winner is already scored); choose other --seeds.")
     spec, seed = run_info["data"]["spec"], int(run_info["seed"])
