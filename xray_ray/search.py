@@ -831,8 +831,9 @@ def check_run_name(name: str, source: str) -> str:
     import re
 
     if not isinstance(name, str) or not re.fullmatch(RUN_NAME, name) or name in (".", ".."):
+        fix = "choose another --name" if source == "--name" else "change its name: or pass --name"
         raise UserError(f"the run name {name!r} (from {source}) must be one plain folder name of letters, digits, "
-                        "'-', '_' and '.' (not '.' or '..'), at most 200 characters; choose another --name.")
+                        f"'-', '_' and '.' (not '.' or '..'), at most 200 characters; {fix}.")
     return name
 
 
