@@ -190,29 +190,41 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
+_MEASURE = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+with open(sys.argv[1], "w") as f:
+    f.write(f"{child.returncode} {usage.ru_maxrss}")
+"""
+
+
 def run_measured(*args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, int]:
     """Run ``python args`` (never via a shell); returns (the completed process, its peak RSS in bytes).
 
-    The peak is the child's own (os.wait4), not the maximum over every child this test process ever had.
-    A child still running after `timeout` is killed (return code -9).
+    The peak is the child's own (os.wait4 in a small wrapper process that starts it): a child forked from
+    this test process directly would report this process's size as its peak, since ru_maxrss survives exec.
+    A child still running after `timeout` is killed with its wrapper (return code -9).
     """
     import tempfile
-    import threading
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, *args]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=env)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
+    with tempfile.TemporaryDirectory() as scratch, tempfile.TemporaryFile() as out, \
+            tempfile.TemporaryFile() as err:
+        report = Path(scratch) / "rusage"
+        proc = subprocess.Popen([sys.executable, "-c", _MEASURE, str(report), *cmd], stdout=out, stderr=err,
+                                cwd=ROOT, env=env, start_new_session=True)
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        rc, maxrss = map(int, report.read_text().split()) if report.exists() else (-9, 0)
         out.seek(0)
         err.seek(0)
-        done = subprocess.CompletedProcess(cmd, proc.returncode, out.read().decode("utf-8", "replace"),
+        done = subprocess.CompletedProcess(cmd, rc, out.read().decode("utf-8", "replace"),
                                            err.read().decode("utf-8", "replace"))
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, kB on Linux
-    return done, usage.ru_maxrss * scale
+    return done, maxrss * scale

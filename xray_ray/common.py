@@ -12,6 +12,8 @@ Kept free of torch, Ray and pyarrow at import time, so predict and evaluate stay
   reading anything.
 - ``json_safe``: numpy scalars and arrays, tuples, sets and paths as plain JSON values, NaN/inf as null.
 - ``cli``: runs a CLI body and turns a UserError into ``error: <one line>`` on stderr and exit status 2.
+- ``replace_dir`` / ``restore_dir``: a finished folder swapped in for another so the target is whole at
+  every moment (the re-export of best/), and the clean-up after a kill.
 """
 
 from __future__ import annotations
