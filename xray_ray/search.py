@@ -450,7 +450,11 @@ def run(args: argparse.Namespace) -> str:
     if not args.no_export and not R.is_uri(run_dir):
         check_best_is_ours(Path(run_dir) / "best")
     if args.resume and not R.is_uri(run_dir):
-        clean_leftovers(Path(run_dir))
+        try:
+            clean_leftovers(Path(run_dir))
+        except OSError as e:
+            raise UserError(f"cannot clean up the results folder {run_dir} ({e.__class__.__name__}: {e}); "
+                            f"choose a writable --results.") from None
     try:
         R.probe_writable(run_dir)
     except OSError as e:
