@@ -143,11 +143,11 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int | None) -> bytes:
         if max_bytes is not None and info.st_size > max_bytes:
             raise OSError(errno.EFBIG, f"file too large ({info.st_size / 2**20:.0f} MB, the limit is "
                                        f"{max_bytes / 2**20:g} MB; raise it with --max-file-mb)")
-        limit = info.st_size + 1 if max_bytes is None else max_bytes + 1
+        limit = math.inf if max_bytes is None else max_bytes + 1
         os.set_blocking(fd, True)
         chunks, got = [], 0
         while got < limit:
-            chunk = os.read(fd, min(1 << 20, limit - got))
+            chunk = os.read(fd, int(min(max(info.st_size - got + 1, 1 << 16), 1 << 24, limit - got)))
             if not chunk:
                 break
             chunks.append(chunk)
