@@ -113,3 +113,118 @@ def run_module(module: str, *args: str, code: str | None = None) -> subprocess.C
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", module, *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+
+
+# ---------------------------------------------------------------- exported models, good and bad
+
+def export_tiny_model(out: Path, size: int = 32) -> Path:
+    """A tiny untrained CNN exported by winner.finalize into `out` (plumbing tests, not accuracy)."""
+    import pandas as pd
+    import torch
+
+    from xray_ray.models import build_model
+    from xray_ray.pipeline import SplitArrays
+    from xray_ray.winner import finalize
+
+    torch.manual_seed(0)
+    labels = np.array([0, 1] * 8, np.int64)
+    val = SplitArrays(np.stack([render(1, i, int(y), size=size) for i, y in enumerate(labels)]), labels,
+                      [f"v{i}" for i in range(16)], [f"p{i}" for i in range(16)])
+    finalize(out, build_model("tiny", image_size=size), {"val": val}, {"seed": 0}, pd.DataFrame(), pd.DataFrame(),
+             n_boot=20)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """One exported tiny model (32 px) for the whole session; copy it (model_copy) before changing it."""
+    return export_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+def model_copy(good: Path, dest: Path, *, card: dict | None = None, onnx_bytes: bytes | None = None) -> Path:
+    """A copy of an exported model folder, with a replaced card and/or model.onnx."""
+    import json
+    import shutil
+
+    shutil.copytree(good, dest)
+    if card is not None:
+        (dest / "model.json").write_text(json.dumps(card))  # json writes NaN as the token NaN
+    if onnx_bytes is not None:
+        (dest / "model.onnx").write_bytes(onnx_bytes)
+    return dest
+
+
+def onnx_graph(*, input_type: str = "float", size: int = 32, output_shape: str = "N", outputs: int = 1) -> bytes:
+    """A small ONNX graph with the contract's names and a chosen input dtype, output shape and output count:
+    the mean of the image, as [N] or as [N, 2] (the mean twice), Cast to float32."""
+    from onnx import TensorProto, helper
+
+    dtype = {"float": TensorProto.FLOAT, "double": TensorProto.DOUBLE}[input_type]
+    nodes = [helper.make_node("ReduceMean", ["image"], ["m"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("Cast", ["m"], ["p"], to=TensorProto.FLOAT)]
+    if output_shape == "N":
+        nodes.append(helper.make_node("Identity", ["p"], ["prob_pneumonia"]))
+        out_shape: list = ["N"]
+    else:
+        nodes += [helper.make_node("Unsqueeze", ["p", "one"], ["p1"]),
+                  helper.make_node("Concat", ["p1", "p1"], ["prob_pneumonia"], axis=1)]
+        out_shape = ["N", 2]
+    outs = [helper.make_tensor_value_info("prob_pneumonia", TensorProto.FLOAT, out_shape)]
+    if outputs == 2:
+        nodes.append(helper.make_node("Identity", ["p"], ["extra"]))
+        outs.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, ["N"]))
+    graph = helper.make_graph(nodes, "contract_test",
+                              [helper.make_tensor_value_info("image", dtype, ["N", 1, size, size])], outs,
+                              initializer=[] if output_shape == "N" else
+                              [helper.make_tensor("one", TensorProto.INT64, [1], [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def one_error_line(err: str) -> str:
+    """The CLI contract for a user's mistake: exactly one line 'error: <sentence>' and no traceback."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+_MEASURE = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+with open(sys.argv[1], "w") as f:
+    f.write(f"{child.returncode} {usage.ru_maxrss}")
+"""
+
+
+def run_measured(*args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, int]:
+    """Run ``python args`` (never via a shell); returns (the completed process, its peak RSS in bytes).
+
+    The peak is the child's own (os.wait4 in a small wrapper process that starts it): a child forked from
+    this test process directly would report this process's size as its peak, since ru_maxrss survives exec.
+    A child still running after `timeout` is killed with its wrapper (return code -9).
+    """
+    import tempfile
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, *args]
+    with tempfile.TemporaryDirectory() as scratch, tempfile.TemporaryFile() as out, \
+            tempfile.TemporaryFile() as err:
+        report = Path(scratch) / "rusage"
+        proc = subprocess.Popen([sys.executable, "-c", _MEASURE, str(report), *cmd], stdout=out, stderr=err,
+                                cwd=ROOT, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        rc, maxrss = map(int, report.read_text().split()) if report.exists() else (-9, 0)
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(cmd, rc, out.read().decode("utf-8", "replace"),
+                                           err.read().decode("utf-8", "replace"))
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, kB on Linux
+    return done, maxrss * scale

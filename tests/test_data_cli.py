@@ -93,3 +93,16 @@ def test_inspect_the_real_data(real_data):
 def load_patient(uid: str) -> str:
     from xray_ray.splits import patient_from_name
     return patient_from_name(uid)
+
+
+def test_inspect_accepts_a_folder_with_test_but_no_train(make_kaggle_tree, tmp_path, capsys):
+    from conftest import KAGGLE_FILES
+
+    root = make_kaggle_tree(tmp_path / "hospital", {k: v for k, v in KAGGLE_FILES.items() if k[0] == "test"})
+    assert main(["inspect", str(root), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["by_split"] == {"test": {"NORMAL": 3, "PNEUMONIA": 3, "total": 6}}
+    assert report["split"] is None and report["images"] == 6
+    assert main(["inspect", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "split: none; the data has no train images" in out and "test" in out

@@ -162,3 +162,31 @@ def test_evaluate_on_real_chest_xrays(model_dir, tmp_path, capsys):
     assert m["n"] == 16 and m["counts"] == {"NORMAL": 8, "PNEUMONIA": 8} and result["skipped"] == 0
     assert m["at_threshold"]["tp"] + m["at_threshold"]["fn"] == 8
     assert 0 <= m["at_0.5"]["roc_auc"] <= 1
+
+
+# ---------------------------------------------------------------- reliability II (issue 15)
+
+def test_every_skipped_file_is_named_with_its_reason(model_dir, kaggle, tmp_path, capsys):
+    data = tmp_path / "chest_xray"
+    shutil.copytree(kaggle, data)
+    os.mkfifo(data / "test" / "NORMAL" / "x.jpeg")
+    with (data / "test" / "PNEUMONIA" / "big.jpeg").open("wb") as f:
+        f.truncate(200 << 20)  # sparse: the size cap refuses it unread
+    (data / "test" / "PNEUMONIA" / "notes.txt").write_text("x")
+    expected = {"test/NORMAL/IM-0199-0001.jpeg": "corrupt or truncated image",
+                "test/NORMAL/x.jpeg": "not a regular file",
+                "test/PNEUMONIA/big.jpeg": "file too large (200 MB, the limit is 64 MB)",
+                "test/PNEUMONIA/notes.txt": "not an image file"}
+    assert evaluate.main(["--model", str(model_dir), "--data", str(data), "--split", "test", "--json",
+                          "--n-boot", "10"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    got = {s["path"]: s["reason"] for s in result["skipped_files"]}
+    assert set(got) == set(expected) and result["skipped"] == len(expected)
+    assert all(got[p].startswith(expected[p]) for p in expected), got
+    assert evaluate.main(["--model", str(model_dir), "--data", str(data), "--split", "test", "--n-boot", "10"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(expected)} skipped" in out
+    listed = [line for line in out.splitlines() if line.startswith("skipped ")]
+    assert len(listed) == len(expected)
+    for path, reason in expected.items():
+        assert any(line.startswith(f'skipped "{path}": {reason}') for line in listed), (path, listed)

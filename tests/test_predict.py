@@ -20,7 +20,7 @@ from xray_ray.phantoms import render
 from xray_ray.pipeline import SplitArrays
 from xray_ray.winner import finalize
 
-from conftest import REAL_DATA, run_module
+from conftest import REAL_DATA, one_error_line, run_measured, run_module
 
 SIZE = 32
 
@@ -145,3 +145,69 @@ def test_predict_on_real_chest_xrays(model_dir, tmp_path):
     assert len(rows) == 16 and rows["error"].isna().all()
     assert rows["prob_pneumonia"].between(0, 1).all()
     assert sorted({Path(p).parent.name for p in rows["path"]}) == ["NORMAL", "PNEUMONIA"]
+
+
+# ---------------------------------------------------------------- reliability II (issue 15)
+
+def test_a_symlink_planted_at_the_temporary_name_is_never_followed(model_dir, images, tmp_path, capsys):
+    """The old temporary name was guessable (.pred.csv.tmp<pid>): a link planted there redirected the write."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "pred.csv"
+    for name in (f".pred.csv.tmp{os.getpid()}", ".pred.csv.tmp-00000000"):
+        (tmp_path / name).symlink_to(victim)
+    assert predict.main(["--model", str(model_dir), str(images / "b.png"), "--csv", str(out)]) == 0
+    assert victim.read_text() == "precious\n"
+    assert not out.is_symlink() and next(csv.DictReader(out.open()))["label"] in ("NORMAL", "PNEUMONIA")
+
+
+@pytest.mark.parametrize("kind", ["--csv", "--parquet"])
+def test_an_unwritable_output_is_one_sentence_and_exit_2(model_dir, images, tmp_path, kind):
+    res = cli("--model", str(model_dir), str(images / "b.png"), kind, "/sys/out.table")
+    assert res.returncode == 2 and res.stdout == ""
+    line = one_error_line(res.stderr)
+    assert "cannot write /sys/out.table" in line and "writable place" in line
+
+
+_FULL_DISK = """
+import resource, signal, sys
+from xray_ray import predict
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))  # a disk that fills after 300 bytes
+sys.exit(predict.main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_while_writing_is_one_sentence_and_the_old_table_stays(model_dir, images, tmp_path):
+    out = tmp_path / "pred.csv"
+    out.write_text("old,table\n")
+    res = cli("--model", str(model_dir), str(images), "--csv", str(out), code=_FULL_DISK)
+    assert res.returncode == 2 and res.stdout == ""
+    assert "cannot write" in one_error_line(res.stderr)
+    assert out.read_text() == "old,table\n" and sorted(p.name for p in tmp_path.iterdir()) == ["pred.csv"]
+
+
+def test_a_fifo_never_hangs_and_a_big_file_is_refused_before_it_is_read(model_dir, images, tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "a.png").write_bytes((images / "b.png").read_bytes())
+    os.mkfifo(folder / "x.jpeg")
+    with (folder / "big.jpeg").open("wb") as f:  # 3 GB, sparse: reading it whole would take 3 GB of memory
+        f.truncate(3 << 30)
+    res = cli("--model", str(model_dir), str(folder), "--max-file-mb", "2")  # run_module: 120 s timeout
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    rows = {Path(r["path"]).name: r for r in lines(res.stdout)}
+    assert set(rows) == {"a.png", "big.jpeg", "x.jpeg"} and "prob_pneumonia" in rows["a.png"]
+    assert rows["x.jpeg"]["error"] == "not a regular file (a FIFO (named pipe))"
+    assert rows["big.jpeg"]["error"].startswith("file too large (3072 MB, the limit is 2 MB")
+
+
+def test_the_size_cap_is_checked_before_reading(model_dir, tmp_path):
+    """Peak memory of the whole predict process stays far below the 3 GB file it was given."""
+    big = tmp_path / "big.jpeg"
+    with big.open("wb") as f:
+        f.truncate(3 << 30)
+    res, peak = run_measured("-m", "xray_ray.predict", "--model", str(model_dir), str(big))
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert lines(res.stdout)[0]["error"].startswith("file too large (3072 MB, the limit is 64 MB")
+    assert peak < 1 << 30, f"peak RSS {peak / 2**20:.0f} MB"

@@ -13,19 +13,25 @@ import time
 from collections import Counter
 
 from xray_ray import CLASSES
-from xray_ray.errors import UserError
+from xray_ray.common import cli
 from xray_ray.sources import Manifest, load_source
 from xray_ray.splits import assign_splits, duplicate_groups
 
 
 def inspect(spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1,
             min_val_images: int = 100) -> dict:
-    """JSON-able summary of a data source and the split it would get (raises UserError/DataError)."""
+    """JSON-able summary of a data source and the split it would get (raises UserError/DataError).
+
+    Data without train images (say, only a test/ folder, to score with evaluate) is summarised too; its
+    "split" is None, since a search could not train on it.
+    """
     start = time.perf_counter()
     manifest: Manifest = load_source(spec, seed=seed)
     df = manifest.df
-    _, split_info = assign_splits(df, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-                                  min_val_images=min_val_images)
+    split_info = None  # a folder with test/ (or val/) but no train/ can be looked at, though not searched
+    if (df["orig_split"] == "train").any():
+        _, split_info = assign_splits(df, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+                                      min_val_images=min_val_images)
     dups = duplicate_groups(df)
     return {
         "data": spec,
@@ -54,6 +60,11 @@ def format_report(r: dict) -> str:
         example = next(s["path"] for s in skipped if s["reason"] == reason)
         lines.append(f"  {n:6d}  {reason}  (e.g. {example})")
     s = r["split"]
+    if s is None:
+        lines += ["", "split: none; the data has no train images, so a search cannot use it (evaluate can "
+                      "score its splits with --split)."]
+        lines += [f"warning: {w}" for w in r["source"].get("warnings", [])]
+        return "\n".join(lines)
     lines += ["", f"split (seed {s['seed']}, {s['method']}; val: {s['val_source']}, test: {s['test_source']}):",
               _table({k: {**v, "patients": s["patients"][k]} for k, v in s["counts"].items()},
                      [*cols, "patients"])]
@@ -87,14 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--min-val-images", type=int, default=100)
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         report = inspect(args.data, seed=args.seed, val_fraction=args.val_fraction,
                          test_fraction=args.test_fraction, min_val_images=args.min_val_images)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=1) if args.json else format_report(report))
-    return 0
+        print(json.dumps(report, indent=1) if args.json else format_report(report))
+        return 0
+
+    return cli(body)
 
 
 if __name__ == "__main__":

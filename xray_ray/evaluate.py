@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from xray_ray import CLASSES
+from xray_ray.common import DEFAULT_MAX_FILE_MB, cli, json_safe, one_line
 from xray_ray.errors import DataError, UserError
 from xray_ray.metrics import binary_metrics, bootstrap_ci
 
@@ -64,23 +65,6 @@ def fingerprint(uids: Sequence[str], images: np.ndarray) -> str:
     """Order-free digest of a split's images as the model sees them (uid + resized pixels), so a later
     evaluation can tell whether it scored the very images the search did."""
     return _combine([_digest(u, img) for u, img in zip(uids, images)])
-
-
-def json_safe(value: Any) -> Any:
-    """Copy with numpy scalars as Python numbers, tuples as lists and NaN/inf as None (strict JSON)."""
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [json_safe(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
 
 
 def _fmt(v: Any) -> str:
@@ -140,20 +124,25 @@ def _search_split(df: pd.DataFrame, card: Mapping[str, Any]) -> pd.DataFrame:
 
 
 def evaluate(model_dir: str, data: str, *, split: str = "test", seed: int | None = None, resplit: bool = False,
-             batch_size: int = 64, n_boot: int = 1000) -> dict[str, Any]:
+             batch_size: int = 64, n_boot: int = 1000, max_file_mb: float = DEFAULT_MAX_FILE_MB,
+             allow_modified_model: bool = False) -> dict[str, Any]:
     """Score one split of a data source with an exported model; returns a JSON-able result.
 
     Without `resplit`, splits are the source's own (a folder's train/val/test folders); with it, the
     patient-grouped split the search made, so "test" is the search's held-out test. `seed` defaults to
-    the search's seed (it decides which synthetic images exist).
+    the search's seed (it decides which synthetic images exist). Files of a folder that are not regular
+    files or exceed `max_file_mb` are skipped without being read; every skipped file is listed in
+    "skipped_files" with its reason.
     """
     from xray_ray.runtime import load_exported
     from xray_ray.sources import load_source
 
-    model = load_exported(model_dir)
-    if seed is None:
-        seed = int((model.card.get("data") or {}).get("seed") or 0)
-    manifest = load_source(data, seed=seed)
+    if not max_file_mb > 0:
+        raise UserError(f"--max-file-mb must be positive, got {max_file_mb:g}.")
+    model = load_exported(model_dir, allow_modified=allow_modified_model)
+    if seed is None:  # check_card made it an int or None
+        seed = (model.card.get("data") or {}).get("seed") or 0
+    manifest = load_source(data, seed=seed, max_file_bytes=int(max_file_mb * 2**20))
     df = _search_split(manifest.df, model.card) if resplit else manifest.df
     column = "split" if "split" in df.columns else "orig_split"
     if split != "all":
@@ -186,6 +175,9 @@ def evaluate(model_dir: str, data: str, *, split: str = "test", seed: int | None
         "model": str(model_dir), "data": data, "split": split, "split_column": column, "seed": seed,
         "threshold": model.threshold, "trial_id": model.card.get("trial_id"),
         "skipped": int(len(manifest.skipped)) + len(unreadable),
+        "skipped_files": [{"path": str(r["path"]), "reason": str(r["reason"])}
+                          for r in manifest.skipped.to_dict(orient="records")]
+                         + [{"path": str(u), "reason": r} for u, r in unreadable],
         "unreadable": [{"uid": u, "reason": r} for u, r in unreadable],
         "fingerprint": _combine(digests),
         "same_images_as_search": None if searched is None else searched == _combine(digests),
@@ -206,15 +198,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="seed of synthetic data and of the bootstrap (default: the search's seed)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the 95%% intervals")
+    ap.add_argument("--max-file-mb", type=float, default=DEFAULT_MAX_FILE_MB,
+                    help=f"skip image files larger than this, before reading them (default {DEFAULT_MAX_FILE_MB})")
+    ap.add_argument("--allow-modified-model", action="store_true",
+                    help="run a model.onnx whose sha256 differs from the one its model card records")
     args = ap.parse_args(argv)
-    try:
-        if args.batch_size < 1 or args.n_boot < 1:
-            raise UserError("--batch-size and --n-boot must be at least 1.")
-        result = evaluate(args.model, args.data, split=args.split, seed=args.seed, resplit=args.resplit,
-                          batch_size=args.batch_size, n_boot=args.n_boot)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli(lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.n_boot < 1:
+        raise UserError("--batch-size and --n-boot must be at least 1.")
+    result = evaluate(args.model, args.data, split=args.split, seed=args.seed, resplit=args.resplit,
+                      batch_size=args.batch_size, n_boot=args.n_boot, max_file_mb=args.max_file_mb,
+                      allow_modified_model=args.allow_modified_model)
     if result["same_images_as_search"] is False:
         print(f"warning: these are not the images the search scored as '{args.split}' (the data or its "
               "decoding changed since), so the numbers differ from the model card's.", file=sys.stderr)
@@ -225,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model {result['model']} (trial {result['trial_id']}), data {result['data']}, split '{result['split']}'")
     print(f"{m['n']} images ({m['counts']['PNEUMONIA']} PNEUMONIA, {m['counts']['NORMAL']} NORMAL, "
           f"prevalence {_fmt(m['prevalence'])}) from {m['patients']} patients; {result['skipped']} skipped")
+    for f in result["skipped_files"]:  # names quoted as JSON strings: a newline in a name stays on its line
+        print(f"skipped {json.dumps(f['path'], ensure_ascii=False)}: {one_line(f['reason'])}")
     print(format_table(m, result["threshold"]))
     print("95% intervals: patient-level bootstrap.")
     return 0

@@ -14,16 +14,16 @@ import os
 import tempfile
 import warnings
 from collections.abc import Mapping
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from xray_ray.common import atomic_file, json_safe, write_bytes, write_text
 from xray_ray.errors import UserError
 from xray_ray.models import CNN, CNNConfig, config_from_dict
 
@@ -48,36 +48,17 @@ def contract(model: CNN) -> dict[str, Any]:
     }
 
 
-@contextmanager
-def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    # Write beside the target and rename, so a crash never leaves half a file under the real name.
+def _target(path: str | os.PathLike) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the result from other users of a shared folder
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (Path, os.PathLike)):
-        return os.fspath(value)
-    raise TypeError(f"config value {value!r} of type {type(value).__name__} is not JSON-serialisable")
+    return target
 
 
 def save_weights(model: CNN, path: str | os.PathLike) -> None:
     """Write the model's state dict as safetensors (with the contract as string metadata)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": "pt", "xray_ray": json.dumps(contract(model), sort_keys=True)}
-    with _atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+    write_bytes(_target(path), save(state, metadata=metadata))
 
 
 def load_weights(model: CNN, path: str | os.PathLike) -> CNN:
@@ -103,9 +84,8 @@ def load_weights(model: CNN, path: str | os.PathLike) -> CNN:
 def save_config(config: Mapping[str, Any] | CNNConfig, path: str | os.PathLike) -> None:
     """Write a flat config dict (or a CNNConfig) as pretty, sorted JSON."""
     data = config.to_dict() if isinstance(config, CNNConfig) else dict(config)
-    text = json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n"
-    with _atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    text = json.dumps(json_safe(data, strict=True), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    write_text(_target(path), text)
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -163,8 +143,8 @@ def export_torchscript(model: CNN, path: str | os.PathLike) -> None:
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(wrapped)
         extra = {"xray_ray.json": json.dumps(contract(model), sort_keys=True)}
-        with _atomic_path(path) as tmp:
-            torch.jit.save(scripted, str(tmp), _extra_files=extra)
+        with atomic_file(_target(path)) as f:
+            torch.jit.save(scripted, f, _extra_files=extra)
 
 
 def export_onnx(model: CNN, path: str | os.PathLike, opset: int = 17) -> None:
@@ -189,8 +169,7 @@ def export_onnx(model: CNN, path: str | os.PathLike, opset: int = 17) -> None:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=True)
-    with _atomic_path(path) as tmp:
-        onnx.save_model(proto, str(tmp), save_as_external_data=False)
+    write_bytes(_target(path), proto.SerializeToString())  # one file: no external data
 
 
 def _paths(model_dir_or_onnx: str | os.PathLike, torchscript: str | os.PathLike | None) -> tuple[Path, Path]:

@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from xray_ray.common import atomic_file
+
 PREP_VERSION = 1  # bump when the decode/resize contract changes: old caches are then ignored
 BATCH_PIXELS = 256 * 64 * 64  # evaluation batches: about a million pixels each
 
@@ -139,10 +141,9 @@ def _write_cache(path: Path, uids: list[str], pixels: np.ndarray) -> None:
         "uid": pa.array(uids, pa.string()),
         "image": pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(pixels.reshape(-1))]),
     })
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache behind
+    with atomic_file(path) as f:  # a crash never leaves a half-written cache behind
+        with pa.ipc.new_file(f, table.schema) as writer:
+            writer.write_table(table)
 
 
 def can_fork(rows: list[Mapping]) -> bool:

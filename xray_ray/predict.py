@@ -4,7 +4,9 @@
 
 Folders are walked recursively for image files (sorted; hidden names skipped). Without --csv/--parquet
 one JSON line is printed per image: {"path", "prob_pneumonia", "label"} or {"path", "error"}.
-Exit status: 0 all images predicted, 1 some files failed, 2 usage or model problem.
+Only regular files are read (a FIFO or device is an error line, never a hang), and files over
+--max-file-mb are refused by their size before reading. Exit status: 0 all images predicted, 1 some
+files failed (each on its own line with its reason), 2 usage, model or output problem.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from xray_ray.common import DEFAULT_MAX_FILE_MB, atomic_file, cli
 from xray_ray.errors import UserError
 from xray_ray.images import IMAGE_EXTENSIONS
 
@@ -41,39 +44,31 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-class _AtomicOutput:
-    """A file written under a temporary name and renamed into place only when complete."""
-
-    def __init__(self, path: Path) -> None:
-        if not path.parent.is_dir():
-            raise UserError(f"the folder of the output file {path} does not exist; create it first.")
-        if path.is_dir():
-            raise UserError(f"the output {path} is a folder; give a file name.")
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-    def commit(self) -> None:
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        self.tmp.unlink(missing_ok=True)
+def _output(target: str) -> Path:
+    """The output table's path, refused in one sentence when it cannot be a file."""
+    path = Path(target)
+    if not path.parent.is_dir():
+        raise UserError(f"the folder of the output file {path} does not exist; create it first.")
+    if path.is_dir():
+        raise UserError(f"the output {path} is a folder; give a file name.")
+    return path
 
 
-def _write_csv(results: Iterator[dict], out: _AtomicOutput) -> None:
-    with out.tmp.open("w", newline="", encoding="utf-8") as f:
+def _write_csv(results: Iterator[dict], out: Path) -> None:
+    with atomic_file(out, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for r in results:
             writer.writerow(r)
 
 
-def _write_parquet(results: Iterator[dict], out: _AtomicOutput, rows_per_group: int = 4096) -> None:
+def _write_parquet(results: Iterator[dict], out: Path, rows_per_group: int = 4096) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = pa.schema([("path", pa.string()), ("prob_pneumonia", pa.float64()), ("label", pa.string()),
                         ("error", pa.string())])
-    with pq.ParquetWriter(out.tmp, schema) as writer:
+    with atomic_file(out) as f, pq.ParquetWriter(f, schema) as writer:
         buffer: list[dict] = []
         for r in results:
             buffer.append(r)
@@ -84,20 +79,25 @@ def _write_parquet(results: Iterator[dict], out: _AtomicOutput, rows_per_group: 
 
 
 def run(model_dir: str, paths: Sequence[str], *, batch_size: int = 64, csv_path: str | None = None,
-        parquet_path: str | None = None) -> int:
+        parquet_path: str | None = None, max_file_mb: float = DEFAULT_MAX_FILE_MB,
+        allow_modified_model: bool = False) -> int:
     """Predict every image; print JSON lines or write a table. Returns the exit status (0 or 1)."""
     from xray_ray.runtime import load_exported
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
-    model = load_exported(model_dir)
+    if not max_file_mb > 0:
+        raise UserError(f"--max-file-mb must be positive, got {max_file_mb:g}.")
+    target = csv_path or parquet_path
+    out = _output(target) if target is not None else None
+    model = load_exported(model_dir, allow_modified=allow_modified_model)
     files = find_images(paths)
     if not files:
         raise UserError("no image files found in the given paths; pass image files or folders that hold some.")
     counts = {"ok": 0, "failed": 0, "PNEUMONIA": 0}
 
     def counted() -> Iterator[dict]:
-        for r in model.predict_files(files, batch_size=batch_size):
+        for r in model.predict_files(files, batch_size=batch_size, max_bytes=int(max_file_mb * 2**20)):
             if "error" in r:
                 counts["failed"] += 1
             else:
@@ -105,17 +105,15 @@ def run(model_dir: str, paths: Sequence[str], *, batch_size: int = 64, csv_path:
                 counts["PNEUMONIA"] += r["label"] == "PNEUMONIA"
             yield r
 
-    target = csv_path or parquet_path
-    if target is None:
+    if out is None:
         for r in counted():
             print(json.dumps(r), flush=True)
     else:
-        out = _AtomicOutput(Path(target))
         try:
             (_write_csv if csv_path else _write_parquet)(counted(), out)
-            out.commit()
-        finally:
-            out.discard()
+        except OSError as e:  # read-only place, no permission, disk full: the old file, if any, is untouched
+            raise UserError(f"cannot write {out} ({e.strerror or type(e).__name__}); choose a writable place "
+                            "for the table.") from None
         print(f"wrote {counts['ok'] + counts['failed']} rows to {target}: {counts['ok']} predicted "
               f"({counts['PNEUMONIA']} PNEUMONIA at threshold {model.threshold:.4f}), {counts['failed']} failed")
     return 1 if counts["failed"] else 0
@@ -130,16 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = ap.add_mutually_exclusive_group()
     out.add_argument("--csv", metavar="OUT", help="write a CSV table instead of JSON lines")
     out.add_argument("--parquet", metavar="OUT", help="write a Parquet table instead of JSON lines")
+    ap.add_argument("--max-file-mb", type=float, default=DEFAULT_MAX_FILE_MB,
+                    help=f"skip image files larger than this, before reading them (default {DEFAULT_MAX_FILE_MB})")
+    ap.add_argument("--allow-modified-model", action="store_true",
+                    help="run a model.onnx whose sha256 differs from the one its model card records")
     args = ap.parse_args(argv)
-    try:
-        return run(args.model, args.paths, batch_size=args.batch_size, csv_path=args.csv, parquet_path=args.parquet)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        # The reader (e.g. `| head`) went away: stop quietly, as Unix tools do.
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
-        return 1
+    return cli(lambda: run(args.model, args.paths, batch_size=args.batch_size, csv_path=args.csv,
+                           parquet_path=args.parquet, max_file_mb=args.max_file_mb,
+                           allow_modified_model=args.allow_modified_model))
 
 
 if __name__ == "__main__":

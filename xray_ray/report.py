@@ -23,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import nn
 
 from xray_ray import CLASSES
+from xray_ray.common import atomic_file, write_text
 
 SPLIT_COLORS = {"val": "tab:blue", "test": "tab:red", "extra_val": "tab:green"}
 STATUS_STYLE = {"completed": ("o", "tab:green"), "stopped": ("x", "tab:orange"), "errored": ("s", "tab:red")}
@@ -41,9 +42,8 @@ PICTURES = {
 
 def _save(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    tmp.replace(path)
+    with atomic_file(path) as f:
+        fig.savefig(f, dpi=110, bbox_inches="tight", format="png")
 
 
 def _note(ax: Any, text: str) -> None:
@@ -454,9 +454,7 @@ on {check.get('images')} images (tolerance {check.get('tolerance')}).</p>
     doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>xray_ray report</title>"
            f"<style>{style}</style></head><body>{body}</body></html>\n")
     path = out_dir / "report.html"
-    tmp = path.with_name(".report.html.tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, doc)
     return path
 
 

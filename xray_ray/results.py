@@ -6,14 +6,12 @@ Each file is written to a temporary name and renamed, so a crash never leaves a 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import platform
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,6 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from xray_ray.common import json_safe, write_bytes_fs
 from xray_ray.robustness import COMPOSITES, SHIFTS
 
 TRIAL_COLUMNS = ["trial_id", "status", "error", "epochs_run", "epochs", "best_epoch", "best_metric",
@@ -71,21 +70,12 @@ def exists(location: str) -> bool:
 
 def _atomic_write(location: str, data: bytes) -> None:
     fs, path = resolve(location)
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)
-    except BaseException:  # disk full, quota, interrupted: leave neither a partial file nor a temp file
-        with contextlib.suppress(OSError):
-            fs.delete_file(tmp)
-        raise
+    write_bytes_fs(fs, path, data)  # disk full, quota, interrupted: neither a partial file nor a temp file
 
 
 def write_json(obj: Any, location: str) -> None:
-    _atomic_write(location, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+    """Strict JSON (NaN/inf as null, numpy values as numbers), written atomically."""
+    _atomic_write(location, (json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
 
 
 def read_json(location: str) -> Any:
@@ -99,7 +89,7 @@ def write_parquet(df: pd.DataFrame, location: str, metadata: Mapping[str, Any] |
     table = pa.Table.from_pandas(df, preserve_index=False)
     if metadata:
         meta = dict(table.schema.metadata or {})
-        meta[b"xray_ray"] = json.dumps(metadata, default=_json_default).encode()
+        meta[b"xray_ray"] = json.dumps(json_safe(metadata), allow_nan=False).encode()
         table = table.replace_schema_metadata(meta)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
@@ -147,19 +137,3 @@ def git_commit() -> str | None:
 
 def command_line() -> list[str]:
     return [sys.executable.rsplit("/", 1)[-1], *sys.argv]
-
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)

@@ -5,7 +5,10 @@ An exported model is a folder holding `model.onnx` and its card `model.json` (se
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from xray_ray import CLASSES
+from xray_ray.common import DEFAULT_MAX_FILE_MB, read_regular_file
 from xray_ray.errors import UserError
 from xray_ray.images import ImageError, load_gray
 
@@ -61,32 +65,30 @@ class ExportedModel:
         """Class name for one probability at the card's threshold."""
         return CLASSES[int(prob >= self.threshold)]
 
-    def predict_files(self, paths: Iterable[str | Path], batch_size: int = 64,
-                      threads: int | None = None) -> Iterator[dict]:
+    def predict_files(self, paths: Iterable[str | Path], batch_size: int = 64, threads: int | None = None,
+                      max_bytes: int | None = DEFAULT_MAX_FILE_MB << 20) -> Iterator[dict]:
         """Yield, in input order, {path, prob_pneumonia, label} or {path, error} for each image file.
 
         Files are read and decoded one batch at a time (on a few threads: PIL releases the GIL), so any
-        number of files streams through in bounded memory.
+        number of files streams through in bounded memory. Only regular files are read (a FIFO, device or
+        socket is an error line, never opened for a blocking read), and files over `max_bytes` are refused
+        by their size before a byte is read.
         """
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}.")
         threads = threads or min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=threads) as pool:
             for chunk in _chunks(paths, batch_size):
-                yield from self._flush(list(pool.map(self._load, chunk)))
+                yield from self._flush(list(pool.map(lambda p: self._load(p, max_bytes), chunk)))
 
-    def _load(self, path: str | Path) -> dict:
+    def _load(self, path: str | Path, max_bytes: int | None = DEFAULT_MAX_FILE_MB << 20) -> dict:
         try:
-            data = Path(path).read_bytes()
+            data = read_regular_file(path, max_bytes)
             return {"path": str(path), "pixels": load_gray(data, self.image_size)}
         except ImageError as e:
             return {"path": str(path), "error": str(e) or "not a readable image"}
-        except IsADirectoryError:
-            return {"path": str(path), "error": "is a folder, not an image file"}
-        except FileNotFoundError:
-            return {"path": str(path), "error": "no such file"}
         except OSError as e:
-            return {"path": str(path), "error": e.strerror or str(e)}
+            return {"path": str(path), "error": file_error(path, e)}
 
     def _flush(self, pending: list[dict]) -> Iterator[dict]:
         good = [r for r in pending if "pixels" in r]
@@ -96,6 +98,17 @@ class ExportedModel:
                 r["prob_pneumonia"] = float(p)
                 r["label"] = self.label(float(p))
         yield from pending
+
+
+def file_error(path: str | Path, e: OSError) -> str:
+    """Why a file could not be read, in a few words."""
+    if e.errno == errno.ENOENT:
+        return "broken symlink (its target is missing)" if os.path.islink(path) else "no such file"
+    if e.errno == errno.ELOOP:
+        return "symlink loop"
+    if e.errno == errno.EISDIR or os.path.isdir(path):
+        return "is a folder, not an image file"
+    return e.strerror or str(e) or type(e).__name__
 
 
 def _chunks(items: Iterable, n: int) -> Iterator[list]:
@@ -119,8 +132,129 @@ def _why_not_a_folder(path: Path) -> str:
     return f"{path} is a file, not a model folder; pass the folder that holds model.json and model.onnx."
 
 
-def load_exported(model_dir: str | Path) -> ExportedModel:
-    """Load and validate an exported model folder (model.json + model.onnx)."""
+MAX_IMAGE_SIZE = 4096  # no model of this family takes a larger side; a bigger card value is an error
+INPUT_NAME, OUTPUT_NAME = "image", "prob_pneumonia"  # the graph's contract (export.py writes these names)
+_FIX = "re-export the model with xray_ray"
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_card(card: object, where: str | Path = CARD_FILE) -> dict:
+    """Validate a model card (model.json) as predict, evaluate and the export read it; returns it.
+
+    Every field the code reads must be there or absent as allowed, and of the right type: the contract
+    version, the input size (a positive int), the threshold (a finite number in [0, 1], not a bool), and,
+    when present, the classes, the output name, the data seed, the split settings, the fingerprints, the
+    trial id and the sha256 of model.onnx. Raises UserError with one sentence naming the bad field.
+    """
+    def bad(field: str, need: str, value: object) -> UserError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        return UserError(f"{where}: {field} must be {need}, not {shown}; {_FIX}.")
+
+    if not isinstance(card, dict):
+        raise UserError(f"{where} is not a JSON model card; {_FIX}.")
+    version = card.get("contract_version")
+    if not _is_int(version) or version != CONTRACT_VERSION:
+        raise UserError(f"model contract version {version!r} is not supported (this xray_ray reads version "
+                        f"{CONTRACT_VERSION}); re-export the model with this version.")
+    for section in ("input", "threshold"):
+        if not isinstance(card.get(section), dict):
+            raise bad(section, "an object", card.get(section))
+    size = card["input"].get("size")
+    if not _is_int(size) or not 1 <= size <= MAX_IMAGE_SIZE:
+        raise bad("input.size", f"a whole number from 1 to {MAX_IMAGE_SIZE}", size)
+    channels = card["input"].get("channels", 1)
+    if not _is_int(channels) or channels != 1:
+        raise bad("input.channels", "1 (grayscale)", channels)
+    t = card["threshold"].get("value")
+    if not _is_number(t) or not math.isfinite(t) or not 0 <= t <= 1:
+        raise bad("threshold.value", "a finite number from 0 to 1", t)
+    if "classes" in card and card["classes"] != list(CLASSES):
+        raise bad("classes", f"{list(CLASSES)}", card["classes"])
+    output = card.get("output")
+    if output is not None and (not isinstance(output, dict) or output.get("name") != OUTPUT_NAME):
+        raise bad("output.name", f"'{OUTPUT_NAME}'", output.get("name") if isinstance(output, dict) else output)
+    if card.get("trial_id") is not None and not isinstance(card["trial_id"], str):
+        raise bad("trial_id", "a string", card["trial_id"])
+    data = card.get("data")
+    if data is not None:
+        if not isinstance(data, dict):
+            raise bad("data", "an object", data)
+        seed = data.get("seed")
+        if seed is not None and (not _is_int(seed) or seed < 0):
+            raise bad("data.seed", "a whole number of 0 or more", seed)
+        split = data.get("split")
+        if split is not None:
+            if not isinstance(split, dict):
+                raise bad("data.split", "an object", split)
+            if "seed" in split and (not _is_int(split["seed"]) or split["seed"] < 0):
+                raise bad("data.split.seed", "a whole number of 0 or more", split["seed"])
+            for key in ("val_fraction", "test_fraction"):
+                v = split.get(key)
+                if key in split and (not _is_number(v) or not math.isfinite(v) or not 0 <= v < 1):
+                    raise bad(f"data.split.{key}", "a number from 0 to below 1", v)
+            v = split.get("min_val_images")
+            if "min_val_images" in split and (not _is_int(v) or v < 0):
+                raise bad("data.split.min_val_images", "a whole number of 0 or more", v)
+        prints = data.get("fingerprints")
+        if prints is not None and (not isinstance(prints, dict)
+                                   or not all(isinstance(v, str) for v in prints.values())):
+            raise bad("data.fingerprints", "an object of strings", prints)
+    files = card.get("files")
+    if files is not None:
+        digest = files.get(ONNX_FILE) if isinstance(files, dict) else files
+        if not isinstance(files, dict) or (digest is not None and not (
+                isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest))):
+            raise bad(f"files.{ONNX_FILE}", "a sha256 in hex", digest)
+    return card
+
+
+def check_graph(session: ort.InferenceSession, size: int, where: str | Path = ONNX_FILE) -> None:
+    """The ONNX graph's inputs and outputs against the contract: one input 'image', float32 [N, 1, S, S]
+    with S the card's size, and one output 'prob_pneumonia', float32 [N]. UserError otherwise."""
+    def refuse(what: str) -> UserError:
+        return UserError(f"{where} {what}, but the contract is input '{INPUT_NAME}' float32 [N, 1, {size}, {size}] "
+                         f"and output '{OUTPUT_NAME}' float32 [N]; re-export the model.")
+
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+        raise refuse(f"has inputs {[i.name for i in inputs]}")
+    if inputs[0].type != "tensor(float)":
+        raise refuse(f"takes {inputs[0].type}")
+    shape = list(inputs[0].shape)
+    if len(shape) != 4 or shape[1:] != [1, size, size] or (_is_int(shape[0]) and shape[0] < 1):
+        raise UserError(f"{where} takes input {shape}, not the [N, 1, {size}, {size}] its card promises; "
+                        "re-export the model.")
+    if len(outputs) != 1 or outputs[0].name != OUTPUT_NAME:
+        raise refuse(f"has outputs {[o.name for o in outputs]}")
+    if outputs[0].type != "tensor(float)":
+        raise refuse(f"returns {outputs[0].type}")
+    if len(outputs[0].shape) != 1:
+        raise refuse(f"returns shape {list(outputs[0].shape)}")
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_exported(model_dir: str | Path, *, allow_modified: bool = False) -> ExportedModel:
+    """Load and validate an exported model folder (model.json + model.onnx).
+
+    The card goes through `check_card`, the graph through `check_graph`, and model.onnx must have the
+    sha256 the card records (when it records one) unless `allow_modified`.
+    """
     model_dir = Path(model_dir)
     if not model_dir.exists():
         raise UserError(f"model folder {model_dir} does not exist; pass the folder that holds model.json and "
@@ -131,29 +265,23 @@ def load_exported(model_dir: str | Path) -> ExportedModel:
     if not card_path.is_file() or not onnx_path.is_file():
         raise UserError(f"{model_dir} is not a model folder: it needs both {CARD_FILE} and {ONNX_FILE}.")
     try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UserError(f"{card_path} is not a JSON model card; re-export the model with xray_ray.") from None
-    if not isinstance(card, dict):
-        raise UserError(f"{card_path} is not a JSON model card; re-export the model with xray_ray.")
-    version = card.get("contract_version")
-    if version != CONTRACT_VERSION:
-        raise UserError(
-            f"model contract version {version} is not supported (this xray_ray reads version {CONTRACT_VERSION}); "
-            "re-export the model with this version."
-        )
-    try:
-        int(card["input"]["size"]), float(card["threshold"]["value"])
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{card_path} lacks the input size or threshold; re-export the model with xray_ray.") from None
+        card = json.loads(read_regular_file(card_path, MAX_CARD_BYTES).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError, ValueError):
+        raise UserError(f"{card_path} is not a JSON model card; {_FIX}.") from None
+    check_card(card, card_path)
+    size = card["input"]["size"]
     try:
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for every kind of bad file
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise UserError(f"{onnx_path} could not be loaded by onnxruntime ({reason}); re-export the model.") from None
-    shape = session.get_inputs()[0].shape
-    size = int(card["input"]["size"])
-    if len(shape) != 4 or shape[1:] != [1, size, size]:
-        raise UserError(f"{onnx_path} takes input {shape}, not the [N, 1, {size}, {size}] its card promises; "
-                        "re-export the model.")
+    check_graph(session, size, onnx_path)
+    recorded = (card.get("files") or {}).get(ONNX_FILE)
+    if recorded is not None and not allow_modified and sha256_file(onnx_path) != recorded:
+        raise UserError(f"{onnx_path} is not the file its model card records (sha256 differs); re-export the "
+                        "model, or pass --allow-modified-model if you changed it on purpose.")
     return ExportedModel(model_dir=model_dir, card=card, session=session)
+
+
+MAX_CARD_BYTES = 16 << 20  # a card is a few tens of kB
+

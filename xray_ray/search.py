@@ -443,22 +443,26 @@ def local_gpus() -> int:
 
 def run(args: argparse.Namespace) -> str:
     """Run (or resume) a search; returns the run folder."""
+    from xray_ray.common import json_safe
+
     space = load_space(args.space)
     check_flags(args, space)
     check_local_resources(args)
     space = replace(space,
                     num_samples=args.num_samples or space.num_samples,
                     seed=space.seed if args.seed is None else args.seed)
-    name = args.name or space.name
+    name = check_run_name(args.name or space.name, "--name" if args.name else f"the space file {args.space}")
     run_dir = R.join(str(args.results), name) if R.is_uri(args.results) else str(Path(args.results).resolve() / name)
     run_json = R.join(run_dir, "run.json")
     previous = R.read_json(run_json) if R.exists(run_json) else None
     args.run_started = previous is not None  # what main() tells the user after a Ctrl-C
+    if previous is None:
+        check_not_foreign(run_dir)
     if previous is not None and not args.resume:
         raise UserError(f"the results folder {run_dir} already holds a run; pass --resume to continue it, "
                         f"or choose another --name or --results.")
     if previous is not None and (previous.get("data", {}).get("spec") != args.data
-                                 or previous.get("space") != json.loads(json.dumps(space.to_dict()))
+                                 or previous.get("space") != json_safe(space.to_dict())
                                  or previous.get("seed") != space.seed):
         raise UserError(f"the results folder {run_dir} holds a different run (data, space or seed differ); "
                         f"resume it with the same --data, --space and --seed, or choose another --name.")
@@ -466,6 +470,14 @@ def run(args: argparse.Namespace) -> str:
         raise UserError("--export-only works on an existing run; add --resume.")
     if args.resume and previous is None:
         raise UserError(f"there is no run to resume in {run_dir}; start it without --resume.")
+    if not args.no_export and not R.is_uri(run_dir):
+        check_best_is_ours(Path(run_dir) / "best")
+    if args.resume and not R.is_uri(run_dir):
+        try:
+            clean_leftovers(Path(run_dir))
+        except OSError as e:
+            raise UserError(f"cannot clean up the results folder {run_dir} ({e.__class__.__name__}: {e}); "
+                            f"choose a writable --results.") from None
     try:
         R.probe_writable(run_dir)
     except OSError as e:
@@ -908,6 +920,106 @@ def print_leaderboard(trials: pd.DataFrame, space: SearchSpace, top: int = 10) -
         print(trials[cols].head(top).to_string(index=False), flush=True)
 
 
+RUN_NAME = r"[A-Za-z0-9._-]{1,200}"
+# what the export writes into best/ (report.PICTURES are the pictures; a test keeps the two lists equal)
+EXPORT_FILES = frozenset({"weights.safetensors", "config.json", "model.onnx", "model.pt", "model.json",
+                          "report.html", "confusion.png", "roc.png", "pr.png", "calibration.png",
+                          "learning_curves.png", "search_history.png", "saliency.png"})
+
+
+def check_run_name(name: str, source: str) -> str:
+    """`name` if it is one plain path component (letters, digits, '-', '_', '.'; not '.' or '..')."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(RUN_NAME, name) or name in (".", ".."):
+        fix = "choose another --name" if source == "--name" else "change its name: or pass --name"
+        raise UserError(f"the run name {name!r} (from {source}) must be one plain folder name of letters, digits, "
+                        f"'-', '_' and '.' (not '.' or '..'), at most 200 characters; {fix}.")
+    return name
+
+
+def _names_in(location: str) -> list[str] | None:
+    """Names directly inside a folder (local or URI); None when there is no such folder."""
+    import pyarrow.fs as pafs
+
+    fs, path = R.resolve(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return None
+    if info.type != pafs.FileType.Directory:
+        return [""]  # a file where the folder should be: probe_writable says so in its own words
+    return [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, recursive=False))]
+
+
+def check_not_foreign(run_dir: str) -> None:
+    """Refuse a non-empty folder without run.json: it is not a run of this project, and nothing in it is ours."""
+    from xray_ray.common import is_temp_name
+
+    names = _names_in(run_dir)
+    if names is None or names == [""]:
+        return
+    foreign = sorted(n for n in names if n != ".write-probe" and not is_temp_name(n))
+    if foreign:
+        raise UserError(f"{run_dir} is not empty and holds no run of xray_ray (no run.json; it has "
+                        f"{', '.join(map(repr, foreign[:3]))}{', ...' if len(foreign) > 3 else ''}); choose "
+                        "another --name or --results.")
+
+
+def _ours_in_best(name: str) -> bool:
+    from xray_ray.common import is_temp_name
+
+    # the export's files, and temporary files of this and older versions (.model.onnx.abc123, .x.tmp-...)
+    return name in EXPORT_FILES or is_temp_name(name) or any(name.startswith(f".{f}.") for f in EXPORT_FILES)
+
+
+def check_best_is_ours(best: Path) -> None:
+    """Refuse a best/ that holds anything the export did not write: replacing it would delete that."""
+    if not os.path.lexists(best):
+        return
+    if best.is_symlink() or not best.is_dir():
+        raise UserError(f"{best} is not a folder the export wrote; move it away, or choose another --name.")
+    foreign = sorted(p.name for p in best.iterdir() if not _ours_in_best(p.name) or not p.is_file()
+                     or p.is_symlink())
+    if foreign:
+        raise UserError(f"{best} holds files the export did not write ({', '.join(map(repr, foreign[:3]))}"
+                        f"{', ...' if len(foreign) > 3 else ''}); move them out, since a new export replaces "
+                        "best/, or choose another --name.")
+
+
+def _whole_model(folder: Path) -> bool:
+    from xray_ray.runtime import load_exported
+
+    try:
+        load_exported(folder)
+        return True
+    except UserError:
+        return False
+
+
+def clean_leftovers(run_dir: Path) -> list[Path]:
+    """Remove what a killed run left (--resume): temporary files beside the tables and in best/, and
+    unfinished or replaced best.new-*/best.old-* folders, after putting a whole best/ back if it is missing."""
+    from xray_ray.common import is_temp_name, restore_dir
+
+    removed = restore_dir(run_dir / "best", _whole_model)
+    for folder, ours in ((run_dir, is_temp_name), (run_dir / "best", lambda n: n not in EXPORT_FILES
+                                                   and _ours_in_best(n))):
+        if folder.is_dir() and not folder.is_symlink():
+            for p in folder.iterdir():
+                if ours(p.name) and p.is_file() and not p.is_symlink():
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+    return removed
+
+
+def install_best(new: Path, best: Path) -> None:
+    """Swap the finished export `new` in as `best` (whole at every moment; see common.replace_dir)."""
+    from xray_ray.common import replace_dir
+
+    check_best_is_ours(best)
+    replace_dir(new, best)
+
+
 ENSEMBLE_CANDIDATES = 8  # an ensemble is chosen among this many of the best trials (each loaded and scored)
 
 
@@ -954,26 +1066,35 @@ def export_best(grid, trials: pd.DataFrame, epochs: pd.DataFrame, prepared: dict
                 space: SearchSpace, batteries: dict[int, dict] | None = None, ensemble: int = 1,
                 threshold_rule: str = "clean") -> dict:
     """Write the model to ship (the winner, or an ensemble) into best/, then evaluate and export it there."""
+    import secrets
+
     import pyarrow.fs as pafs
 
+    from xray_ray.common import write_text
     from xray_ray.export import save_weights
     from xray_ray.winner import finalize
 
-    model, config, facts, ens = winner_model(grid, trials, space, prepared, batteries, ensemble)
     remote = R.is_uri(run_dir)
-    best_dir = Path(tempfile.mkdtemp(prefix="xray_best_")) / "best" if remote else Path(run_dir) / "best"
-    if best_dir.exists():
-        shutil.rmtree(best_dir)
+    if not remote:
+        check_best_is_ours(Path(run_dir) / "best")  # before any work: it is never replaced if not ours
+    model, config, facts, ens = winner_model(grid, trials, space, prepared, batteries, ensemble)
+    # built beside the old best/ (or in a local scratch folder for remote storage) and swapped in whole
+    scratch = Path(tempfile.mkdtemp(prefix="xray_best_")) if remote else None
+    best_dir = scratch / "best" if remote else Path(run_dir) / f"best.new-{secrets.token_hex(4)}"
     best_dir.mkdir(parents=True)
-    save_weights(model, best_dir / "weights.safetensors")
-    (best_dir / "config.json").write_text(json.dumps(config, indent=2))
-    size = model.config.image_size
-    card = finalize(best_dir, model, prepared[size].splits, {**run_info, "winner": facts}, trials, epochs,
-                    battery=(batteries or {}).get(size), threshold_rule=threshold_rule, ensemble=ens)
-    if remote:
-        fs, path = R.resolve(R.join(run_dir, "best"))
-        pafs.copy_files(str(best_dir), path, destination_filesystem=fs)
-        shutil.rmtree(best_dir.parent, ignore_errors=True)
+    try:
+        save_weights(model, best_dir / "weights.safetensors")
+        write_text(best_dir / "config.json", json.dumps(config, indent=2))
+        size = model.config.image_size
+        card = finalize(best_dir, model, prepared[size].splits, {**run_info, "winner": facts}, trials, epochs,
+                        battery=(batteries or {}).get(size), threshold_rule=threshold_rule, ensemble=ens)
+        if remote:  # object stores have no folder rename: each file is overwritten whole, nothing deleted
+            fs, path = R.resolve(R.join(run_dir, "best"))
+            pafs.copy_files(str(best_dir), path, destination_filesystem=fs)
+        else:
+            install_best(best_dir, Path(run_dir) / "best")
+    finally:
+        shutil.rmtree(scratch or best_dir, ignore_errors=True)  # gone already once swapped in
     return card
 
 

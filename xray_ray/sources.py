@@ -26,6 +26,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from xray_ray import CLASSES
+from xray_ray.common import read_regular_file
 from xray_ray.errors import DataError
 from xray_ray.images import IMAGE_EXTENSIONS, ImageError, decode_gray, load_gray, resize_gray
 from xray_ray.phantoms import NATIVE_SIZE, render
@@ -53,14 +54,15 @@ class Manifest:
     info: dict = field(default_factory=dict)
 
 
-def load_source(spec: str, *, seed: int = 0) -> Manifest:
+def load_source(spec: str, *, seed: int = 0, max_file_bytes: int | None = None) -> Manifest:
     """Build the manifest for a data spec.
 
     spec: "synthetic" (1200 images) | "synthetic:N" | a .npz path or URI (PneumoniaMNIST layout) |
     "medmnist" / "medmnist:SIZE" (PneumoniaMNIST via the optional medmnist package, cached in
     $XRAY_RAY_CACHE or ~/.cache/xray_ray) | a Kaggle-layout folder, local path or URI (file://, s3://).
     `seed` only matters for synthetic data (it picks the images). Raises DataError for structural
-    problems; files that cannot be used are listed in `skipped` instead (see _load_folder).
+    problems; files that cannot be used are listed in `skipped` instead (see _load_folder), among them
+    files of a folder larger than `max_file_bytes` (refused by size, never read; None: no limit).
     """
     spec = str(spec).strip()
     if not spec:
@@ -72,7 +74,7 @@ def load_source(spec: str, *, seed: int = 0) -> Manifest:
         return _load_npz(_medmnist_file(arg))
     if spec.lower().endswith(".npz"):
         return _load_npz(spec)
-    return _load_folder(spec)
+    return _load_folder(spec, max_file_bytes)
 
 
 def read_pixels(row: Mapping, size: int) -> np.ndarray:
@@ -95,9 +97,8 @@ def read_pixels(row: Mapping, size: int) -> np.ndarray:
 
 def read_bytes(location: str) -> bytes:
     """The bytes of a file named by a local path or a URI (read through pyarrow.fs)."""
-    if "://" not in location:  # a local path: the builtin open costs a fraction of a pyarrow stream
-        with open(location, "rb") as f:
-            return f.read()
+    if "://" not in location:  # a local path: a fraction of a pyarrow stream's cost; never a FIFO or device
+        return read_regular_file(location, None)
     fs, path = _resolve(location)
     with fs.open_input_stream(path) as f:
         return f.read()
@@ -242,7 +243,7 @@ def _find_base(dirs: set[tuple[str, ...]]) -> tuple[str, ...] | None:
     return next((d for d in preferred if has_splits(d)), None)
 
 
-def _load_folder(spec: str) -> Manifest:
+def _load_folder(spec: str, max_file_bytes: int | None = None) -> Manifest:
     """Manifest of a Kaggle-layout folder: <root>/<split>/<CLASS>/<image>, or the same under root/chest_xray/.
 
     Splits are train/val/test (any may be missing), classes NORMAL/PNEUMONIA, both matched ignoring
@@ -272,7 +273,7 @@ def _load_folder(spec: str) -> Manifest:
             candidates.append((rel, size, target, location))
 
     with ThreadPoolExecutor(_WORKERS) as pool:
-        results = list(pool.map(lambda c: _verify(c[1], c[3]), candidates))
+        results = list(pool.map(lambda c: _verify(c[1], c[3], max_file_bytes), candidates))
     rows = []
     for (rel, _, (split, label), location), res in zip(candidates, results):
         if isinstance(res, str):
@@ -320,17 +321,20 @@ def _classify(files: list[tuple[str, int]], base: tuple[str, ...]) -> list[tuple
     return out
 
 
-def _verify(size: int, location: str) -> tuple[str, int, int] | str:
+def _verify(size: int, location: str, max_bytes: int | None = None) -> tuple[str, int, int] | str:
     """(sha1, width, height) of a file that fully decodes, else the reason it cannot be used."""
     if size == 0:
         return "empty file (0 bytes)"
+    if max_bytes is not None and size > max_bytes:
+        return f"file too large ({size / 2**20:.0f} MB, the limit is {max_bytes / 2**20:g} MB)"
     try:
-        data = read_bytes(location)
+        # a local file is read only if it is still a regular file (never a FIFO swapped in since the walk)
+        data = read_bytes(location) if "://" in location else read_regular_file(location, max_bytes)
         img = decode_gray(data)
     except ImageError as e:
         return str(e)
     except OSError as e:
-        return f"unreadable file ({e})"
+        return f"unreadable file ({e.strerror or e})"
     return hashlib.sha1(data).hexdigest(), int(img.shape[1]), int(img.shape[0])
 
 

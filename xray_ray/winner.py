@@ -7,10 +7,8 @@ evaluate read back: the input contract, the threshold and the evidence behind bo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Mapping
@@ -24,11 +22,13 @@ import pandas as pd
 import torch
 
 from xray_ray import CLASSES, export, report
-from xray_ray.evaluate import fingerprint, json_safe, summarize
+from xray_ray.common import json_safe, write_text
+from xray_ray.evaluate import fingerprint, summarize
 from xray_ray.metrics import choose_threshold, roc_auc
 from xray_ray.models import CNN
 from xray_ray.pipeline import SplitArrays, rows_for
 from xray_ray.results import versions
+from xray_ray.runtime import load_exported, sha256_file
 from xray_ray.train import array_batches, predict_probs
 
 AGREEMENT_TOLERANCE = 1e-4
@@ -67,19 +67,9 @@ def _agreement(best_dir: Path, images: np.ndarray) -> tuple[float, int]:
     return max(real, noise), len(x) + 8
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_json_atomic(obj: Any, path: Path) -> None:
-    """Write strict JSON to a temporary file beside `path`, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write strict JSON (NaN/inf as null) atomically."""
+    write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
 def _counts(arr: SplitArrays) -> dict[str, int]:
@@ -239,7 +229,7 @@ def finalize(best_dir: Path, model: CNN, splits: dict[str, SplitArrays], run_inf
         "versions": {k: v for k, v in versions().items() if k != "platform"},
         "git_commit": run_info.get("git_commit"),
     }
-    card["files"] = {name: _sha256(best_dir / name)
+    card["files"] = {name: sha256_file(best_dir / name)
                      for name in (export.ONNX_NAME, export.TORCHSCRIPT_NAME, export.WEIGHTS_NAME)}
     auc = {s: m["at_threshold"]["roc_auc"] for s, m in metrics.items()}
     test_images = splits["test"].images if "test" in preds else None
@@ -251,4 +241,6 @@ def finalize(best_dir: Path, model: CNN, splits: dict[str, SplitArrays], run_inf
     card = json_safe(card)
     write_json_atomic(card, best_dir / "model.json")
     report.write_html(best_dir, card, trials, card["pictures"])
+    # read back the way predict and evaluate will: card fields, graph contract, model.onnx's sha256
+    load_exported(best_dir)
     return card
