@@ -18,8 +18,16 @@ from typing import Annotated, Any, ClassVar, Literal, Mapping
 
 import annotated_types as at
 import numpy as np
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
-from pydantic import model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from xray_ray.errors import UserError
 

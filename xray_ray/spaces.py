@@ -2,7 +2,7 @@
 
 A search-space YAML file is parsed into a frozen :class:`SearchSpace`; every value is checked with
 :meth:`TrialConfig.check_value` where it is parsed, and :func:`check_corners` proves every corner of the
-space buildable before Ray starts. Errors are one-sentence :class:`~xray_ray.errors.UserError`\ s.
+space buildable before Ray starts. Errors are one-sentence :class:`~xray_ray.errors.UserError` messages.
 This module imports no torch.
 """
 
