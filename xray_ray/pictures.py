@@ -325,7 +325,6 @@ def plot_saliency(path: Path, model: nn.Module, images: np.ndarray, y: np.ndarra
     _save(fig, path)
 
 
-
 def write_pictures(out_dir: Path, *, model: nn.Module, preds: Mapping[str, tuple[np.ndarray, np.ndarray]],
                    auc: Mapping[str, float], threshold: float, test_images: np.ndarray | None,
                    trials: pd.DataFrame, epochs: pd.DataFrame, winner: str | None) -> list[str]:
