@@ -141,7 +141,7 @@ def test_read_regular_file_refuses_fifos_devices_and_big_files_unread(tmp_path):
     assert common.read_regular_file(tmp_path / "ok", 5) == b"12345"
 
 
-WRITERS = ["results.py", "export.py", "winner.py", "report.py", "predict.py", "pipeline.py"]
+WRITERS = ["results.py", "export.py", "winner.py", "report.py", "pictures.py", "predict.py", "pipeline.py"]
 
 
 FORBIDDEN = ("os.replace", "os.rename", "tempfile.mkstemp", "tempfile.NamedTemporaryFile", "pa.OSFile",

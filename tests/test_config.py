@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xray_ray.config import MAX_EPOCHS, TrialConfig, load_space, parse_space
+from xray_ray.config import MAX_EPOCHS, TrialConfig
+from xray_ray.spaces import load_space, parse_space
 from xray_ray.errors import UserError
 
 SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))

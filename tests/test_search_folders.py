@@ -20,7 +20,7 @@ import yaml
 from conftest import model_copy, one_error_line
 from xray_ray import runtime, search
 from xray_ray.common import json_safe
-from xray_ray.config import load_space
+from xray_ray.spaces import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = {

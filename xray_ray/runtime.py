@@ -153,67 +153,86 @@ def check_card(card: object, where: str | Path = CARD_FILE) -> dict:
     when present, the classes, the output name, the data seed, the split settings, the fingerprints, the
     trial id and the sha256 of model.onnx. Raises UserError with one sentence naming the bad field.
     """
-    def bad(field: str, need: str, value: object) -> UserError:
-        shown = repr(value)
-        shown = shown if len(shown) <= 40 else shown[:37] + "..."
-        return UserError(f"{where}: {field} must be {need}, not {shown}; {_FIX}.")
-
     if not isinstance(card, dict):
         raise UserError(f"{where} is not a JSON model card; {_FIX}.")
     version = card.get("contract_version")
     if not _is_int(version) or version != CONTRACT_VERSION:
         raise UserError(f"model contract version {version!r} is not supported (this xray_ray reads version "
                         f"{CONTRACT_VERSION}); re-export the model with this version.")
+    _check_contract(card, where)
+    if card.get("data") is not None:
+        _check_data(card["data"], where)
+    if card.get("files") is not None:
+        _check_files(card["files"], where)
+    return card
+
+
+def _bad(where: str | Path, field: str, need: str, value: object) -> UserError:
+    """The one sentence for a card field of the wrong kind: which field, what it must be, what it is."""
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return UserError(f"{where}: {field} must be {need}, not {shown}; {_FIX}.")
+
+
+def _check_contract(card: dict, where: str | Path) -> None:
+    """The input, threshold, classes, output and trial id of a card."""
     for section in ("input", "threshold"):
         if not isinstance(card.get(section), dict):
-            raise bad(section, "an object", card.get(section))
+            raise _bad(where, section, "an object", card.get(section))
     size = card["input"].get("size")
     if not _is_int(size) or not 1 <= size <= MAX_IMAGE_SIZE:
-        raise bad("input.size", f"a whole number from 1 to {MAX_IMAGE_SIZE}", size)
+        raise _bad(where, "input.size", f"a whole number from 1 to {MAX_IMAGE_SIZE}", size)
     channels = card["input"].get("channels", 1)
     if not _is_int(channels) or channels != 1:
-        raise bad("input.channels", "1 (grayscale)", channels)
+        raise _bad(where, "input.channels", "1 (grayscale)", channels)
     t = card["threshold"].get("value")
     if not _is_number(t) or not math.isfinite(t) or not 0 <= t <= 1:
-        raise bad("threshold.value", "a finite number from 0 to 1", t)
+        raise _bad(where, "threshold.value", "a finite number from 0 to 1", t)
     if "classes" in card and card["classes"] != list(CLASSES):
-        raise bad("classes", f"{list(CLASSES)}", card["classes"])
+        raise _bad(where, "classes", f"{list(CLASSES)}", card["classes"])
     output = card.get("output")
     if output is not None and (not isinstance(output, dict) or output.get("name") != OUTPUT_NAME):
-        raise bad("output.name", f"'{OUTPUT_NAME}'", output.get("name") if isinstance(output, dict) else output)
+        raise _bad(where, "output.name", f"'{OUTPUT_NAME}'", output.get("name") if isinstance(output, dict) else output)
     if card.get("trial_id") is not None and not isinstance(card["trial_id"], str):
-        raise bad("trial_id", "a string", card["trial_id"])
-    data = card.get("data")
-    if data is not None:
-        if not isinstance(data, dict):
-            raise bad("data", "an object", data)
-        seed = data.get("seed")
-        if seed is not None and (not _is_int(seed) or seed < 0):
-            raise bad("data.seed", "a whole number of 0 or more", seed)
-        split = data.get("split")
-        if split is not None:
-            if not isinstance(split, dict):
-                raise bad("data.split", "an object", split)
-            if "seed" in split and (not _is_int(split["seed"]) or split["seed"] < 0):
-                raise bad("data.split.seed", "a whole number of 0 or more", split["seed"])
-            for key in ("val_fraction", "test_fraction"):
-                v = split.get(key)
-                if key in split and (not _is_number(v) or not math.isfinite(v) or not 0 <= v < 1):
-                    raise bad(f"data.split.{key}", "a number from 0 to below 1", v)
-            v = split.get("min_val_images")
-            if "min_val_images" in split and (not _is_int(v) or v < 0):
-                raise bad("data.split.min_val_images", "a whole number of 0 or more", v)
-        prints = data.get("fingerprints")
-        if prints is not None and (not isinstance(prints, dict)
-                                   or not all(isinstance(v, str) for v in prints.values())):
-            raise bad("data.fingerprints", "an object of strings", prints)
-    files = card.get("files")
-    if files is not None:
-        digest = files.get(ONNX_FILE) if isinstance(files, dict) else files
-        if not isinstance(files, dict) or (digest is not None and not (
-                isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest))):
-            raise bad(f"files.{ONNX_FILE}", "a sha256 in hex", digest)
-    return card
+        raise _bad(where, "trial_id", "a string", card["trial_id"])
+
+
+def _check_data(data: object, where: str | Path) -> None:
+    """The card's data section: its seed, split settings and fingerprints."""
+    if not isinstance(data, dict):
+        raise _bad(where, "data", "an object", data)
+    seed = data.get("seed")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise _bad(where, "data.seed", "a whole number of 0 or more", seed)
+    if data.get("split") is not None:
+        _check_split(data["split"], where)
+    prints = data.get("fingerprints")
+    if prints is not None and (not isinstance(prints, dict)
+                               or not all(isinstance(v, str) for v in prints.values())):
+        raise _bad(where, "data.fingerprints", "an object of strings", prints)
+
+
+def _check_split(split: object, where: str | Path) -> None:
+    """The split settings the data was split with: seed, fractions, smallest given val."""
+    if not isinstance(split, dict):
+        raise _bad(where, "data.split", "an object", split)
+    if "seed" in split and (not _is_int(split["seed"]) or split["seed"] < 0):
+        raise _bad(where, "data.split.seed", "a whole number of 0 or more", split["seed"])
+    for key in ("val_fraction", "test_fraction"):
+        v = split.get(key)
+        if key in split and (not _is_number(v) or not math.isfinite(v) or not 0 <= v < 1):
+            raise _bad(where, f"data.split.{key}", "a number from 0 to below 1", v)
+    v = split.get("min_val_images")
+    if "min_val_images" in split and (not _is_int(v) or v < 0):
+        raise _bad(where, "data.split.min_val_images", "a whole number of 0 or more", v)
+
+
+def _check_files(files: object, where: str | Path) -> None:
+    """The card's file hashes: model.onnx's, when given, is a sha256 in hex."""
+    digest = files.get(ONNX_FILE) if isinstance(files, dict) else files
+    if not isinstance(files, dict) or (digest is not None and not (
+            isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest))):
+        raise _bad(where, f"files.{ONNX_FILE}", "a sha256 in hex", digest)
 
 
 def check_graph(session: ort.InferenceSession, size: int, where: str | Path = ONNX_FILE) -> None:

@@ -86,7 +86,6 @@ def assign_splits(df: pd.DataFrame, *, seed: int, val_fraction: float = 0.1, tes
     _check_args(df, val_fraction, test_fraction, min_val_images)
     df = df.reset_index(drop=True).copy()
     df["_group"] = group_ids(df)
-    warnings: list[str] = []
 
     leakage, drop = _leakage(df)
     kept = df.drop(index=drop)
@@ -104,12 +103,7 @@ def assign_splits(df: pd.DataFrame, *, seed: int, val_fraction: float = 0.1, tes
     split[kept["orig_split"] == "val"] = "extra_val" if carve_val else "val"
     split.loc[carved.index] = carved
     kept = kept.assign(split=split.astype(str)).drop(columns="_group")
-    for name in ("train", "val", "test"):
-        present = set(kept.loc[kept["split"] == name, "label"])
-        if len(present) < 2:
-            warnings.append(f"{name} split has {'no' if not present else 'only one class of'} images.")
 
-    dup = duplicate_groups(df)
     info = {
         "method": "patient-grouped stratified hold-out",
         "seed": int(seed),
@@ -119,6 +113,18 @@ def assign_splits(df: pd.DataFrame, *, seed: int, val_fraction: float = 0.1, tes
         "val_source": "carved from train" if carve_val else "given val",
         "test_source": "given test" if has_test else "carved from train",
         "extra_val": "given val, too small to choose on" if carve_val and len(given_val) else None,
+        **_describe(df, kept, leakage, drop),
+    }
+    if drop:
+        info["dropped_reason"] = ("train images whose patient or bytes also appear in the given "
+                                  "val/test were dropped; the val/test copies were kept")
+    return kept.reset_index(drop=True), info
+
+
+def _describe(df: pd.DataFrame, kept: pd.DataFrame, leakage: list[dict], drop: list[int]) -> dict:
+    """What the split holds: counts, patients, duplicate groups, leakage dropped, one-class warnings."""
+    dup = duplicate_groups(df)
+    return {
         "counts": _counts(kept),
         "patients": {s: int(kept.loc[kept["split"] == s, "patient"].nunique()) for s in _present(kept)},
         "groups": int(df["_group"].nunique()),
@@ -126,12 +132,18 @@ def assign_splits(df: pd.DataFrame, *, seed: int, val_fraction: float = 0.1, tes
         "duplicate_images": int(sum(len(g) for g in dup)),
         "leakage": leakage,
         "dropped": int(len(drop)),
-        "warnings": warnings,
+        "warnings": _class_warnings(kept),
     }
-    if drop:
-        info["dropped_reason"] = ("train images whose patient or bytes also appear in the given "
-                                  "val/test were dropped; the val/test copies were kept")
-    return kept.reset_index(drop=True), info
+
+
+def _class_warnings(kept: pd.DataFrame) -> list[str]:
+    """A warning for each of train, val and test that holds no images or one class only."""
+    warnings: list[str] = []
+    for name in ("train", "val", "test"):
+        present = set(kept.loc[kept["split"] == name, "label"])
+        if len(present) < 2:
+            warnings.append(f"{name} split has {'no' if not present else 'only one class of'} images.")
+    return warnings
 
 
 def _check_args(df: pd.DataFrame, val_fraction: float, test_fraction: float, min_val_images: int) -> None:

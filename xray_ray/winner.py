@@ -169,32 +169,15 @@ def finalize(best_dir: Path, model: CNN, splits: dict[str, SplitArrays], run_inf
     model = model.cpu().eval()
 
     preds = {s: split_probs(model, splits[s]) for s in VALIDATION_SPLITS if s in splits and len(splits[s])}
-    robustness = None
-    threshold, method = pick_threshold(*preds["val"], target_sensitivity)
-    if battery is not None:
-        robustness, y_shift, p_shift = shift_report(model, splits["val"], battery)
-        if threshold_rule == "shifted":
-            y_val, p_val = preds["val"]
-            threshold, method = pick_threshold(np.concatenate([y_val, y_shift]), np.concatenate([p_val, p_shift]),
-                                               target_sensitivity)
-            method += " on clean and shifted validation images pooled (the shift battery)"
-    elif threshold_rule == "shifted":
-        raise ValueError("the shifted threshold rule needs the shift battery")
+    threshold, method, robustness = _fix_threshold(model, splits["val"], preds["val"], battery, threshold_rule,
+                                                   target_sensitivity)
     # Test is scored here, once, after the threshold is fixed: nothing below feeds back into a choice.
     if "test" in splits and len(splits["test"]):
         preds["test"] = split_probs(model, splits["test"])
     metrics = {s: summarize(y, p, threshold, groups=splits[s].patients, n_boot=n_boot, seed=seed)
                for s, (y, p) in preds.items()}
     at_val = metrics["val"]["at_threshold"]
-
-    if not (best_dir / export.WEIGHTS_NAME).exists():
-        export.save_weights(model, best_dir / export.WEIGHTS_NAME)
-    export.export_torchscript(model, best_dir / export.TORCHSCRIPT_NAME)
-    export.export_onnx(model, best_dir / export.ONNX_NAME)
-    diff, checked = _agreement(best_dir, splits["val"].images[:64])
-    if not diff < AGREEMENT_TOLERANCE:
-        raise RuntimeError(f"ONNX and TorchScript disagree by {diff:.2e} (> {AGREEMENT_TOLERANCE:g}); "
-                           "the export is not trustworthy")
+    diff, checked = _export_checked(model, best_dir, splits["val"].images[:64])
 
     trial = _trial_facts(best_dir, run_info, trials, epochs)
     card: dict[str, Any] = {
@@ -205,17 +188,7 @@ def finalize(best_dir: Path, model: CNN, splits: dict[str, SplitArrays], run_inf
         "input": _input_contract(model),
         "output": {"name": export.OUTPUT_NAME, "shape": ["N"], "dtype": "float32",
                    "meaning": "probability of PNEUMONIA (class 1) per image"},
-        "threshold": {
-            "value": threshold,
-            "rule": "PNEUMONIA when prob_pneumonia >= value, else NORMAL",
-            "method": method,
-            "split": "val",
-            "rule_name": threshold_rule,
-            "target_sensitivity": target_sensitivity,
-            "val_sensitivity": at_val["recall"],
-            "val_specificity": at_val["specificity"],
-            "default": 0.5,
-        },
+        "threshold": _threshold_section(threshold, method, threshold_rule, target_sensitivity, at_val),
         "model": model.config.to_dict(),
         **({"ensemble": dict(ensemble)} if ensemble else {}),
         **({"robustness": robustness} if robustness is not None else {}),
@@ -229,18 +202,72 @@ def finalize(best_dir: Path, model: CNN, splits: dict[str, SplitArrays], run_inf
         "versions": {k: v for k, v in versions().items() if k != "platform"},
         "git_commit": run_info.get("git_commit"),
     }
+    card = _write_card(best_dir, card, model, preds, metrics, splits, trials, epochs, t0)
+    # read back the way predict and evaluate will: card fields, graph contract, model.onnx's sha256
+    load_exported(best_dir)
+    return card
+
+
+def _fix_threshold(model: CNN, val: SplitArrays, val_preds: tuple[np.ndarray, np.ndarray],
+                   battery: Mapping[str, np.ndarray] | None, threshold_rule: str,
+                   target_sensitivity: float) -> tuple[float, str, dict | None]:
+    """(threshold, how it was chosen, the robustness section or None), from validation only."""
+    robustness = None
+    threshold, method = pick_threshold(*val_preds, target_sensitivity)
+    if battery is not None:
+        robustness, y_shift, p_shift = shift_report(model, val, battery)
+        if threshold_rule == "shifted":
+            y_val, p_val = val_preds
+            threshold, method = pick_threshold(np.concatenate([y_val, y_shift]), np.concatenate([p_val, p_shift]),
+                                               target_sensitivity)
+            method += " on clean and shifted validation images pooled (the shift battery)"
+    elif threshold_rule == "shifted":
+        raise ValueError("the shifted threshold rule needs the shift battery")
+    return threshold, method, robustness
+
+
+def _export_checked(model: CNN, best_dir: Path, images: np.ndarray) -> tuple[float, int]:
+    """Weights (unless there), TorchScript and ONNX into best_dir; (their largest difference, images compared)."""
+    if not (best_dir / export.WEIGHTS_NAME).exists():
+        export.save_weights(model, best_dir / export.WEIGHTS_NAME)
+    export.export_torchscript(model, best_dir / export.TORCHSCRIPT_NAME)
+    export.export_onnx(model, best_dir / export.ONNX_NAME)
+    diff, checked = _agreement(best_dir, images)
+    if not diff < AGREEMENT_TOLERANCE:
+        raise RuntimeError(f"ONNX and TorchScript disagree by {diff:.2e} (> {AGREEMENT_TOLERANCE:g}); "
+                           "the export is not trustworthy")
+    return diff, checked
+
+
+def _threshold_section(threshold: float, method: str, threshold_rule: str, target_sensitivity: float,
+                       at_val: Mapping[str, Any]) -> dict:
+    """The card's threshold: its value, rule and how it was chosen, and what it gives on validation."""
+    return {
+        "value": threshold,
+        "rule": "PNEUMONIA when prob_pneumonia >= value, else NORMAL",
+        "method": method,
+        "split": "val",
+        "rule_name": threshold_rule,
+        "target_sensitivity": target_sensitivity,
+        "val_sensitivity": at_val["recall"],
+        "val_specificity": at_val["specificity"],
+        "default": 0.5,
+    }
+
+
+def _write_card(best_dir: Path, card: dict, model: CNN, preds: dict, metrics: dict, splits: dict[str, SplitArrays],
+                trials: pd.DataFrame, epochs: pd.DataFrame, t0: float) -> dict:
+    """Add the files' hashes and the pictures to the card; write model.json, the pictures and report.html."""
     card["files"] = {name: sha256_file(best_dir / name)
                      for name in (export.ONNX_NAME, export.TORCHSCRIPT_NAME, export.WEIGHTS_NAME)}
     auc = {s: m["at_threshold"]["roc_auc"] for s, m in metrics.items()}
     test_images = splits["test"].images if "test" in preds else None
-    card["pictures"] = report.write_pictures(best_dir, model=getattr(model, "primary", model), preds=preds, auc=auc, threshold=threshold,
-                                             test_images=test_images, trials=trials, epochs=epochs,
-                                             winner=trial["id"])
+    card["pictures"] = report.write_pictures(best_dir, model=getattr(model, "primary", model), preds=preds,
+                                             auc=auc, threshold=card["threshold"]["value"], test_images=test_images,
+                                             trials=trials, epochs=epochs, winner=card["trial"]["id"])
     card["report"] = "report.html"
     card["finalize_seconds"] = round(time.perf_counter() - t0, 2)
     card = json_safe(card)
     write_json_atomic(card, best_dir / "model.json")
     report.write_html(best_dir, card, trials, card["pictures"])
-    # read back the way predict and evaluate will: card fields, graph contract, model.onnx's sha256
-    load_exported(best_dir)
     return card

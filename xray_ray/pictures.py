@@ -1,0 +1,340 @@
+"""The winner's pictures: confusion, ROC/PR, calibration, learning curves, search history and Grad-CAM.
+
+Figures are drawn on matplotlib's Agg canvas without pyplot, so no display and no global state are
+involved. Every plot copes with a split that holds one class only (AUC is then undefined, not a crash).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from torch import nn
+
+from xray_ray import CLASSES
+from xray_ray.common import atomic_file
+
+SPLIT_COLORS = {"val": "tab:blue", "test": "tab:red", "extra_val": "tab:green"}
+STATUS_STYLE = {"completed": ("o", "tab:green"), "stopped": ("x", "tab:orange"), "errored": ("s", "tab:red")}
+PICTURES = {
+    "confusion.png": "Confusion matrices at the chosen threshold (rows: true class, columns: predicted).",
+    "roc.png": "ROC curves; the filled marker is the chosen operating point, the hollow one is 0.5.",
+    "pr.png": "Precision-recall curves with the same operating points.",
+    "calibration.png": "Reliability: observed PNEUMONIA fraction against predicted probability, and the spread "
+                       "of predictions.",
+    "learning_curves.png": "Learning curves of the best trials (by best validation AUC).",
+    "search_history.png": "Validation AUC of every trial by epoch; crosses mark trials that ASHA stopped early.",
+    "saliency.png": "Grad-CAM of the last conv block on test images, correct and wrong (red: evidence for the "
+                    "predicted class).",
+}
+
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)
+    with atomic_file(path) as f:
+        fig.savefig(f, dpi=110, bbox_inches="tight", format="png")
+
+
+def _note(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.3", wrap=True)
+
+
+def _has_both(y: np.ndarray) -> bool:
+    return bool(len(y)) and 0 < int(np.sum(y)) < len(y)
+
+
+def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) at every distinct threshold, from (0, 0) to (1, 1)."""
+    y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
+    order = np.argsort(-p, kind="stable")
+    y, p = y[order], p[order]
+    last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]  # last index of each run of tied scores
+    tps = np.cumsum(y)[last]
+    fps = last + 1 - tps
+    pos, neg = max(int(y.sum()), 1), max(len(y) - int(y.sum()), 1)
+    return np.r_[0.0, fps / neg], np.r_[0.0, tps / pos]
+
+
+def pr_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) at every distinct threshold, starting at recall 0, precision 1."""
+    y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
+    order = np.argsort(-p, kind="stable")
+    y, p = y[order], p[order]
+    last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]
+    tps = np.cumsum(y)[last]
+    precision = tps / (last + 1)
+    return np.r_[0.0, tps / max(int(y.sum()), 1)], np.r_[1.0, precision]
+
+
+def _operating_point(y: np.ndarray, p: np.ndarray, t: float) -> tuple[float, float, float]:
+    """(false positive rate, sensitivity, precision) when calling PNEUMONIA at p >= t."""
+    pred = p >= t
+    pos, neg = y == 1, y == 0
+    tpr = pred[pos].mean() if pos.any() else math.nan
+    fpr = pred[neg].mean() if neg.any() else math.nan
+    precision = y[pred].mean() if pred.any() else math.nan
+    return float(fpr), float(tpr), float(precision)
+
+
+def plot_confusion(path: Path, preds: Mapping[str, tuple[np.ndarray, np.ndarray]], threshold: float) -> None:
+    """One confusion matrix per split, at the chosen threshold."""
+    names = list(preds)
+    fig = Figure(figsize=(3.6 * max(len(names), 1), 3.4))
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(1, len(names), i + 1)
+        y, p = preds[name]
+        pred = (p >= threshold).astype(int)
+        cm = np.array([[np.sum((y == t) & (pred == q)) for q in (0, 1)] for t in (0, 1)])
+        ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
+        for (r, c), v in np.ndenumerate(cm):
+            row = max(int(cm[r].sum()), 1)
+            ax.text(c, r, f"{v}\n{v / row:.0%}", ha="center", va="center",
+                    color="white" if v > cm.max() / 2 else "black", fontsize=9)
+        ax.set_xticks([0, 1], CLASSES, fontsize=8)
+        ax.set_yticks([0, 1], CLASSES, fontsize=8, rotation=90, va="center")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{name} (n={len(y)}, t={threshold:.3f})", fontsize=9)
+    _save(fig, path)
+
+
+def plot_roc_pr(roc_path: Path, pr_path: Path, preds: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                threshold: float, auc: Mapping[str, float]) -> None:
+    """ROC and precision-recall curves per split, chosen threshold and 0.5 marked."""
+    roc_fig, pr_fig = Figure(figsize=(4.6, 4.2)), Figure(figsize=(4.6, 4.2))
+    rax, pax = roc_fig.add_subplot(), pr_fig.add_subplot()
+    rax.plot([0, 1], [0, 1], ls=":", color="0.6", lw=1)
+    drawn = 0
+    for name, (y, p) in preds.items():
+        color = SPLIT_COLORS.get(name, "tab:purple")
+        if not _has_both(y):
+            continue
+        drawn += 1
+        fpr, tpr = roc_curve(y, p)
+        rax.plot(fpr, tpr, color=color, lw=1.5, label=f"{name} AUC {auc.get(name, math.nan):.3f}")
+        rec, prec = pr_curve(y, p)
+        pax.step(rec, prec, where="pre", color=color, lw=1.5, label=f"{name} (prevalence {y.mean():.2f})")
+        for t, face in ((threshold, color), (0.5, "none")):
+            f, s, pr = _operating_point(y, p, t)
+            rax.plot([f], [s], "o", mfc=face, mec=color, ms=7)
+            if not math.isnan(pr):
+                pax.plot([s], [pr], "o", mfc=face, mec=color, ms=7)
+    for ax, xl, yl, title in ((rax, "1 - specificity", "sensitivity", "ROC"),
+                              (pax, "recall (sensitivity)", "precision", "Precision-recall")):
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.set_title(f"{title} (filled: t={threshold:.3f}, hollow: 0.5)", fontsize=9)
+        if drawn:
+            ax.legend(fontsize=8, loc="lower right" if ax is rax else "lower left")
+        else:
+            _note(ax, "undefined: every split holds one class only")
+    _save(roc_fig, roc_path)
+    _save(pr_fig, pr_path)
+
+
+def plot_calibration(path: Path, preds: Mapping[str, tuple[np.ndarray, np.ndarray]], bins: int = 10) -> None:
+    """Reliability diagram (equal-width bins) above a histogram of the predicted probabilities."""
+    fig = Figure(figsize=(4.8, 5.6))
+    ax, hx = fig.add_subplot(3, 1, (1, 2)), fig.add_subplot(3, 1, 3)
+    ax.plot([0, 1], [0, 1], ls=":", color="0.6", lw=1, label="perfect")
+    edges = np.linspace(0, 1, bins + 1)
+    for name, (y, p) in preds.items():
+        if not len(y):
+            continue
+        color = SPLIT_COLORS.get(name, "tab:purple")
+        idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+        full = [b for b in range(bins) if np.any(idx == b)]
+        ax.plot([p[idx == b].mean() for b in full], [y[idx == b].mean() for b in full], "o-", color=color,
+                ms=4, label=name)
+        hx.hist(p, bins=edges, histtype="step", color=color, lw=1.5)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("observed PNEUMONIA fraction")
+    ax.set_title("Calibration", fontsize=9)
+    ax.legend(fontsize=8)
+    hx.set_xlim(0, 1)
+    hx.set_xlabel("predicted probability of PNEUMONIA")
+    hx.set_ylabel("images")
+    _save(fig, path)
+
+
+def top_trials(trials: pd.DataFrame, k: int) -> list[str]:
+    """Ids of the k trials with the best validation AUC (NaN last)."""
+    if trials is None or trials.empty or "trial_id" not in trials:
+        return []
+    order = trials.sort_values("best_val_auc", ascending=False, na_position="last", kind="stable")
+    return [str(t) for t in order["trial_id"].head(k)]
+
+
+def plot_learning_curves(path: Path, epochs: pd.DataFrame, trials: pd.DataFrame, k: int = 5,
+                         winner: str | None = None) -> None:
+    """Losses and validation AUC per epoch of the top-k trials."""
+    fig = Figure(figsize=(9.5, 3.8))
+    lax, aax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ids = top_trials(trials, k)
+    if epochs is not None and not epochs.empty and not ids:
+        ids = [str(t) for t in epochs["trial_id"].unique()[:k]]
+    shown = 0
+    for i, tid in enumerate(ids):
+        rows = epochs[epochs["trial_id"].astype(str) == tid].sort_values("epoch") if epochs is not None else []
+        if not len(rows):
+            continue
+        shown += 1
+        color = f"C{i % 10}"
+        lw = 2.5 if tid == winner else 1.2
+        label = f"{tid}{' (winner)' if tid == winner else ''}"
+        lax.plot(rows["epoch"], rows["train_loss"], "x--", color=color, lw=lw, ms=4)
+        lax.plot(rows["epoch"], rows["val_loss"], "o-", color=color, lw=lw, ms=3, label=label)
+        aax.plot(rows["epoch"], rows["val_auc"], "o-", color=color, lw=lw, ms=3, label=label)
+    lax.set_title("loss (dashed: train, solid: val)", fontsize=9)
+    aax.set_title("validation AUC", fontsize=9)
+    for ax in (lax, aax):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if shown:
+            ax.legend(fontsize=7)
+        else:
+            _note(ax, "no epochs recorded")
+    _save(fig, path)
+
+
+def plot_search_history(path: Path, epochs: pd.DataFrame, trials: pd.DataFrame, winner: str | None = None) -> None:
+    """Every trial's val AUC by epoch, ended by a marker for its status; and each trial's best AUC."""
+    fig = Figure(figsize=(10, 4))
+    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    status = {}
+    if trials is not None and not trials.empty:
+        status = dict(zip(trials["trial_id"].astype(str), trials["status"].astype(str)))
+    if epochs is not None and not epochs.empty:
+        for tid, rows in epochs.groupby(epochs["trial_id"].astype(str), sort=False):
+            rows = rows.sort_values("epoch")
+            marker, color = STATUS_STYLE.get(status.get(tid, "completed"), ("o", "0.4"))
+            winning = tid == winner
+            ax.plot(rows["epoch"], rows["val_auc"], "-", color="black" if winning else "0.55",
+                    lw=2 if winning else 0.8, alpha=1 if winning else 0.7, zorder=3 if winning else 2)
+            ax.plot(rows["epoch"].iloc[-1:], rows["val_auc"].iloc[-1:], marker, color=color, ms=6, zorder=4)
+    else:
+        _note(ax, "no epochs recorded")
+    for st, (marker, color) in STATUS_STYLE.items():
+        ax.plot([], [], marker, color=color, label=st)
+    ax.plot([], [], "-", color="black", lw=2, label="winner")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("validation AUC")
+    ax.set_title("search history (ASHA stops weak trials early)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    if trials is not None and not trials.empty:
+        xs = np.arange(len(trials))
+        colors = [STATUS_STYLE.get(str(s), ("o", "0.4"))[1] for s in trials["status"]]
+        auc = pd.to_numeric(trials["best_val_auc"], errors="coerce").to_numpy(dtype=float)
+        finite = auc[np.isfinite(auc)]
+        lo = max(0.0, float(finite.min()) - 0.05) if finite.size else 0.0
+        top = np.where(np.isfinite(auc), auc, lo)
+        bx.bar(xs, top - lo, bottom=lo, color=colors)
+        runs = trials["epochs_run"] if "epochs_run" in trials else pd.Series([None] * len(trials))
+        for x, a, n in zip(xs, top, runs):
+            if n is not None and not pd.isna(n):
+                bx.text(x, a, f"{int(n)}", ha="center", va="bottom", fontsize=6, clip_on=True)
+        bx.set_xticks(xs, [str(t)[-8:] for t in trials["trial_id"]], rotation=90, fontsize=6)
+        bx.set_ylim(lo, min(1.0, float(finite.max()) + 0.05) if finite.size else 1.0)
+    else:
+        _note(bx, "no trials recorded")
+    bx.set_title("best validation AUC by trial (number: epochs run)", fontsize=9)
+    _save(fig, path)
+
+
+def _last_activation(model: nn.Module) -> nn.Module:
+    # The last ReLU of the last conv block keeps twice the resolution of the block's pooled output.
+    block = model.features[-1] if hasattr(model, "features") and len(model.features) else model
+    relus = [m for m in block.modules() if isinstance(m, nn.ReLU)]
+    return relus[-1] if relus else block
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, threshold: float = 0.5) -> np.ndarray:
+    """Grad-CAM maps [N, S, S] in [0, 1] for the class predicted at `threshold`, from the last conv block."""
+    model.eval()
+    layer = _last_activation(model)
+    captured: list[torch.Tensor] = []
+    hook = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            # Explain the predicted class: the PNEUMONIA logit, or its negative for NORMAL.
+            called = torch.sigmoid(logits) >= threshold
+            score = torch.where(called, logits, -logits).sum()
+            (grads,) = torch.autograd.grad(score, captured[-1])
+    finally:
+        hook.remove()
+    acts = captured[-1].detach()
+    cam = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * acts).sum(dim=1, keepdim=True))
+    cam = torch.nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
+    return (cam / peak).numpy()
+
+
+def pick_examples(y: np.ndarray, p: np.ndarray, threshold: float, k: int = 4) -> list[tuple[int, bool]]:
+    """Up to k confident correct and k confidently wrong images, mixing classes: (index, correct)."""
+    pred = (p >= threshold).astype(int)
+    confidence = np.abs(p - threshold)
+    out: list[tuple[int, bool]] = []
+    for correct in (True, False):
+        groups = [np.flatnonzero(((pred == y) == correct) & (y == c)) for c in (1, 0)]
+        groups = [g[np.argsort(-confidence[g], kind="stable")] for g in groups]
+        chosen: list[int] = []
+        while len(chosen) < k and any(len(g) for g in groups):
+            for g in groups:
+                if len(g) and len(chosen) < k:
+                    chosen.append(int(g[0]))
+            groups = [g[1:] for g in groups]
+        out += [(i, correct) for i in chosen]
+    return out
+
+
+def plot_saliency(path: Path, model: nn.Module, images: np.ndarray, y: np.ndarray, p: np.ndarray,
+                  threshold: float, k: int = 4) -> None:
+    """Grad-CAM overlays for a few correct and wrong test images."""
+    picks = pick_examples(y, p, threshold, k)
+    cols = max(k, 1)
+    fig = Figure(figsize=(2.2 * cols, 4.8))
+    if not picks:
+        _note(fig.add_subplot(), "no test images")
+        _save(fig, path)
+        return
+    x = torch.from_numpy(images[[i for i, _ in picks]]).float().div(255).unsqueeze(1)
+    cams = grad_cam(model, x, threshold)
+    slots = {True: 0, False: 0}
+    for (i, correct), cam in zip(picks, cams):
+        row = 0 if correct else 1
+        ax = fig.add_subplot(2, cols, row * cols + slots[correct] + 1)
+        slots[correct] += 1
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1)
+        ax.set_title(f"{'ok' if correct else 'WRONG'} true {CLASSES[int(y[i])]}\np={p[i]:.3f}", fontsize=7,
+                     color="black" if correct else "tab:red")
+        ax.axis("off")
+    _save(fig, path)
+
+
+def write_pictures(out_dir: Path, *, model: nn.Module, preds: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                   auc: Mapping[str, float], threshold: float, test_images: np.ndarray | None,
+                   trials: pd.DataFrame, epochs: pd.DataFrame, winner: str | None) -> list[str]:
+    """Draw every picture into out_dir; return the file names in report order."""
+    plot_confusion(out_dir / "confusion.png", preds, threshold)
+    plot_roc_pr(out_dir / "roc.png", out_dir / "pr.png", preds, threshold, auc)
+    plot_calibration(out_dir / "calibration.png", preds)
+    plot_learning_curves(out_dir / "learning_curves.png", epochs, trials, winner=winner)
+    plot_search_history(out_dir / "search_history.png", epochs, trials, winner=winner)
+    if test_images is not None and "test" in preds:
+        y, p = preds["test"]
+        plot_saliency(out_dir / "saliency.png", model, test_images, y, p, threshold)
+    return [n for n in PICTURES if (out_dir / n).exists()]
