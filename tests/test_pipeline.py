@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from xray_ray.errors import DataError
-from xray_ray.pipeline import can_fork, cache_key, epoch_batches, prepare, train_dataset
+from xray_ray.pipeline import SplitArrays, can_fork, cache_key, epoch_batches, prepare, train_dataset
 from xray_ray.sources import load_source, read_pixels
 from xray_ray.splits import assign_splits
 
@@ -193,3 +193,19 @@ def test_balanced_resampling_evens_the_classes_and_gives_copies_their_own_draws(
     again = resample(batch, rep, seed=0, epoch=1)
     np.testing.assert_array_equal(again["idx"], out["idx"])
     assert not np.array_equal(resample(batch, rep, seed=0, epoch=2)["idx"], out["idx"])
+
+
+@pytest.mark.slow  # starts a local Ray
+def test_an_epoch_mixes_the_classes_from_its_first_batches_on(local_ray):
+    # a split lists its files class by class; the stream must not feed one class first and the other after
+    labels = np.array([0] * 300 + [1] * 900, np.int64)
+    arr = SplitArrays(np.zeros((1200, 8, 8), np.uint8), labels, [str(i) for i in range(1200)],
+                      [str(i) for i in range(1200)])
+    ds = train_dataset(arr, block_rows=100)
+    first = []
+    for b in epoch_batches(ds, strengths={}, seed=0, epoch=1, batch_size=50, shuffle_buffer=100):
+        first.append(b["label"].numpy())
+        if len(first) == 4:
+            break
+    share = np.concatenate(first).mean()
+    assert 0.55 < share < 0.95, share  # about the split's 75% PNEUMONIA, not 0% (class-sorted order)

@@ -222,19 +222,25 @@ def _fixed_binary_pixels(column: pa.ChunkedArray, n: int, size: int) -> np.ndarr
 
 # --------------------------------------------------------------------------- Ray Data
 
-def train_dataset(arr: SplitArrays, *, block_rows: int = 512):
-    """A Ray Dataset of one split: columns image (uint8 S x S tensor), label, idx; several blocks."""
+def train_dataset(arr: SplitArrays, *, block_rows: int = 512, seed: int = 0):
+    """A Ray Dataset of one split: columns image (uint8 S x S tensor), label, idx; several blocks.
+
+    The rows go into blocks in a seeded random order, not the split's own: a split lists its files class by
+    class, and a stream shuffled only within a local buffer would otherwise feed the first part of every
+    epoch from one class and the rest from the other. ``idx`` stays the row's index in ``arr``.
+    """
     import ray.data
     from ray.data.extensions import ArrowTensorArray
 
     n = len(arr)
+    order = np.random.default_rng(seed).permutation(n)
     tables = []
     for start in range(0, n, block_rows):
-        stop = min(n, start + block_rows)
+        rows = order[start:start + block_rows]
         tables.append(pa.table({
-            "image": ArrowTensorArray.from_numpy(arr.images[start:stop]),
-            "label": pa.array(arr.labels[start:stop], pa.int64()),
-            "idx": pa.array(np.arange(start, stop, dtype=np.int64)),
+            "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(arr.images[rows])),
+            "label": pa.array(np.asarray(arr.labels)[rows], pa.int64()),
+            "idx": pa.array(rows.astype(np.int64)),
         }))
     return ray.data.from_arrow(tables)
 
@@ -253,7 +259,8 @@ def epoch_batches(ds, *, strengths: Mapping[str, float], seed: int, epoch: int, 
     """
     import ray.data
 
-    aug = ds.map_batches(
+    # each epoch visits the blocks in its own order; the local buffer then shuffles rows across blocks
+    aug = ds.randomize_block_order(seed=(seed * 1000003 + epoch) % (2**31)).map_batches(
         _augment_with_node,
         fn_kwargs={"strengths": dict(strengths), "seed": seed, "epoch": epoch,
                    "repeats": dict(repeats) if repeats else None},
