@@ -20,6 +20,7 @@ MODULE_FORM = {
     "evaluate": ["xray_ray.evaluate"],
     "inspect": ["xray_ray.data", "inspect"],
     "stability": ["xray_ray.stability"],
+    "ablation": ["xray_ray.ablation"],
 }
 
 

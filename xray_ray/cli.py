@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "evaluate": ("xray_ray.evaluate", (), "metrics of an exported model on a labelled data folder"),
     "inspect": ("xray_ray.data", ("inspect",), "what is in a data folder, and the split a search would use"),
     "stability": ("xray_ray.stability", (), "retrain a run's winner with other seeds on the run's own splits"),
+    "ablation": ("xray_ray.ablation", (), "one configuration, each idea switched on or off, several seeds each"),
 }
 
 
