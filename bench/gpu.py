@@ -75,7 +75,7 @@ def build(cfg, device):
     import torch
 
     from xray_ray.models import build_model
-    from xray_ray.search import model_sizes
+    from xray_ray.trial import model_sizes
 
     torch.manual_seed(0)
     model = build_model(**model_sizes(cfg)).to(device)

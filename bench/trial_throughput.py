@@ -54,7 +54,7 @@ def memory_loop(cfg, train, val, pos_fraction: float) -> list[dict]:
     from xray_ray.augment import augment_batch, strengths_of
     from xray_ray.models import build_model
     from xray_ray.pipeline import rows_for
-    from xray_ray.search import model_sizes, trial_seed
+    from xray_ray.trial import model_sizes, trial_seed
     from xray_ray.train import (array_batches, make_loss, make_optimizer, make_scheduler, predict_probs,
                                 train_one_epoch)
 
@@ -91,21 +91,23 @@ def tune_trials(cfgs: dict, prepared: dict, pos_fraction: float, num_cpus: int |
     import ray
     from ray import tune
 
-    from xray_ray import search as S
     from xray_ray.pipeline import train_dataset
+    from xray_ray.rayinit import RayOptions, data_slot, init_ray
+    from xray_ray.trial import Runtime, encode_value
+    from xray_ray.tuner import trial_trainable
 
-    S.init_ray(argparse.Namespace(address=None, num_cpus=num_cpus))
+    init_ray(RayOptions(address=None, num_cpus=num_cpus))
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         data = {s: {"train": train_dataset(p.splits["train"]), "val": p.splits["val"],
                     "n_train": len(p.splits["train"])} for s, p in prepared.items()}
-        slot = S.data_slot()  # as search.run
-        runtime = S.Runtime(cpus_per_trial=1.0, gpus_per_trial=0.0, data_cpus=0.0, data_tasks=1,
-                            metric="val_auc", mode="max", pos_fraction=pos_fraction, prefetch=prefetch,
-                            data_slot=slot)
-        fn = tune.with_resources(tune.with_parameters(S.trainable, data=data, runtime=runtime), {"cpu": 1, "gpu": 0})
+        slot = data_slot()  # as search.run
+        runtime = Runtime(cpus_per_trial=1.0, gpus_per_trial=0.0, data_cpus=0.0, data_tasks=1,
+                          metric="val_auc", mode="max", pos_fraction=pos_fraction, prefetch=prefetch,
+                          data_slot=slot)
+        fn = trial_trainable(data, runtime, {"cpu": 1, "gpu": 0})
         base = next(iter(cfgs.values())).to_dict()
-        space = {k: S.encode_value(v) for k, v in base.items()}
+        space = {k: encode_value(v) for k, v in base.items()}
         space["image_size"] = tune.grid_search(sorted(cfgs))
         tuner = tune.Tuner(fn, param_space=space,
                            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=1),

@@ -217,7 +217,7 @@ def test_stability_refuses_a_folder_without_an_exported_run(tmp_path, capsys):
 
 
 def test_overhead_leaves_the_idle_tail_out_of_the_busy_share():
-    from xray_ray.search import overhead
+    from xray_ray.collect import overhead
 
     # trial a: epochs end at 5 and 10 (5 s each, 4 s inside steps); trial b: one epoch ending at 4
     epochs = pd.DataFrame({"trial_id": ["a", "a", "b"], "epoch": [1, 2, 1], "ended_at": [5.0, 10.0, 4.0],
@@ -240,13 +240,10 @@ def test_trials_hand_their_worker_processes_on(tiny_run):
 
 @pytest.mark.slow
 def test_local_cpu_runs_share_few_augmentation_workers(tiny_run):
-    import argparse
-
-    from xray_ray.search import data_slots
+    from xray_ray.rayinit import RayOptions, data_slots
 
     def ns(**kw):
-        return argparse.Namespace(**{"address": None, "gpus_per_trial": 0.0, "cpus_per_trial": 1.0,
-                                     "data_tasks": 1, **kw})
+        return RayOptions(**{"address": None, "gpus_per_trial": 0.0, "cpus_per_trial": 1.0, "data_tasks": 1, **kw})
 
     assert data_slots(ns(), 2) == 1 and data_slots(ns(), 8) == 4 and data_slots(ns(data_tasks=2), 8) == 8
     assert data_slots(ns(cpus_per_trial=2.0), 8) == 2  # 4 trials

@@ -32,6 +32,11 @@ import yaml
 from xray_ray import results as R
 from xray_ray.config import TrialConfig
 from xray_ray.errors import UserError
+from xray_ray.rayinit import RayOptions, data_slot, init_ray
+from xray_ray.search import trial_data
+from xray_ray.ship import trial_model
+from xray_ray.trial import Runtime, encode_value
+from xray_ray.tuner import ProgressPrinter, fit, restored, result_loggers, trial_trainable
 
 TARGET_SENSITIVITY = 0.95
 REPORTED = ("val_auc", "rob_auc_min", "rob_auc_mean", "rob_loss_mean", "test_auc", "test_accuracy",
@@ -157,9 +162,6 @@ def markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("val_auc", "rob_au
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from xray_ray import search as S
-    from xray_ray.export import load_weights
-    from xray_ray.models import build_model
     from xray_ray.pipeline import prepare
     from xray_ray.robustness import battery
     from xray_ray.sources import load_source
@@ -182,35 +184,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     from ray import tune
 
-    S.init_ray(argparse.Namespace(address=None, num_cpus=args.num_cpus, cpus_per_trial=1.0))
+    init_ray(RayOptions(address=None, num_cpus=args.num_cpus, cpus_per_trial=1.0))
     try:
         cpus = ray.cluster_resources().get("CPU", 1)
         concurrent = max(1, min(args.max_concurrent or int(cpus), int(cpus)))
         train_labels = next(iter(prepared.values())).splits["train"].labels
-        runtime = S.Runtime(1.0, 0.0, 0.0, 1, "val_auc", "max", float(np.mean(train_labels)),
-                            data_slot=S.data_slot())
-        data = S.trial_data(prepared, spec["split_seed"])
+        runtime = Runtime(cpus_per_trial=1.0, gpus_per_trial=0.0, data_cpus=0.0, data_tasks=1, metric="val_auc",
+                          mode="max", pos_fraction=float(np.mean(train_labels)), data_slot=data_slot())
+        data = trial_data(prepared, spec["split_seed"])
         ray.data.DataContext.get_current().enable_progress_bars = False
-        fn = tune.with_resources(tune.with_parameters(S.trainable, data=data, runtime=runtime), {"cpu": 1.0})
+        fn = trial_trainable(data, runtime, {"cpu": 1.0})
         tune_dir = R.join(run_dir, "tune")
-        if tune.Tuner.can_restore(tune_dir):
-            print(f"[xray_ray] resuming {tune_dir}", flush=True)
-            tuner = tune.Tuner.restore(tune_dir, trainable=fn, resume_unfinished=True, resume_errored=True)
-        else:
+        tuner = restored(tune_dir, fn)
+        if tuner is None:
             arms = spec["arms"]
             params: dict[str, Any] = {"arm": tune.grid_search(list(arms)), "seed": tune.grid_search(list(args.seeds))}
             for key in spec["base"]:
                 if key != "seed":
-                    params[key] = tune.sample_from(lambda s, k=key: S.encode_value(arms[s.config["arm"]][k]))
+                    params[key] = tune.sample_from(lambda s, k=key: encode_value(arms[s.config["arm"]][k]))
             tuner = tune.Tuner(fn, param_space=params,
                                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
                                run_config=tune.RunConfig(storage_path=run_dir, name="tune", verbose=0,
-                                                         callbacks=[S.ProgressPrinter("val_auc", "max", len(arms) * len(args.seeds)),
-                                                                    *S.result_loggers(argparse.Namespace())]))
+                                                         callbacks=[ProgressPrinter("val_auc", "max", len(arms) * len(args.seeds)),
+                                                                    *result_loggers()]))
         print(f"[xray_ray] ablation {spec['name']}: {len(spec['arms'])} arms x seeds {args.seeds}, "
               f"{concurrent} at a time", flush=True)
-        with S.env_set(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):
-            grid = tuner.fit()
+        grid = fit(tuner)
     finally:
         ray.shutdown()
 
@@ -220,9 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for res in grid:
         if res.error is not None or res.checkpoint is None:
             raise RuntimeError(f"run {res.config.get('arm')} seed {res.config.get('seed')} failed: {res.error}")
-        cfg = TrialConfig.from_dict(S.decode_config(res.config))
-        with res.checkpoint.as_directory() as cdir:
-            model = load_weights(build_model(**S.model_sizes(cfg)), Path(cdir) / "best.safetensors")
+        cfg, model = trial_model(res)
         preds = predictions(model, prepared[cfg.image_size].splits, batteries[cfg.image_size])
         by_arm.setdefault(res.config["arm"], []).append(preds)
         hist = res.metrics_dataframe

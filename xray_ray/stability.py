@@ -26,6 +26,11 @@ import pandas as pd
 from xray_ray import results as R
 from xray_ray.config import TrialConfig
 from xray_ray.errors import UserError
+from xray_ray.rayinit import RayOptions, data_slot, init_ray
+from xray_ray.search import trial_data
+from xray_ray.ship import trial_model
+from xray_ray.trial import Runtime, encode_value
+from xray_ray.tuner import restored, trial_trainable
 
 TARGET_SPREAD_POINTS = 1.5  # the target: three seeds of the winning config within 1.5 points of each other
 SPLITS = ("val", "test", "extra_val")
@@ -62,9 +67,6 @@ def spread_points(values: Sequence[float]) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from xray_ray import search as S
-    from xray_ray.export import load_weights
-    from xray_ray.models import build_model
     from xray_ray.pipeline import prepare
     from xray_ray.sources import load_source
     from xray_ray.splits import assign_splits
@@ -97,17 +99,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     from ray import tune
 
-    S.init_ray(argparse.Namespace(address=args.address, num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial))
+    init_ray(RayOptions(address=args.address, num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial))
     try:
         cpus = ray.cluster_resources().get("CPU", 1)
         concurrent = max(1, min(len(args.seeds), args.max_concurrent or int(cpus // args.cpus_per_trial) or 1))
-        slot = S.data_slot()  # as search.run
-        runtime = S.Runtime(args.cpus_per_trial, 0.0, 0.0, 1, metric, mode,
-                            float(np.mean(splits["train"].labels)), data_slot=slot)
-        data = S.trial_data({cfg.image_size: prepared}, seed)
+        slot = data_slot()  # as search.run
+        runtime = Runtime(cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0, data_cpus=0.0, data_tasks=1,
+                          metric=metric, mode=mode, pos_fraction=float(np.mean(splits["train"].labels)),
+                          data_slot=slot)
+        data = trial_data({cfg.image_size: prepared}, seed)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        fn = tune.with_resources(tune.with_parameters(S.trainable, data=data, runtime=runtime),
-                                 {"cpu": args.cpus_per_trial})
+        fn = trial_trainable(data, runtime, {"cpu": args.cpus_per_trial})
         tune_dir = R.join(run_dir, "stability", "tune")
         request = {"trial_id": best_cfg.get("trial_id"), "seeds": list(args.seeds)}
         request_loc = R.join(run_dir, "stability", "request.json")
@@ -115,11 +117,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"{R.join(run_dir, 'stability')} holds replicas of {R.read_json(request_loc)}; "
                             f"repeat that call to finish it, or delete that folder to start another.")
         R.write_json(request, request_loc)
-        if tune.Tuner.can_restore(tune_dir):
-            print(f"[xray_ray] resuming {tune_dir}", flush=True)
-            tuner = tune.Tuner.restore(tune_dir, trainable=fn, resume_unfinished=True, resume_errored=True)
-        else:
-            params = {k: S.encode_value(v) for k, v in cfg.to_dict().items()}
+        tuner = restored(tune_dir, fn)
+        if tuner is None:
+            params = {k: encode_value(v) for k, v in cfg.to_dict().items()}
             params["seed"] = tune.grid_search(list(args.seeds))
             tuner = tune.Tuner(fn, param_space=params,
                                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
@@ -133,9 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for res in grid:
             if res.error is not None or res.checkpoint is None:
                 raise RuntimeError(f"replica with seed {res.config.get('seed')} failed: {res.error}")
-            rcfg = TrialConfig.from_dict(S.decode_config(res.config))
-            with res.checkpoint.as_directory() as cdir:
-                model = load_weights(build_model(**S.model_sizes(rcfg)), Path(cdir) / "best.safetensors")
+            rcfg, model = trial_model(res)
             preds = {s: split_probs(model, splits[s]) for s in SPLITS if s in splits and len(splits[s])}
             threshold, _ = pick_threshold(*preds["val"], target)
             metrics = {s: summarize(y, p, threshold, groups=splits[s].patients, n_boot=args.n_boot)
