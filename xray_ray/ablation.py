@@ -34,7 +34,7 @@ from xray_ray.config import TrialConfig
 from xray_ray.errors import UserError
 from xray_ray.rayinit import RayOptions, data_slot, init_ray
 from xray_ray.search import trial_data
-from xray_ray.ship import trial_model
+from xray_ray.ship import trained_models
 from xray_ray.trial import Runtime, encode_value
 from xray_ray.tuner import ProgressPrinter, fit, restored, result_loggers, trial_trainable
 
@@ -162,8 +162,8 @@ def markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("val_auc", "rob_au
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train every arm under every seed on the same splits, score each run and each arm's ensemble, write them."""
     from xray_ray.pipeline import prepare
-    from xray_ray.robustness import battery
     from xray_ray.sources import load_source
     from xray_ray.splits import assign_splits
 
@@ -180,7 +180,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if R.exists(request_loc) and R.read_json(request_loc) != json.loads(json.dumps(request)):
         raise UserError(f"{run_dir} holds another ablation; repeat that call to finish it, or choose another --name.")
     R.write_json(request, request_loc)
+    grid = _train_arms(args, spec, run_dir, prepared)
+    runs = _score_runs(grid, spec, prepared)
+    summary = summarize_runs(runs)
+    info = {"name": spec["name"], "arms_file": str(args.arms), "arms": spec["doc"], "seeds": list(args.seeds),
+            "data": {"spec": args.data, "splits": split_info}, "command": R.command_line(),
+            "target_sensitivity": TARGET_SENSITIVITY, "seconds": round(time.time() - t0, 1),
+            "versions": R.versions(), "git_commit": R.git_commit()}
+    meta = {"xray_ray": json.dumps(info, default=str)}
+    R.write_parquet(runs, R.join(run_dir, "runs.parquet"), metadata=meta)
+    R.write_parquet(summary, R.join(run_dir, "summary.parquet"), metadata=meta)
+    R.write_json({**info, "table": markdown(summary)}, R.join(run_dir, "ablation.json"))
+    return {"runs": runs, "summary": summary, "run_dir": run_dir}
 
+
+def _train_arms(args: argparse.Namespace, spec: dict[str, Any], run_dir: str, prepared: dict):
+    """Tune's ResultGrid of every arm x seed (FIFO, one CPU each) on a local Ray of its own, or resumed."""
     import ray
     from ray import tune
 
@@ -194,8 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data = trial_data(prepared, spec["split_seed"])
         ray.data.DataContext.get_current().enable_progress_bars = False
         fn = trial_trainable(data, runtime, {"cpu": 1.0})
-        tune_dir = R.join(run_dir, "tune")
-        tuner = restored(tune_dir, fn)
+        tuner = restored(R.join(run_dir, "tune"), fn)
         if tuner is None:
             arms = spec["arms"]
             params: dict[str, Any] = {"arm": tune.grid_search(list(arms)), "seed": tune.grid_search(list(args.seeds))}
@@ -209,17 +223,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                                     *result_loggers()]))
         print(f"[xray_ray] ablation {spec['name']}: {len(spec['arms'])} arms x seeds {args.seeds}, "
               f"{concurrent} at a time", flush=True)
-        grid = fit(tuner)
+        return fit(tuner)
     finally:
         ray.shutdown()
+
+
+def _score_runs(grid, spec: dict[str, Any], prepared: dict) -> pd.DataFrame:
+    """One row per run (its kept weights on val, test and their shift batteries) and one per arm's ensemble."""
+    from xray_ray.robustness import battery
 
     batteries = {s: {split: battery(p.splits[split].images, p.splits[split].labels, seed=spec["split_seed"])
                      for split in ("val", "test") if split in p.splits} for s, p in prepared.items()}
     rows, by_arm = [], {}
-    for res in grid:
-        if res.error is not None or res.checkpoint is None:
-            raise RuntimeError(f"run {res.config.get('arm')} seed {res.config.get('seed')} failed: {res.error}")
-        cfg, model = trial_model(res)
+    for res, cfg, model in trained_models(grid, lambda c: f"run {c.get('arm')} seed {c.get('seed')}"):
         preds = predictions(model, prepared[cfg.image_size].splits, batteries[cfg.image_size])
         by_arm.setdefault(res.config["arm"], []).append(preds)
         hist = res.metrics_dataframe
@@ -229,17 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for arm, members in by_arm.items():  # the mean of the seeds' probabilities: an ensemble of the arm
         mean = {k: (members[0][k][0], np.mean([m[k][1] for m in members], axis=0)) for k in members[0]}
         rows.append({"arm": arm, "kind": "ensemble", "seed": -1, **evaluate_probs(mean)})
-    runs = pd.DataFrame(rows)
-    summary = summarize_runs(runs)
-    info = {"name": spec["name"], "arms_file": str(args.arms), "arms": spec["doc"], "seeds": list(args.seeds),
-            "data": {"spec": args.data, "splits": split_info}, "command": R.command_line(),
-            "target_sensitivity": TARGET_SENSITIVITY, "seconds": round(time.time() - t0, 1),
-            "versions": R.versions(), "git_commit": R.git_commit()}
-    meta = {"xray_ray": json.dumps(info, default=str)}
-    R.write_parquet(runs, R.join(run_dir, "runs.parquet"), metadata=meta)
-    R.write_parquet(summary, R.join(run_dir, "summary.parquet"), metadata=meta)
-    R.write_json({**info, "table": markdown(summary)}, R.join(run_dir, "ablation.json"))
-    return {"runs": runs, "summary": summary, "run_dir": run_dir}
+    return pd.DataFrame(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

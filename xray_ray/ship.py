@@ -13,7 +13,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 import pyarrow.fs as pafs
@@ -124,6 +124,16 @@ def trial_model(result) -> tuple[TrialConfig, Any]:
     cfg = TrialConfig.from_dict(decode_config(result.config))
     with result.checkpoint.as_directory() as cdir:
         return cfg, load_weights(build_model(**model_sizes(cfg)), Path(cdir) / "best.safetensors")
+
+
+def trained_models(grid, describe: Callable[[dict[str, Any]], str]) -> Iterator[tuple[Any, TrialConfig, Any]]:
+    """Each result of a Tune ResultGrid with its config and kept weights, loaded in turn; a result without
+    weights raises RuntimeError ("<describe(its config)> failed: <its error>")."""
+    for res in grid:
+        if res.error is not None or res.checkpoint is None:
+            raise RuntimeError(f"{describe(res.config)} failed: {res.error}")
+        cfg, model = trial_model(res)
+        yield res, cfg, model
 
 
 def winner_model(grid, trials: pd.DataFrame, space: SearchSpace, prepared: dict,
