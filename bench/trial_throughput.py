@@ -54,9 +54,8 @@ def memory_loop(cfg, train, val, pos_fraction: float) -> list[dict]:
     from xray_ray.augment import augment_batch, strengths_of
     from xray_ray.models import build_model
     from xray_ray.pipeline import rows_for
+    from xray_ray.train import array_batches, make_loss, make_optimizer, make_scheduler, predict_probs, train_one_epoch
     from xray_ray.trial import model_sizes, trial_seed
-    from xray_ray.train import (array_batches, make_loss, make_optimizer, make_scheduler, predict_probs,
-                                train_one_epoch)
 
     torch.set_num_threads(1)
     seed = trial_seed(cfg)
@@ -134,7 +133,7 @@ def steady(rows: list[dict], warmup: int) -> dict:
             "all_epochs_images_per_s": [round(float(r["images_per_s"]), 1) for r in rows]}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=default_data(),
                     help="folder, .npz or synthetic:N (default: the real images if present)")
@@ -155,11 +154,15 @@ def main() -> None:
     if args.epochs < 2:
         ap.error("--epochs must be at least 2: the first one is a warm-up")
 
+    return args
+
+
+def prepared_data(args: argparse.Namespace) -> dict:
+    """Each size prepared from the data's own patient-grouped splits (train cut to --limit)."""
     from xray_ray.pipeline import prepare
     from xray_ray.sources import load_source
     from xray_ray.splits import assign_splits
 
-    t_start = time.perf_counter()
     manifest = load_source(args.data, seed=0)
     df, _ = assign_splits(manifest.df, seed=0)
     prepared = {s: prepare(df, s, args.cache) for s in args.sizes}
@@ -168,17 +171,11 @@ def main() -> None:
             tr = p.splits["train"]
             p.splits["train"] = type(tr)(tr.images[:args.limit], tr.labels[:args.limit], tr.uids[:args.limit],
                                          tr.patients[:args.limit])
-    pos_fraction = float(np.mean(next(iter(prepared.values())).splits["train"].labels))
-    cfgs = {s: trial_config(args.preset, s, args.epochs, args.batch_size) for s in args.sizes}
+    return prepared
 
-    memory = {s: memory_loop(cfgs[s], p.splits["train"], p.splits["val"], pos_fraction) for s, p in prepared.items()}
-    with tempfile.TemporaryDirectory(prefix="xray_bench_") as storage:
-        tuned = tune_trials(cfgs, prepared, pos_fraction, args.num_cpus, storage)
-    plain = None
-    if args.compare_prefetch:
-        with tempfile.TemporaryDirectory(prefix="xray_bench_") as storage:
-            plain = tune_trials(cfgs, prepared, pos_fraction, args.num_cpus, storage, prefetch=False)
 
+def compare(args: argparse.Namespace, prepared: dict, memory: dict, tuned: dict, plain: dict | None):
+    """The result per size (steady-state rates of (a), (b) and (c) and their ratios), and the table's rows."""
     result = {"benchmark": "trial_throughput", "quick": args.quick, "machine": machine(), "data": args.data,
               "preset": args.preset, "batch_size": args.batch_size, "torch_threads": 1, "cpus_per_trial": 1,
               "augmentation": STRENGTHS, "epochs": args.epochs, "warmup_epochs_skipped": 1,
@@ -196,6 +193,24 @@ def main() -> None:
                                             "prefetch_epoch_seconds_ratio": b["epoch_seconds"] / c["epoch_seconds"]})
             rows.append([f"{s}px tune_trial, no prefetch (c)", c["images"], c["images_per_s"], c["epoch_seconds"],
                          c["images_per_s"] / a["images_per_s"]])
+    return result, rows
+
+
+def main() -> None:
+    args = parse_args()
+    t_start = time.perf_counter()
+    prepared = prepared_data(args)
+    pos_fraction = float(np.mean(next(iter(prepared.values())).splits["train"].labels))
+    cfgs = {s: trial_config(args.preset, s, args.epochs, args.batch_size) for s in args.sizes}
+
+    memory = {s: memory_loop(cfgs[s], p.splits["train"], p.splits["val"], pos_fraction) for s, p in prepared.items()}
+    with tempfile.TemporaryDirectory(prefix="xray_bench_") as storage:
+        tuned = tune_trials(cfgs, prepared, pos_fraction, args.num_cpus, storage)
+    plain = None
+    if args.compare_prefetch:
+        with tempfile.TemporaryDirectory(prefix="xray_bench_") as storage:
+            plain = tune_trials(cfgs, prepared, pos_fraction, args.num_cpus, storage, prefetch=False)
+    result, rows = compare(args, prepared, memory, tuned, plain)
     result["seconds"] = time.perf_counter() - t_start
     print(f"steady state: epochs 2..{args.epochs} of {args.epochs} (epoch 1 is a warm-up, left out); "
           f"{args.preset} model, batch {args.batch_size}, 1 torch thread, {result['train_images']} train images")

@@ -22,8 +22,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -216,11 +217,11 @@ def _train_arms(args: argparse.Namespace, spec: dict[str, Any], run_dir: str, pr
             for key in spec["base"]:
                 if key != "seed":
                     params[key] = tune.sample_from(lambda s, k=key: encode_value(arms[s.config["arm"]][k]))
+            progress = ProgressPrinter("val_auc", "max", len(arms) * len(args.seeds))
             tuner = tune.Tuner(fn, param_space=params,
                                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
                                run_config=tune.RunConfig(storage_path=run_dir, name="tune", verbose=0,
-                                                         callbacks=[ProgressPrinter("val_auc", "max", len(arms) * len(args.seeds)),
-                                                                    *result_loggers()]))
+                                                         callbacks=[progress, *result_loggers()]))
         print(f"[xray_ray] ablation {spec['name']}: {len(spec['arms'])} arms x seeds {args.seeds}, "
               f"{concurrent} at a time", flush=True)
         return fit(tuner)

@@ -15,7 +15,8 @@ from xray_ray.trial import decode_config, encode_value
 
 
 def every_trial_failed(trials: pd.DataFrame) -> str | None:
-    """One sentence when no trial has a finite best metric and every trial errored (the first one's error), else None."""
+    """One sentence when no trial has a finite best metric and every trial errored (the first one's error);
+    else None."""
     if not len(trials) or not (trials["status"] == "errored").all():
         return None
     if pd.to_numeric(trials["best_metric"], errors="coerce").map(math.isfinite).any():
@@ -97,7 +98,8 @@ def collect(grid, space: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
         })
     trials = pd.DataFrame(trows)
     if len(trials):
-        trials = trials.sort_values("best_metric", ascending=space.mode == "min", na_position="last").reset_index(drop=True)
+        trials = trials.sort_values("best_metric", ascending=space.mode == "min", na_position="last")
+        trials = trials.reset_index(drop=True)
     epochs = pd.DataFrame(erows, columns=R.EPOCH_COLUMNS)
     return trials, epochs
 

@@ -16,10 +16,11 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -250,7 +251,8 @@ def load_data(opts: SearchOptions, space: SearchSpace) -> RunData:
     prepared = {s: prepare(df, s, opts.cache) for s in space.image_sizes}
     for s, p in prepared.items():
         counts = {k: len(v) for k, v in p.splits.items()}
-        print(f"[xray_ray] {s}px: {'cache hit' if p.cache_hit else 'prepared'} in {p.seconds:.1f}s {counts}", flush=True)
+        how = "cache hit" if p.cache_hit else "prepared"
+        print(f"[xray_ray] {s}px: {how} in {p.seconds:.1f}s {counts}", flush=True)
     for need in ("train", "val"):
         if need not in next(iter(prepared.values())).splits:
             raise UserError(f"the data has no '{need}' images after splitting; add more images per class.")

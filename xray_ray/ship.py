@@ -12,8 +12,9 @@ import re
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pandas as pd
 import pyarrow.fs as pafs
@@ -23,7 +24,6 @@ from xray_ray.common import is_temp_name, replace_dir, restore_dir, write_text
 from xray_ray.config import SearchSpace, TrialConfig
 from xray_ray.errors import UserError
 from xray_ray.trial import decode_config, model_sizes
-
 
 RUN_NAME = r"[A-Za-z0-9._-]{1,200}"
 # what the export writes into best/ (report.PICTURES are the pictures; a test keeps the two lists equal)

@@ -11,9 +11,10 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import ray
@@ -29,8 +30,16 @@ from xray_ray.faults import inject_fault
 from xray_ray.models import build_model
 from xray_ray.pipeline import Prefetch, epoch_batches, node_code, rows_for
 from xray_ray.robustness import score as shift_score
-from xray_ray.train import (array_batches, make_ema, make_loss, make_optimizer, make_scheduler, make_swa,
-                            predict_probs, train_one_epoch)
+from xray_ray.train import (
+    array_batches,
+    make_ema,
+    make_loss,
+    make_optimizer,
+    make_scheduler,
+    make_swa,
+    predict_probs,
+    train_one_epoch,
+)
 from xray_ray.trial import UNSCORED, Runtime, decode_config, model_sizes, release_freed_memory, trial_seed
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from xray_ray.config import SearchSpace
 from xray_ray.trial import Runtime, encode_value, trainable
@@ -57,7 +58,8 @@ def tune_space(space: SearchSpace) -> dict[str, Any]:
         if p.kind == "categorical":
             out[p.name] = tune.choice([encode_value(c) for c in p.choices])
         elif p.kind == "int":
-            out[p.name] = tune.lograndint(int(p.low), int(p.high) + 1) if p.log else tune.randint(int(p.low), int(p.high) + 1)
+            draw = tune.lograndint if p.log else tune.randint
+            out[p.name] = draw(int(p.low), int(p.high) + 1)
         else:
             out[p.name] = tune.loguniform(p.low, p.high) if p.log else tune.uniform(p.low, p.high)
     return out
