@@ -27,13 +27,12 @@ import pandas as pd
 
 from xray_ray import results as R
 from xray_ray.collect import collect, every_trial_failed, overhead, print_leaderboard
-from xray_ray.common import json_safe
 from xray_ray.config import SearchSpace, load_space
 from xray_ray.errors import UserError
 from xray_ray.pipeline import balanced_repeats, prepare, train_dataset
 from xray_ray.rayinit import DATA_SLOT, RayOptions, check_local_resources, data_slot, init_ray, trial_slots
 from xray_ray.robustness import SHIFTS, battery
-from xray_ray.ship import check_best_is_ours, check_not_foreign, check_run_name, clean_leftovers, export_best
+from xray_ray.ship import RunFolder, check_run_name, export_best, open_run
 from xray_ray.sources import load_source
 from xray_ray.splits import assign_splits
 from xray_ray.trial import Runtime
@@ -82,16 +81,6 @@ class SearchOptions:
     def ray(self) -> RayOptions:
         return RayOptions(address=self.address, num_cpus=self.num_cpus, cpus_per_trial=self.cpus_per_trial,
                           gpus_per_trial=self.gpus_per_trial, data_tasks=self.data_tasks)
-
-
-@dataclass
-class RunFolder:
-    """Where a run's results go, the run it holds already, and whether an interrupted run can be resumed."""
-
-    name: str
-    path: str
-    previous: dict[str, Any] | None
-    started: bool  # run.json is written: an interrupted run can be resumed
 
 
 @dataclass
@@ -191,54 +180,14 @@ def run(opts: SearchOptions) -> str:
     space = replace(space,
                     num_samples=opts.num_samples or space.num_samples,
                     seed=space.seed if opts.seed is None else opts.seed)
-    folder = open_run(opts, space)
+    name = check_run_name(opts.name or space.name, "--name" if opts.name else f"the space file {opts.space}")
+    folder = open_run(opts.results, name, data=opts.data, space=space, resume=opts.resume,
+                      export_only=opts.export_only, export=not opts.no_export)
     try:
         return search(opts, space, folder)
     except KeyboardInterrupt as e:
         e.run_started = folder.started  # what main() tells the user after a Ctrl-C
         raise
-
-
-def open_run(opts: SearchOptions, space: SearchSpace) -> RunFolder:
-    """The run's folder, checked: a new run's is not foreign, a resumed one is the same run; best/ is ours."""
-    name = check_run_name(opts.name or space.name, "--name" if opts.name else f"the space file {opts.space}")
-    results = opts.results
-    run_dir = R.join(str(results), name) if R.is_uri(results) else str(Path(results).resolve() / name)
-    run_json = R.join(run_dir, "run.json")
-    previous = R.read_json(run_json) if R.exists(run_json) else None
-    if previous is None:
-        check_not_foreign(run_dir)
-    check_resumable(opts, space, run_dir, previous)
-    if not opts.no_export and not R.is_uri(run_dir):
-        check_best_is_ours(Path(run_dir) / "best")
-    if opts.resume and not R.is_uri(run_dir):
-        try:
-            clean_leftovers(Path(run_dir))
-        except OSError as e:
-            raise UserError(f"cannot clean up the results folder {run_dir} ({e.__class__.__name__}: {e}); "
-                            f"choose a writable --results.") from None
-    try:
-        R.probe_writable(run_dir)
-    except OSError as e:
-        raise UserError(f"cannot write to the results folder {run_dir} ({e.__class__.__name__}: {e}); "
-                        f"choose a writable --results.") from None
-    return RunFolder(name=name, path=run_dir, previous=previous, started=previous is not None)
-
-
-def check_resumable(opts: SearchOptions, space: SearchSpace, run_dir: str, previous: dict | None) -> None:
-    """Refuse a new run over an old one, a resume of another run, and --resume or --export-only with no run."""
-    if previous is not None and not opts.resume:
-        raise UserError(f"the results folder {run_dir} already holds a run; pass --resume to continue it, "
-                        f"or choose another --name or --results.")
-    if previous is not None and (previous.get("data", {}).get("spec") != opts.data
-                                 or previous.get("space") != json_safe(space.to_dict())
-                                 or previous.get("seed") != space.seed):
-        raise UserError(f"the results folder {run_dir} holds a different run (data, space or seed differ); "
-                        f"resume it with the same --data, --space and --seed, or choose another --name.")
-    if opts.export_only and not opts.resume:
-        raise UserError("--export-only works on an existing run; add --resume.")
-    if opts.resume and previous is None:
-        raise UserError(f"there is no run to resume in {run_dir}; start it without --resume.")
 
 
 def load_data(opts: SearchOptions, space: SearchSpace) -> RunData:

@@ -13,6 +13,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from xray_ray import results as R
-from xray_ray.common import is_temp_name, replace_dir, restore_dir, write_text
+from xray_ray.common import is_temp_name, json_safe, replace_dir, restore_dir, write_text
 from xray_ray.config import SearchSpace, TrialConfig
 from xray_ray.errors import UserError
 from xray_ray.trial import decode_config, model_sizes
@@ -111,6 +112,59 @@ def install_best(new: Path, best: Path) -> None:
     """Swap the finished export `new` in as `best` (whole at every moment; see common.replace_dir)."""
     check_best_is_ours(best)
     replace_dir(new, best)
+
+
+@dataclass
+class RunFolder:
+    """Where a run's results go, the run it holds already, and whether an interrupted run can be resumed."""
+
+    name: str
+    path: str
+    previous: dict[str, Any] | None
+    started: bool  # run.json is written: an interrupted run can be resumed
+
+
+def open_run(results: str, name: str, *, data: str, space: SearchSpace, resume: bool, export_only: bool,
+             export: bool) -> RunFolder:
+    """The run `name`'s folder under `results`, checked: a new run's is not foreign, a resumed one is the same
+    run (data, space, seed); best/ is ours when the run exports; leftovers of a killed run cleaned; writable."""
+    run_dir = R.join(str(results), name) if R.is_uri(results) else str(Path(results).resolve() / name)
+    run_json = R.join(run_dir, "run.json")
+    previous = R.read_json(run_json) if R.exists(run_json) else None
+    if previous is None:
+        check_not_foreign(run_dir)
+    check_resumable(run_dir, previous, data=data, space=space, resume=resume, export_only=export_only)
+    if export and not R.is_uri(run_dir):
+        check_best_is_ours(Path(run_dir) / "best")
+    if resume and not R.is_uri(run_dir):
+        try:
+            clean_leftovers(Path(run_dir))
+        except OSError as e:
+            raise UserError(f"cannot clean up the results folder {run_dir} ({e.__class__.__name__}: {e}); "
+                            f"choose a writable --results.") from None
+    try:
+        R.probe_writable(run_dir)
+    except OSError as e:
+        raise UserError(f"cannot write to the results folder {run_dir} ({e.__class__.__name__}: {e}); "
+                        f"choose a writable --results.") from None
+    return RunFolder(name=name, path=run_dir, previous=previous, started=previous is not None)
+
+
+def check_resumable(run_dir: str, previous: dict[str, Any] | None, *, data: str, space: SearchSpace, resume: bool,
+                    export_only: bool) -> None:
+    """Refuse a new run over an old one, a resume of another run, and --resume or --export-only with no run."""
+    if previous is not None and not resume:
+        raise UserError(f"the results folder {run_dir} already holds a run; pass --resume to continue it, "
+                        f"or choose another --name or --results.")
+    if previous is not None and (previous.get("data", {}).get("spec") != data
+                                 or previous.get("space") != json_safe(space.to_dict())
+                                 or previous.get("seed") != space.seed):
+        raise UserError(f"the results folder {run_dir} holds a different run (data, space or seed differ); "
+                        f"resume it with the same --data, --space and --seed, or choose another --name.")
+    if export_only and not resume:
+        raise UserError("--export-only works on an existing run; add --resume.")
+    if resume and previous is None:
+        raise UserError(f"there is no run to resume in {run_dir}; start it without --resume.")
 
 
 ENSEMBLE_CANDIDATES = 8  # an ensemble is chosen among this many of the best trials (each loaded and scored)
