@@ -7,11 +7,11 @@ For each image size, the same model (the "seed" preset), batch size, optimizer a
 thread, trained twice over the same prepared uint8 arrays:
   memory_loop   (a) this process: random-order batches of the arrays, augmented in-process with
                 xray_ray.augment.augment_batch, fed to xray_ray.train.train_one_epoch
-  tune_trial    (b) tune.Tuner running xray_ray.search.trainable (one trial at a time, cpus_per_trial=1), fed
+  tune_trial    (b) tune.Tuner running xray_ray.trial.trainable (one trial at a time, cpus_per_trial=1), fed
                 by the Ray Data pipeline (pipeline.train_dataset + epoch_batches, data_tasks=1, data_cpus=0);
                 its images/s is the figure the trial itself reports each epoch (epochs.parquet images_per_s)
   no prefetch   (c, with --compare-prefetch) the same trial, each epoch's Ray Data stream started only when
-                the epoch begins rather than while the one before validates (search.Runtime.prefetch)
+                the epoch begins rather than while the one before validates (trial.Runtime.prefetch)
 images/s counts training images over the wall time of train_one_epoch, data waits included. The first
 epoch of each side is a warm-up and is left out; the rest are steady state. ratio = b / a (target >= 0.95).
 Note (b) augments in a separate Ray worker process, so on a machine with a spare core it may beat (a).
@@ -85,7 +85,7 @@ def memory_loop(cfg, train, val, pos_fraction: float) -> list[dict]:
 
 def tune_trials(cfgs: dict, prepared: dict, pos_fraction: float, num_cpus: int | None, storage: str,
                 prefetch: bool = True) -> dict:
-    """(b) One real Tune trial per size, one at a time, through search.trainable; per-epoch rows by size."""
+    """(b) One real Tune trial per size, one at a time, through trial.trainable; per-epoch rows by size."""
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # as search.run
     import ray
     from ray import tune
