@@ -20,9 +20,9 @@ from xray_ray.robustness import COMPOSITES, SHIFTS
 _TRIAL_FIELDS = set(TrialConfig.field_names())
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Runtime:
-    """Per-trial settings that are not hyperparameters."""
+    """Per-trial settings that are not hyperparameters (keywords only)."""
 
     cpus_per_trial: float
     gpus_per_trial: float
