@@ -17,7 +17,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,7 @@ class SearchOptions:
     tensorboard: bool = False
     export_only: bool = False
     allow_local_results: bool = False
-    argv: tuple[str, ...] = field(default=())  # the command's arguments, for the resume command
+    argv: tuple[str, ...] | None = None  # the command's arguments, for the resume command (None: sys.argv's)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, argv: Sequence[str]) -> SearchOptions:
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def resume_command(opts: SearchOptions) -> str:
     """The command line that continues this run, quoted for a POSIX shell."""
-    argv = [a for a in (opts.argv or sys.argv[1:]) if a != "--resume"]
+    argv = [a for a in (sys.argv[1:] if opts.argv is None else opts.argv) if a != "--resume"]
     return shlex.join(["python", "-m", "xray_ray.search", *argv, "--resume"])
 
 
