@@ -294,3 +294,19 @@ def test_a_search_whose_every_trial_errored_exits_2_with_the_reason(tmp_path):
     assert (run_dir / "epochs.parquet").is_file() and not (run_dir / "best").exists()
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "failed" and run["error"] == last.removeprefix("error: ")
+
+
+@pytest.mark.parametrize("started, says", [(False, "nothing to resume"), (True, "Resume with: python -m xray_ray.search")])
+def test_main_learns_from_the_interrupt_whether_the_run_can_be_resumed(monkeypatch, capsys, started, says):
+    from xray_ray import search
+
+    def interrupted(opts):
+        e = KeyboardInterrupt()
+        if started:
+            e.run_started = True  # as run() sets it once run.json is written
+        raise e
+
+    monkeypatch.setattr(search, "run", interrupted)
+    assert search.main(["--name", "x"]) == 130
+    err = capsys.readouterr().err
+    assert says in err and ("--name x --resume" in err) == started
