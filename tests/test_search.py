@@ -296,7 +296,8 @@ def test_a_search_whose_every_trial_errored_exits_2_with_the_reason(tmp_path):
     assert run["status"] == "failed" and run["error"] == last.removeprefix("error: ")
 
 
-@pytest.mark.parametrize("started, says", [(False, "nothing to resume"), (True, "Resume with: python -m xray_ray.search")])
+@pytest.mark.parametrize("started, says", [(False, "nothing to resume"),
+                                           (True, "Resume with: python -m xray_ray.search")])
 def test_main_learns_from_the_interrupt_whether_the_run_can_be_resumed(monkeypatch, capsys, started, says):
     from xray_ray import search
 
