@@ -11,7 +11,7 @@ has no Ray):
                on synthetic phantoms, on the GPU, whose validation AUC (median of 3 seeds) must clear
                0.65, as tests/test_train.py asks of the CPU (chance is 0.5)
   train        training images/s of the "seed" preset per image size and batch size: uint8 batches from
-               pinned host memory, copied and trained as search.trainable does (after `--warmup` steps)
+               pinned host memory, copied and trained as trial_loop.run_trial does (after `--warmup` steps)
   eval         prediction images/s, batch 256 (eval_speedup = eval / train at batch 32)
   sharing      K processes training at once on the one GPU (what --gpus-per-trial 1/K does): images/s of
                each and of all together
@@ -75,7 +75,7 @@ def build(cfg, device):
     import torch
 
     from xray_ray.models import build_model
-    from xray_ray.search import model_sizes
+    from xray_ray.trial import model_sizes
 
     torch.manual_seed(0)
     model = build_model(**model_sizes(cfg)).to(device)
@@ -85,7 +85,7 @@ def build(cfg, device):
 
 
 def train_rate(size: int, batch_size: int, steps: int, warmup: int, device) -> dict:
-    """Training images/s of the seed preset over ``steps`` batches, as search.trainable trains on ``device``."""
+    """Training images/s of the seed preset over ``steps`` batches, as trial_loop.run_trial trains on ``device``."""
     import torch
 
     from xray_ray.train import make_ema, make_loss, make_optimizer, make_scheduler, train_one_epoch
@@ -257,7 +257,7 @@ def main() -> None:
         args.sizes, args.batch_sizes, args.steps, args.warmup, args.sharing = [64], [16], 3, 1, [1, 2]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False  # as search.trainable leaves it
+        torch.backends.cudnn.benchmark = False  # as trial_loop leaves it
     else:
         torch.set_num_threads(1)
     t0 = time.perf_counter()

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
 import psutil
+import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, ROOT, default_data, derived_space, emit, machine, print_table  # noqa: E402
@@ -101,7 +101,7 @@ def slope(x: np.ndarray, y: np.ndarray) -> float | None:
     return float(np.polyfit(x, y, 1)[0]) if len(x) >= 2 else None
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "cpu.yaml")
     ap.add_argument("--num-samples", type=int, default=None, help="trials (default: the space's)")
@@ -116,58 +116,60 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="pixel cache folder (default: the package's)")
     ap.add_argument("--out", type=Path, default=OUT, help="folder for overhead_memory.json and its samples CSV")
     ap.add_argument("--quick", action="store_true", help="smoke space cut to 2 epochs, 2 trials, 120 images (CI)")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="xrbm", dir="/tmp") as tmp:  # short: Ray's socket paths live in it
-        space, label = args.space, str(args.space)
-        if args.quick:
-            args.data, args.num_samples = "synthetic:120", 2
-            space = derived_space(ROOT / "search_spaces" / "smoke.yaml", Path(tmp), "quick",
-                                  {"space": {"epochs": 2}})
-            label = "search_spaces/smoke.yaml with 2 epochs"
-        elif args.image_size or args.epochs:
-            changes = {k: v for k, v in (("image_size", args.image_size), ("epochs", args.epochs)) if v}
-            space = derived_space(args.space, Path(tmp), "bench", {"space": changes})
-            label = f"{args.space.name} with " + ", ".join(f"{k} {v}" for k, v in changes.items())
-        ray_tmp = Path(tmp) / "r"
-        ray_tmp.mkdir()
-        cmd = [sys.executable, "-m", "xray_ray.search", "--data", args.data, "--space", str(space),
-               "--results", str(Path(tmp) / "results"), "--name", "memory"]
-        for flag, value in (("--num-samples", args.num_samples), ("--num-cpus", args.num_cpus),
-                            ("--cache", args.cache)):
-            if value is not None:
-                cmd += [flag, str(value)]
-        if not args.export:
-            cmd.append("--no-export")
-        env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-        env.pop("RAY_ADDRESS", None)  # its own local Ray, never a running cluster
-        log_path = Path(tmp) / "search.log"
-        readings, last_pss = [], -np.inf
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            root = psutil.Process(proc.pid)
-            while proc.poll() is None:
-                t0 = time.perf_counter()
-                with_pss = args.pss_every > 0 and t0 - last_pss >= args.pss_every
-                last_pss = t0 if with_pss else last_pss
-                readings.append(sample(root, str(ray_tmp), with_pss))
-                time.sleep(max(0.0, args.interval - (time.perf_counter() - t0)))
-        args.out.mkdir(parents=True, exist_ok=True)
-        log_text = log_path.read_text()
-        (args.out / "overhead_memory_search.log").write_text(log_text)
-        if proc.returncode != 0:
-            sys.stderr.write(log_text[-4000:])
-            raise SystemExit(f"the search failed (exit {proc.returncode}); "
-                             f"its log: {args.out}/overhead_memory_search.log")
-        run_dir = Path(tmp) / "results" / "memory"
-        run = json.loads((run_dir / "run.json").read_text())
-        epochs = pd.read_parquet(run_dir / "epochs.parquet")
 
-    samples = pd.DataFrame(readings)
-    samples["t_s"] = samples["t"] - samples["t"].iloc[0]
-    samples.to_csv(args.out / "overhead_memory_samples.csv", index=False)
-    after = after_each_trial(samples, epochs)
+def search_command(args: argparse.Namespace, tmp: Path) -> tuple[list[str], str]:
+    """The search's command line (its space derived for --quick or the overrides) and the space's label."""
+    space, label = args.space, str(args.space)
+    if args.quick:
+        args.data, args.num_samples = "synthetic:120", 2
+        space = derived_space(ROOT / "search_spaces" / "smoke.yaml", tmp, "quick", {"space": {"epochs": 2}})
+        label = "search_spaces/smoke.yaml with 2 epochs"
+    elif args.image_size or args.epochs:
+        changes = {k: v for k, v in (("image_size", args.image_size), ("epochs", args.epochs)) if v}
+        space = derived_space(args.space, tmp, "bench", {"space": changes})
+        label = f"{args.space.name} with " + ", ".join(f"{k} {v}" for k, v in changes.items())
+    cmd = [sys.executable, "-m", "xray_ray.search", "--data", args.data, "--space", str(space),
+           "--results", str(tmp / "results"), "--name", "memory"]
+    for flag, value in (("--num-samples", args.num_samples), ("--num-cpus", args.num_cpus), ("--cache", args.cache)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    if not args.export:
+        cmd.append("--no-export")
+    return cmd, label
+
+
+def watch(args: argparse.Namespace, cmd: list[str], tmp: Path) -> list[dict]:
+    """Run the search with its own local Ray, reading its processes' memory every --interval seconds."""
+    ray_tmp = tmp / "r"
+    ray_tmp.mkdir()
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)  # its own local Ray, never a running cluster
+    log_path = tmp / "search.log"
+    readings, last_pss = [], -np.inf
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            t0 = time.perf_counter()
+            with_pss = args.pss_every > 0 and t0 - last_pss >= args.pss_every
+            last_pss = t0 if with_pss else last_pss
+            readings.append(sample(root, str(ray_tmp), with_pss))
+            time.sleep(max(0.0, args.interval - (time.perf_counter() - t0)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_text = log_path.read_text()
+    (args.out / "overhead_memory_search.log").write_text(log_text)
+    if proc.returncode != 0:
+        sys.stderr.write(log_text[-4000:])
+        raise SystemExit(f"the search failed (exit {proc.returncode}); "
+                         f"its log: {args.out}/overhead_memory_search.log")
+    return readings
+
+
+def summarize(args: argparse.Namespace, label: str, samples: pd.DataFrame, after: pd.DataFrame, run: dict,
+              t_start: float) -> dict:
+    """The JSON result: peaks, readings after each trial, growth slopes and the search's overhead."""
     peak = samples.loc[samples["rss_mb"].idxmax()]
     # the last trial ends with the search: its reading catches the processes shutting down, not a trend
     fit = after.iloc[:-1] if len(after) > 2 else after
@@ -196,6 +198,13 @@ def main() -> None:
         "seconds": time.perf_counter() - t_start,
     }
 
+    return result
+
+
+def print_result(args: argparse.Namespace, label: str, samples: pd.DataFrame, after: pd.DataFrame,
+                 result: dict) -> None:
+    peak = samples.loc[samples["rss_mb"].idxmax()]
+
     def row(what: str, trials: int | None, r) -> list:
         return [what, float(r["t_s"]), trials, float(r["rss_mb"]), float(r["private_mb"]),
                 float(r["rss_driver_mb"]), float(r["rss_ray_core_mb"]), int(r["processes"])]
@@ -210,6 +219,23 @@ def main() -> None:
           f"(read every {args.pss_every:g}s); growth per finished trial (MB, least squares): {slopes}; "
           f"overhead.share_outside = {result['share_outside']}")
     emit(result, args.out, "overhead_memory")
+
+
+def main() -> None:
+    args = parse_args()
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="xrbm", dir="/tmp") as tmp:  # short: Ray's socket paths live in it
+        cmd, label = search_command(args, Path(tmp))
+        readings = watch(args, cmd, Path(tmp))
+        run_dir = Path(tmp) / "results" / "memory"
+        run = json.loads((run_dir / "run.json").read_text())
+        epochs = pd.read_parquet(run_dir / "epochs.parquet")
+    samples = pd.DataFrame(readings)
+    samples["t_s"] = samples["t"] - samples["t"].iloc[0]
+    samples.to_csv(args.out / "overhead_memory_samples.csv", index=False)
+    after = after_each_trial(samples, epochs)
+    result = summarize(args, label, samples, after, run, t_start)
+    print_result(args, label, samples, after, result)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def cached_in_new_process(data: str, size: int, cache: Path) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=default_data())
     ap.add_argument("--size", type=int, default=64)
@@ -72,15 +72,17 @@ def main() -> None:
     if args.quick:
         args.data, args.rounds = "synthetic:300", 1
 
+    return args
+
+
+def decode_rounds(args: argparse.Namespace, manifest, rows_df):
+    """Median-able timings of plain PIL and of prepare (cold three ways, cached in a new process) per round;
+    the cold prepare's result and who decoded it."""
     from PIL import Image
 
-    from xray_ray.augment import augment_batch
-    from xray_ray.pipeline import epoch_batches, prepare, train_dataset
+    from xray_ray.pipeline import prepare
     from xray_ray.sources import read_pixels
 
-    cores = os.cpu_count() or 1
-    manifest, rows_df, scan_s = train_rows(args.data)
-    n_files = len(rows_df)
     times: dict[str, list[float]] = {}
 
     def pil() -> None:  # over files, or rendered phantoms for the synthetic source
@@ -109,11 +111,14 @@ def main() -> None:
         warm = prepare(rows_df, args.size, Path(cache) / "prepare_cold-0")
         assert warm.cache_hit and np.array_equal(warm.splits["train"].images, cold.splits["train"].images)
         decoded_by = cold.stats["decoded_by"]
-    rows = [("discovery_scan", len(manifest.df), scan_s)]
-    rows += [(name, n_files, float(np.median(ts))) for name, ts in times.items()]
-    arr = cold.splits["train"]
+    return times, cold, decoded_by
 
+
+def memory_epoch(args: argparse.Namespace, arr) -> tuple[str, int, float]:
+    """One epoch augmented in-process in random order, batched as training would be."""
     import torch
+
+    from xray_ray.augment import augment_batch
 
     torch.set_num_threads(1)
     t = time.perf_counter()
@@ -124,9 +129,14 @@ def main() -> None:
         b = augment_batch({"image": arr.images[sel], "idx": sel}, strengths=STRENGTHS, seed=0, epoch=1)
         for j in range(0, len(sel), args.batch_size):
             n += len(torch.from_numpy(b["image"][j:j + args.batch_size]))
-    rows.append(("memory_epoch", n, time.perf_counter() - t))
+    return ("memory_epoch", n, time.perf_counter() - t)
 
+
+def ray_data_epoch(args: argparse.Namespace, arr, cores: int) -> tuple[str, int, float]:
+    """One epoch through Ray Data's streaming augmentation (after one epoch that warms the workers)."""
     import ray
+
+    from xray_ray.pipeline import epoch_batches, train_dataset
 
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -135,9 +145,14 @@ def main() -> None:
         t = time.perf_counter()
         n = sum(len(b["label"]) for b in epoch_batches(ds, strengths=STRENGTHS, seed=0, epoch=epoch,
                                                       batch_size=args.batch_size))
-    rows.append(("ray_data_epoch", n, time.perf_counter() - t))
+    row = ("ray_data_epoch", n, time.perf_counter() - t)
     ray.shutdown()
+    return row
 
+
+def report(args: argparse.Namespace, rows: list, times: dict[str, list[float]], n_files: int, cores: int,
+           decoded_by) -> None:
+    """Rates against their baselines, the targets, the table, and prepare.json."""
     by = {name: (k, sec) for name, k, sec in rows}
     base = {"discovery_scan": "pil_decode_resize", "pil_decode_resize": "pil_decode_resize",
             "prepare_cold_1w": "pil_decode_resize", "prepare_cold_threads": "pil_decode_resize",
@@ -167,6 +182,20 @@ def main() -> None:
     print(f"prepare per core: {per_core:.2f}x plain PIL (target >= {TARGET_PER_CORE}); cached run: "
           f"{cached_share:.1%} of the cold one (target < {TARGET_CACHED:.0%})")
     emit(result, args.out, "prepare")
+
+
+def main() -> None:
+    args = parse_args()
+    cores = os.cpu_count() or 1
+    manifest, rows_df, scan_s = train_rows(args.data)
+    n_files = len(rows_df)
+    times, cold, decoded_by = decode_rounds(args, manifest, rows_df)
+    rows = [("discovery_scan", len(manifest.df), scan_s)]
+    rows += [(name, n_files, float(np.median(ts))) for name, ts in times.items()]
+    arr = cold.splits["train"]
+    rows.append(memory_epoch(args, arr))
+    rows.append(ray_data_epoch(args, arr, cores))
+    report(args, rows, times, n_files, cores, decoded_by)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +81,7 @@ def estimate(*, rate: float, slots: float, trials: int, trial_epochs: float, max
             "bound": "work/slots" if busy >= longest else "longest trial"}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "seed.yaml")
     ap.add_argument("--throughput", type=Path, default=OUT / "trial_throughput.json")
@@ -115,10 +116,11 @@ def main() -> None:
         args.throughput = args.throughput if args.throughput != OUT / "trial_throughput.json" else None
         args.efficiency = args.efficiency if args.efficiency != OUT / "search_efficiency.json" else None
 
-    space = seed_space(args.space)
-    size_factor = float(np.mean([(s / 128) ** 2 for s in space["sizes"]]))
-    sources = {}
+    return args
 
+
+def cpu_rate_of(args: argparse.Namespace, sources: dict) -> float | None:
+    """One CPU trial's images/s at --size: the flag, or bench/trial_throughput.py's measurement."""
     cpu_rate, tp = args.cpu_images_per_s, load(args.throughput)
     if cpu_rate is not None:
         sources["cpu_images_per_s"] = "flag --cpu-images-per-s"
@@ -130,7 +132,11 @@ def main() -> None:
         sources["cpu_images_per_s"] = ("none: run bench/trial_throughput.py or pass --cpu-images-per-s "
                                        "(CPU row left out)")
 
-    # ASHA's share of the planned trial-epochs: measured (or given) and on paper for this space's rungs
+    return cpu_rate
+
+
+def asha_shares(args: argparse.Namespace, space: dict, sources: dict) -> dict[str, float]:
+    """ASHA's share of the planned trial-epochs: given, measured, and on paper for this space's rungs."""
     paper = asha_share_on_paper(space["epochs"], space["grace"], space["factor"], space["max_t"])
     shares, eff = {}, load(args.efficiency)
     if args.asha_share is not None:
@@ -144,6 +150,11 @@ def main() -> None:
     shares["paper"] = paper
     sources["asha_share_paper"] = (f"on paper: {space['name']}.yaml's rungs (grace {space['grace']}, factor "
                                    f"{space['factor']}, max {space['max_t']}), 1/{space['factor']} passing each")
+    return shares
+
+
+def gpu_rates(args: argparse.Namespace, space: dict, size_factor: float, sources: dict) -> dict[str, Any]:
+    """The card, a trial's GPU images/s at 128 px, the size factor, augmentation rate and eval speed-up."""
     gpu = load(args.gpu_measured) if str(args.gpu_measured) not in ("", ".") else None
     k = round(1 / args.gpus_per_trial) if args.gpus_per_trial < 1 else 1
     share_rows = {r["processes"]: r for r in (gpu or {}).get("sharing", [])}
@@ -163,6 +174,12 @@ def main() -> None:
         card, gpu_factor = None, size_factor
         gpu_128, augment, eval_speedup = args.gpu_images_per_s, args.augment_images_per_s, args.eval_speedup
         sources["gpu_images_per_s"] = "ASSUMPTION (flags; no bench/gpu.py measurement for this GPU share)"
+    return {"card": card, "gpu_128": gpu_128, "gpu_factor": gpu_factor, "augment": augment,
+            "eval_speedup": eval_speedup}
+
+
+def gpu_overheads(args: argparse.Namespace, sources: dict) -> tuple[float, float]:
+    """Seconds outside training per GPU trial and per epoch: the flags, or a GPU search's measurement."""
     trial_over, epoch_over = args.trial_overhead_s, args.epoch_overhead_s
     run_json = args.gpu_search / "run.json" if args.gpu_search else None
     if (trial_over is None or epoch_over is None) and run_json is not None and run_json.is_file():
@@ -182,6 +199,14 @@ def main() -> None:
         trial_over, epoch_over = trial_over or 0.0, epoch_over or 0.0
         sources["gpu_overheads"] = "flags --trial-overhead-s / --epoch-overhead-s (0 unless given)"
 
+    return trial_over, epoch_over
+
+
+def estimates_of(args: argparse.Namespace, space: dict, size_factor: float, cpu_rate: float | None,
+                 shares: dict[str, float], g: dict[str, Any], overheads: tuple[float, float]):
+    """Per setup (CPU row, each GPU count) and ASHA share: the estimate; and the printed table's rows."""
+    gpu_128, gpu_factor, augment, eval_speedup = g["gpu_128"], g["gpu_factor"], g["augment"], g["eval_speedup"]
+    trial_over, epoch_over = overheads
     mean_epochs = float(np.mean(space["epochs"]))
     planned = space["trials"] * mean_epochs
     rates = {}  # setup -> (per-trial images/s, concurrent trials, per-trial overhead s, per-epoch overhead s)
@@ -205,6 +230,24 @@ def main() -> None:
                       *(f"{e['wall_h']:.2f}" + ("*" if e["bound"] == "longest trial" else " ")
                         for e in estimates[setup].values())])
 
+    return estimates, table, feed < gpu_rate
+
+
+def main() -> None:
+    args = parse_args()
+    space = seed_space(args.space)
+    size_factor = float(np.mean([(s / 128) ** 2 for s in space["sizes"]]))
+    sources: dict[str, str] = {}
+    cpu_rate = cpu_rate_of(args, sources)
+    shares = asha_shares(args, space, sources)
+    g = gpu_rates(args, space, size_factor, sources)
+    trial_over, epoch_over = gpu_overheads(args, sources)
+    estimates, table, data_bound = estimates_of(args, space, size_factor, cpu_rate, shares, g,
+                                                (trial_over, epoch_over))
+    card, gpu_128, gpu_factor, augment, eval_speedup = (g["card"], g["gpu_128"], g["gpu_factor"], g["augment"],
+                                                        g["eval_speedup"])
+    mean_epochs = float(np.mean(space["epochs"]))
+    planned = space["trials"] * mean_epochs
     print(f"{space['name']}.yaml on paper: {space['trials']} trials, epochs {space['epochs'][0]}-{space['epochs'][1]} "
           f"(mean {mean_epochs:g}, {planned:.0f} trial-epochs planned), sizes {space['sizes']} "
           f"(cost x{size_factor:.2f} of 128 px), {args.train_images} train + {args.val_images} val images an epoch")
@@ -218,7 +261,7 @@ def main() -> None:
     print("  * bound by the longest trial (max epochs at one trial's rate), not by work / slots")
     emit({"benchmark": "scale", "quick": args.quick, "machine": machine(), "space": space["name"],
           "planned_trial_epochs": planned, "asha_shares": shares, "size_factor": size_factor,
-          "cpu_images_per_s": cpu_rate, "data_bound": feed < gpu_rate, "gpu": card,
+          "cpu_images_per_s": cpu_rate, "data_bound": data_bound, "gpu": card,
           "assumptions": {"gpu_images_per_s_128px": gpu_128, "gpu_size_factor": gpu_factor,
                           "gpus_per_trial": args.gpus_per_trial, "augment_images_per_s": augment,
                           "data_tasks": args.data_tasks, "eval_speedup": eval_speedup,

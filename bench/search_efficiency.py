@@ -90,7 +90,8 @@ def save_plot(curves: dict[str, pd.DataFrame], level: float, path: Path) -> None
     plt.close(fig)
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.Namespace, dict]:
+    """The flags, and the space's overrides (--quick: the smoke space cut to 2-3 epochs)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "cpu.yaml")
     ap.add_argument("--num-samples", type=int, default=None, help="trials per search (default: the space's)")
@@ -108,8 +109,11 @@ def main() -> None:
     if args.quick:
         args.space, args.num_samples, args.data = ROOT / "search_spaces" / "smoke.yaml", 2, "synthetic:120"
         overrides = {"epochs": {"type": "int", "low": 2, "high": 3}}
+    return args, overrides
 
-    t_start = time.perf_counter()
+
+def run_both(args: argparse.Namespace, overrides: dict) -> dict[str, dict]:
+    """Both searches of SEARCHES on the same space, trials, seed and data."""
     with tempfile.TemporaryDirectory(prefix="xray_bench_") as tmp:
         results = args.results or Path(tmp) / "results"
         runs = {}
@@ -118,18 +122,12 @@ def main() -> None:
                                                                  "scheduler": {"algorithm": scheduler},
                                                                  "space": overrides})
             runs[label] = run_search(label, space, args, results)
-    asha, rand = runs["asha_optuna"], runs["fifo_random"]
-    level = float(rand["curve"]["best_so_far"].max())
-    need = epochs_to_reach(asha["curve"], level, args.tolerance)
-    rand_total = int(len(rand["epochs"]))
-    share = need / rand_total if need is not None and rand_total else None
+    return runs
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    both = pd.concat([r["curve"].assign(search=k) for k, r in runs.items()], ignore_index=True)
-    both = both[["search", *(c for c in both.columns if c != "search")]]
-    both.to_csv(args.out / "search_efficiency.csv", index=False)
-    save_plot({k: r["curve"] for k, r in runs.items()}, level, args.out / "search_efficiency.png")
 
+def summarize(args: argparse.Namespace, runs: dict[str, dict], level: float, rand_total: int):
+    """The result's per-search facts, and the table's rows."""
+    asha = runs["asha_optuna"]
     rows, result = [], {"benchmark": "search_efficiency", "quick": args.quick, "machine": machine(),
                         "space": str(args.space), "data": args.data, "seed": args.seed,
                         "num_samples": int(len(asha["trials"])), "target_share": TARGET, "tolerance": args.tolerance,
@@ -146,6 +144,26 @@ def main() -> None:
         result["searches"][label] = info
         rows.append([label, info["trial_epochs"], planned, info["best_val_auc"], info["wall_seconds"],
                      info["trial_epochs"] / rand_total])
+    return rows, result
+
+
+def main() -> None:
+    args, overrides = parse_args()
+    t_start = time.perf_counter()
+    runs = run_both(args, overrides)
+    rand = runs["fifo_random"]
+    level = float(rand["curve"]["best_so_far"].max())
+    need = epochs_to_reach(runs["asha_optuna"]["curve"], level, args.tolerance)
+    rand_total = int(len(rand["epochs"]))
+    share = need / rand_total if need is not None and rand_total else None
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    both = pd.concat([r["curve"].assign(search=k) for k, r in runs.items()], ignore_index=True)
+    both = both[["search", *(c for c in both.columns if c != "search")]]
+    both.to_csv(args.out / "search_efficiency.csv", index=False)
+    save_plot({k: r["curve"] for k, r in runs.items()}, level, args.out / "search_efficiency.png")
+
+    rows, result = summarize(args, runs, level, rand_total)
     result.update({"random_best_val_auc": level, "asha_trial_epochs_to_reach_random_best": need,
                    "random_total_trial_epochs": rand_total, "share_of_random": share,
                    "meets_target": share is not None and share <= TARGET,

@@ -7,11 +7,11 @@ For each image size, the same model (the "seed" preset), batch size, optimizer a
 thread, trained twice over the same prepared uint8 arrays:
   memory_loop   (a) this process: random-order batches of the arrays, augmented in-process with
                 xray_ray.augment.augment_batch, fed to xray_ray.train.train_one_epoch
-  tune_trial    (b) tune.Tuner running xray_ray.search.trainable (one trial at a time, cpus_per_trial=1), fed
+  tune_trial    (b) tune.Tuner running xray_ray.trial.trainable (one trial at a time, cpus_per_trial=1), fed
                 by the Ray Data pipeline (pipeline.train_dataset + epoch_batches, data_tasks=1, data_cpus=0);
                 its images/s is the figure the trial itself reports each epoch (epochs.parquet images_per_s)
   no prefetch   (c, with --compare-prefetch) the same trial, each epoch's Ray Data stream started only when
-                the epoch begins rather than while the one before validates (search.Runtime.prefetch)
+                the epoch begins rather than while the one before validates (trial.Runtime.prefetch)
 images/s counts training images over the wall time of train_one_epoch, data waits included. The first
 epoch of each side is a warm-up and is left out; the rest are steady state. ratio = b / a (target >= 0.95).
 Note (b) augments in a separate Ray worker process, so on a machine with a spare core it may beat (a).
@@ -54,9 +54,8 @@ def memory_loop(cfg, train, val, pos_fraction: float) -> list[dict]:
     from xray_ray.augment import augment_batch, strengths_of
     from xray_ray.models import build_model
     from xray_ray.pipeline import rows_for
-    from xray_ray.search import model_sizes, trial_seed
-    from xray_ray.train import (array_batches, make_loss, make_optimizer, make_scheduler, predict_probs,
-                                train_one_epoch)
+    from xray_ray.train import array_batches, make_loss, make_optimizer, make_scheduler, predict_probs, train_one_epoch
+    from xray_ray.trial import model_sizes, trial_seed
 
     torch.set_num_threads(1)
     seed = trial_seed(cfg)
@@ -86,26 +85,28 @@ def memory_loop(cfg, train, val, pos_fraction: float) -> list[dict]:
 
 def tune_trials(cfgs: dict, prepared: dict, pos_fraction: float, num_cpus: int | None, storage: str,
                 prefetch: bool = True) -> dict:
-    """(b) One real Tune trial per size, one at a time, through search.trainable; per-epoch rows by size."""
+    """(b) One real Tune trial per size, one at a time, through trial.trainable; per-epoch rows by size."""
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # as search.run
     import ray
     from ray import tune
 
-    from xray_ray import search as S
     from xray_ray.pipeline import train_dataset
+    from xray_ray.rayinit import RayOptions, data_slot, init_ray
+    from xray_ray.trial import Runtime, encode_value
+    from xray_ray.tuner import trial_trainable
 
-    S.init_ray(argparse.Namespace(address=None, num_cpus=num_cpus))
+    init_ray(RayOptions(address=None, num_cpus=num_cpus))
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         data = {s: {"train": train_dataset(p.splits["train"]), "val": p.splits["val"],
                     "n_train": len(p.splits["train"])} for s, p in prepared.items()}
-        slot = S.data_slot()  # as search.run
-        runtime = S.Runtime(cpus_per_trial=1.0, gpus_per_trial=0.0, data_cpus=0.0, data_tasks=1,
-                            metric="val_auc", mode="max", pos_fraction=pos_fraction, prefetch=prefetch,
-                            data_slot=slot)
-        fn = tune.with_resources(tune.with_parameters(S.trainable, data=data, runtime=runtime), {"cpu": 1, "gpu": 0})
+        slot = data_slot()  # as search.run
+        runtime = Runtime(cpus_per_trial=1.0, gpus_per_trial=0.0, data_cpus=0.0, data_tasks=1,
+                          metric="val_auc", mode="max", pos_fraction=pos_fraction, prefetch=prefetch,
+                          data_slot=slot)
+        fn = trial_trainable(data, runtime, {"cpu": 1, "gpu": 0})
         base = next(iter(cfgs.values())).to_dict()
-        space = {k: S.encode_value(v) for k, v in base.items()}
+        space = {k: encode_value(v) for k, v in base.items()}
         space["image_size"] = tune.grid_search(sorted(cfgs))
         tuner = tune.Tuner(fn, param_space=space,
                            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=1),
@@ -132,7 +133,7 @@ def steady(rows: list[dict], warmup: int) -> dict:
             "all_epochs_images_per_s": [round(float(r["images_per_s"]), 1) for r in rows]}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=default_data(),
                     help="folder, .npz or synthetic:N (default: the real images if present)")
@@ -153,11 +154,15 @@ def main() -> None:
     if args.epochs < 2:
         ap.error("--epochs must be at least 2: the first one is a warm-up")
 
+    return args
+
+
+def prepared_data(args: argparse.Namespace) -> dict:
+    """Each size prepared from the data's own patient-grouped splits (train cut to --limit)."""
     from xray_ray.pipeline import prepare
     from xray_ray.sources import load_source
     from xray_ray.splits import assign_splits
 
-    t_start = time.perf_counter()
     manifest = load_source(args.data, seed=0)
     df, _ = assign_splits(manifest.df, seed=0)
     prepared = {s: prepare(df, s, args.cache) for s in args.sizes}
@@ -166,17 +171,11 @@ def main() -> None:
             tr = p.splits["train"]
             p.splits["train"] = type(tr)(tr.images[:args.limit], tr.labels[:args.limit], tr.uids[:args.limit],
                                          tr.patients[:args.limit])
-    pos_fraction = float(np.mean(next(iter(prepared.values())).splits["train"].labels))
-    cfgs = {s: trial_config(args.preset, s, args.epochs, args.batch_size) for s in args.sizes}
+    return prepared
 
-    memory = {s: memory_loop(cfgs[s], p.splits["train"], p.splits["val"], pos_fraction) for s, p in prepared.items()}
-    with tempfile.TemporaryDirectory(prefix="xray_bench_") as storage:
-        tuned = tune_trials(cfgs, prepared, pos_fraction, args.num_cpus, storage)
-    plain = None
-    if args.compare_prefetch:
-        with tempfile.TemporaryDirectory(prefix="xray_bench_") as storage:
-            plain = tune_trials(cfgs, prepared, pos_fraction, args.num_cpus, storage, prefetch=False)
 
+def compare(args: argparse.Namespace, prepared: dict, memory: dict, tuned: dict, plain: dict | None):
+    """The result per size (steady-state rates of (a), (b) and (c) and their ratios), and the table's rows."""
     result = {"benchmark": "trial_throughput", "quick": args.quick, "machine": machine(), "data": args.data,
               "preset": args.preset, "batch_size": args.batch_size, "torch_threads": 1, "cpus_per_trial": 1,
               "augmentation": STRENGTHS, "epochs": args.epochs, "warmup_epochs_skipped": 1,
@@ -194,6 +193,24 @@ def main() -> None:
                                             "prefetch_epoch_seconds_ratio": b["epoch_seconds"] / c["epoch_seconds"]})
             rows.append([f"{s}px tune_trial, no prefetch (c)", c["images"], c["images_per_s"], c["epoch_seconds"],
                          c["images_per_s"] / a["images_per_s"]])
+    return result, rows
+
+
+def main() -> None:
+    args = parse_args()
+    t_start = time.perf_counter()
+    prepared = prepared_data(args)
+    pos_fraction = float(np.mean(next(iter(prepared.values())).splits["train"].labels))
+    cfgs = {s: trial_config(args.preset, s, args.epochs, args.batch_size) for s in args.sizes}
+
+    memory = {s: memory_loop(cfgs[s], p.splits["train"], p.splits["val"], pos_fraction) for s, p in prepared.items()}
+    with tempfile.TemporaryDirectory(prefix="xray_bench_") as storage:
+        tuned = tune_trials(cfgs, prepared, pos_fraction, args.num_cpus, storage)
+    plain = None
+    if args.compare_prefetch:
+        with tempfile.TemporaryDirectory(prefix="xray_bench_") as storage:
+            plain = tune_trials(cfgs, prepared, pos_fraction, args.num_cpus, storage, prefetch=False)
+    result, rows = compare(args, prepared, memory, tuned, plain)
     result["seconds"] = time.perf_counter() - t_start
     print(f"steady state: epochs 2..{args.epochs} of {args.epochs} (epoch 1 is a warm-up, left out); "
           f"{args.preset} model, batch {args.batch_size}, 1 torch thread, {result['train_images']} train images")

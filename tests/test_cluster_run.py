@@ -93,7 +93,7 @@ def cluster(s3_server, tmp_path_factory):
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # stop now, not after Ray's 30 s drain wait
         "RAY_USAGE_STATS_ENABLED": "0", "XRAY_RAY_CACHE": str(tmp / "cache"),
-        # As search.init_ray does for a local Ray: keep idle workers (torch imported) for the next trial's
+        # As rayinit.init_ray does for a local Ray: keep idle workers (torch imported) for the next trial's
         # augmentation instead of killing them at once, which a 1-CPU node does by default (~10 s each here).
         "RAY_idle_worker_killing_time_threshold_ms": "600000", "RAY_num_workers_soft_limit": "4",
         "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,

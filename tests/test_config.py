@@ -97,7 +97,7 @@ def test_trial_config_rejects_unknown_and_wrong_types():
 
 
 def test_new_ideas_default_off_and_old_trial_seeds_are_unchanged():
-    from xray_ray.search import trial_seed
+    from xray_ray.trial import trial_seed
 
     # the seeds computed by the release before these settings existed (crc32 of the old config dict)
     assert trial_seed(TrialConfig()) == 2107442432

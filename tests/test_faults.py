@@ -141,7 +141,7 @@ BAD_RUNS = {
 @pytest.mark.parametrize("doc, flags, message", BAD_RUNS.values(), ids=BAD_RUNS.keys())
 def test_bad_space_or_flags_exit_2_before_anything_starts(tmp_path, capsys, ray_init_calls, doc, flags, message):
     if "GPUs" in message:
-        from xray_ray.search import local_gpus
+        from xray_ray.rayinit import local_gpus
 
         if local_gpus() >= 4:
             pytest.skip("this machine has 4 GPUs")
@@ -179,7 +179,7 @@ def test_bad_data_folder_exits_2_before_ray_starts(tmp_path, capsys, ray_init_ca
 
 
 def test_the_real_cli_exits_2_with_one_line_and_starts_nothing(tmp_path):
-    from xray_ray.search import local_gpus
+    from xray_ray.rayinit import local_gpus
 
     if local_gpus() >= 4:
         pytest.skip("this machine has 4 GPUs")
@@ -634,9 +634,10 @@ def test_the_fault_hook_never_writes_outside_the_run(tmp_path, monkeypatch, name
 def test_the_shipped_trainable_reaches_the_hook_only_through_the_faults_module():
     import inspect
 
-    import xray_ray.search as S
+    import xray_ray.trial as T
+    import xray_ray.trial_loop as L
 
-    src = inspect.getsource(S)
+    src = inspect.getsource(T) + inspect.getsource(L)
     assert "os.open(" not in src and "SIGKILL" not in src  # the hook's file and kill code live in faults.py
 
 
@@ -646,8 +647,8 @@ def test_the_ray_token_file_is_private_after_a_local_start(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")} | {"HOME": str(home)}
-    code = ("import argparse, os, ray; os.umask(0o022); from xray_ray.search import init_ray; "
-            "init_ray(argparse.Namespace(address=None, num_cpus=1, cpus_per_trial=1.0)); ray.shutdown()")
+    code = ("import os, ray; os.umask(0o022); from xray_ray.rayinit import RayOptions, init_ray; "
+            "init_ray(RayOptions(address=None, num_cpus=1, cpus_per_trial=1.0)); ray.shutdown()")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     token = home / ".ray" / "auth_token"

@@ -176,7 +176,7 @@ def test_the_default_model_is_the_default_trials_model():
     """One set of defaults: build_model() with no sizes is the model a TrialConfig() trains."""
     from xray_ray import config
     from xray_ray.config import TrialConfig
-    from xray_ray.search import model_sizes
+    from xray_ray.trial import model_sizes
 
     assert CNNConfig is config.CNNConfig and max_blocks is config.max_blocks
     default, trial = build_model(), build_model(**model_sizes(TrialConfig()))

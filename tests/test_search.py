@@ -217,7 +217,7 @@ def test_stability_refuses_a_folder_without_an_exported_run(tmp_path, capsys):
 
 
 def test_overhead_leaves_the_idle_tail_out_of_the_busy_share():
-    from xray_ray.search import overhead
+    from xray_ray.collect import overhead
 
     # trial a: epochs end at 5 and 10 (5 s each, 4 s inside steps); trial b: one epoch ending at 4
     epochs = pd.DataFrame({"trial_id": ["a", "a", "b"], "epoch": [1, 2, 1], "ended_at": [5.0, 10.0, 4.0],
@@ -240,13 +240,10 @@ def test_trials_hand_their_worker_processes_on(tiny_run):
 
 @pytest.mark.slow
 def test_local_cpu_runs_share_few_augmentation_workers(tiny_run):
-    import argparse
-
-    from xray_ray.search import data_slots
+    from xray_ray.rayinit import RayOptions, data_slots
 
     def ns(**kw):
-        return argparse.Namespace(**{"address": None, "gpus_per_trial": 0.0, "cpus_per_trial": 1.0,
-                                     "data_tasks": 1, **kw})
+        return RayOptions(**{"address": None, "gpus_per_trial": 0.0, "cpus_per_trial": 1.0, "data_tasks": 1, **kw})
 
     assert data_slots(ns(), 2) == 1 and data_slots(ns(), 8) == 4 and data_slots(ns(data_tasks=2), 8) == 8
     assert data_slots(ns(cpus_per_trial=2.0), 8) == 2  # 4 trials
@@ -297,3 +294,20 @@ def test_a_search_whose_every_trial_errored_exits_2_with_the_reason(tmp_path):
     assert (run_dir / "epochs.parquet").is_file() and not (run_dir / "best").exists()
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "failed" and run["error"] == last.removeprefix("error: ")
+
+
+@pytest.mark.parametrize("started, says", [(False, "nothing to resume"),
+                                           (True, "Resume with: python -m xray_ray.search")])
+def test_main_learns_from_the_interrupt_whether_the_run_can_be_resumed(monkeypatch, capsys, started, says):
+    from xray_ray import search
+
+    def interrupted(opts):
+        e = KeyboardInterrupt()
+        if started:
+            e.run_started = True  # as run() sets it once run.json is written
+        raise e
+
+    monkeypatch.setattr(search, "run", interrupted)
+    assert search.main(["--name", "x"]) == 130
+    err = capsys.readouterr().err
+    assert says in err and ("--name x --resume" in err) == started

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import model_copy, one_error_line
-from xray_ray import runtime, search
+from xray_ray import runtime, search, ship
 from xray_ray.common import json_safe
 from xray_ray.spaces import load_space
 
@@ -76,7 +76,7 @@ def test_a_run_name_that_is_not_one_plain_folder_name_is_refused_before_anything
 
 @pytest.mark.parametrize("name", ["run-1", "my_run.v2", "A.b-c_9", ".hidden"])
 def test_plain_names_are_accepted(name):
-    assert search.check_run_name(name, "--name") == name
+    assert ship.check_run_name(name, "--name") == name
 
 
 def test_a_non_empty_folder_that_is_not_a_run_is_refused(tmp_path, capsys, no_ray):
@@ -110,8 +110,8 @@ def test_a_best_folder_holding_files_the_export_did_not_write_is_never_replaced(
     assert (run / "best" / "important.txt").read_text() == "mine"
     new = run / "best.new-0000"
     model_copy(tiny_model, new)
-    with pytest.raises(search.UserError, match="did not write"):
-        search.install_best(new, run / "best")
+    with pytest.raises(ship.UserError, match="did not write"):
+        ship.install_best(new, run / "best")
     assert (run / "best" / "important.txt").read_text() == "mine" and new.is_dir()
 
 
@@ -141,7 +141,7 @@ def test_resume_removes_what_a_killed_run_left(tmp_path, capsys, no_ray, tiny_mo
 _SWAP = """
 import os, shutil, signal, sys
 from pathlib import Path
-from xray_ray import common, search
+from xray_ray import common, ship
 
 new, best, kill_at, mode = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 steps = 0
@@ -160,7 +160,7 @@ if mode == "two renames":  # a kernel or filesystem without an atomic exchange
 else:
     common._exchange = step(common._exchange)
 os.rename, os.replace, shutil.rmtree = step(os.rename), step(os.replace), step(shutil.rmtree)
-search.install_best(new, best)
+ship.install_best(new, best)
 print(steps)
 """
 
@@ -197,15 +197,15 @@ def test_a_kill_at_every_rename_of_the_best_swap_leaves_a_loadable_best(tmp_path
             assert trial(best) == ("old" if k == 1 else "new"), k  # loadable at once, whatever the moment
         else:  # killed between the two renames: --resume's clean-up puts the whole old model back
             assert not best.exists()
-        search.clean_leftovers(best.parent)
+        ship.clean_leftovers(best.parent)
         assert trial(best) == ("old" if k in (1, 2) and (k == 1 or mode == "two renames") else "new"), k
         assert sorted(os.listdir(best.parent)) == ["best"], k
 
 
 def test_the_export_file_list_matches_what_the_export_writes():
-    """search.EXPORT_FILES decides what best/ may hold; report.PICTURES and export's names must be in it."""
+    """ship.EXPORT_FILES decides what best/ may hold; report.PICTURES and export's names must be in it."""
     from xray_ray import export, report
 
     names = {export.ONNX_NAME, export.TORCHSCRIPT_NAME, export.WEIGHTS_NAME, export.CONFIG_NAME, "model.json",
              "report.html", *report.PICTURES}
-    assert names == set(search.EXPORT_FILES)
+    assert names == set(ship.EXPORT_FILES)

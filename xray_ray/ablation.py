@@ -22,8 +22,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,11 @@ import yaml
 from xray_ray import results as R
 from xray_ray.config import TrialConfig
 from xray_ray.errors import UserError
+from xray_ray.rayinit import RayOptions, data_slot, init_ray
+from xray_ray.search import trial_data
+from xray_ray.ship import trained_models
+from xray_ray.trial import Runtime, encode_value
+from xray_ray.tuner import ProgressPrinter, fit, restored, result_loggers, trial_trainable
 
 TARGET_SENSITIVITY = 0.95
 REPORTED = ("val_auc", "rob_auc_min", "rob_auc_mean", "rob_loss_mean", "test_auc", "test_accuracy",
@@ -157,11 +163,8 @@ def markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("val_auc", "rob_au
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from xray_ray import search as S
-    from xray_ray.export import load_weights
-    from xray_ray.models import build_model
+    """Train every arm under every seed on the same splits, score each run and each arm's ensemble, write them."""
     from xray_ray.pipeline import prepare
-    from xray_ray.robustness import battery
     from xray_ray.sources import load_source
     from xray_ray.splits import assign_splits
 
@@ -178,61 +181,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if R.exists(request_loc) and R.read_json(request_loc) != json.loads(json.dumps(request)):
         raise UserError(f"{run_dir} holds another ablation; repeat that call to finish it, or choose another --name.")
     R.write_json(request, request_loc)
-
-    import ray
-    from ray import tune
-
-    S.init_ray(argparse.Namespace(address=None, num_cpus=args.num_cpus, cpus_per_trial=1.0))
-    try:
-        cpus = ray.cluster_resources().get("CPU", 1)
-        concurrent = max(1, min(args.max_concurrent or int(cpus), int(cpus)))
-        train_labels = next(iter(prepared.values())).splits["train"].labels
-        runtime = S.Runtime(1.0, 0.0, 0.0, 1, "val_auc", "max", float(np.mean(train_labels)),
-                            data_slot=S.data_slot())
-        data = S.trial_data(prepared, spec["split_seed"])
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        fn = tune.with_resources(tune.with_parameters(S.trainable, data=data, runtime=runtime), {"cpu": 1.0})
-        tune_dir = R.join(run_dir, "tune")
-        if tune.Tuner.can_restore(tune_dir):
-            print(f"[xray_ray] resuming {tune_dir}", flush=True)
-            tuner = tune.Tuner.restore(tune_dir, trainable=fn, resume_unfinished=True, resume_errored=True)
-        else:
-            arms = spec["arms"]
-            params: dict[str, Any] = {"arm": tune.grid_search(list(arms)), "seed": tune.grid_search(list(args.seeds))}
-            for key in spec["base"]:
-                if key != "seed":
-                    params[key] = tune.sample_from(lambda s, k=key: S.encode_value(arms[s.config["arm"]][k]))
-            tuner = tune.Tuner(fn, param_space=params,
-                               tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
-                               run_config=tune.RunConfig(storage_path=run_dir, name="tune", verbose=0,
-                                                         callbacks=[S.ProgressPrinter("val_auc", "max", len(arms) * len(args.seeds)),
-                                                                    *S.result_loggers(argparse.Namespace())]))
-        print(f"[xray_ray] ablation {spec['name']}: {len(spec['arms'])} arms x seeds {args.seeds}, "
-              f"{concurrent} at a time", flush=True)
-        with S.env_set(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):
-            grid = tuner.fit()
-    finally:
-        ray.shutdown()
-
-    batteries = {s: {split: battery(p.splits[split].images, p.splits[split].labels, seed=spec["split_seed"])
-                     for split in ("val", "test") if split in p.splits} for s, p in prepared.items()}
-    rows, by_arm = [], {}
-    for res in grid:
-        if res.error is not None or res.checkpoint is None:
-            raise RuntimeError(f"run {res.config.get('arm')} seed {res.config.get('seed')} failed: {res.error}")
-        cfg = TrialConfig.from_dict(S.decode_config(res.config))
-        with res.checkpoint.as_directory() as cdir:
-            model = load_weights(build_model(**S.model_sizes(cfg)), Path(cdir) / "best.safetensors")
-        preds = predictions(model, prepared[cfg.image_size].splits, batteries[cfg.image_size])
-        by_arm.setdefault(res.config["arm"], []).append(preds)
-        hist = res.metrics_dataframe
-        rows.append({"arm": res.config["arm"], "kind": "seed", "seed": cfg.seed,
-                     "best_epoch": int(res.metrics["best_epoch"]), "seconds": float(hist["seconds"].sum()),
-                     "rob_seconds": float(hist["rob_seconds"].sum()), **evaluate_probs(preds)})
-    for arm, members in by_arm.items():  # the mean of the seeds' probabilities: an ensemble of the arm
-        mean = {k: (members[0][k][0], np.mean([m[k][1] for m in members], axis=0)) for k in members[0]}
-        rows.append({"arm": arm, "kind": "ensemble", "seed": -1, **evaluate_probs(mean)})
-    runs = pd.DataFrame(rows)
+    grid = _train_arms(args, spec, run_dir, prepared)
+    runs = _score_runs(grid, spec, prepared)
     summary = summarize_runs(runs)
     info = {"name": spec["name"], "arms_file": str(args.arms), "arms": spec["doc"], "seeds": list(args.seeds),
             "data": {"spec": args.data, "splits": split_info}, "command": R.command_line(),
@@ -243,6 +193,60 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     R.write_parquet(summary, R.join(run_dir, "summary.parquet"), metadata=meta)
     R.write_json({**info, "table": markdown(summary)}, R.join(run_dir, "ablation.json"))
     return {"runs": runs, "summary": summary, "run_dir": run_dir}
+
+
+def _train_arms(args: argparse.Namespace, spec: dict[str, Any], run_dir: str, prepared: dict):
+    """Tune's ResultGrid of every arm x seed (FIFO, one CPU each) on a local Ray of its own, or resumed."""
+    import ray
+    from ray import tune
+
+    init_ray(RayOptions(address=None, num_cpus=args.num_cpus, cpus_per_trial=1.0))
+    try:
+        cpus = ray.cluster_resources().get("CPU", 1)
+        concurrent = max(1, min(args.max_concurrent or int(cpus), int(cpus)))
+        train_labels = next(iter(prepared.values())).splits["train"].labels
+        runtime = Runtime(cpus_per_trial=1.0, gpus_per_trial=0.0, data_cpus=0.0, data_tasks=1, metric="val_auc",
+                          mode="max", pos_fraction=float(np.mean(train_labels)), data_slot=data_slot())
+        data = trial_data(prepared, spec["split_seed"])
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        fn = trial_trainable(data, runtime, {"cpu": 1.0})
+        tuner = restored(R.join(run_dir, "tune"), fn)
+        if tuner is None:
+            arms = spec["arms"]
+            params: dict[str, Any] = {"arm": tune.grid_search(list(arms)), "seed": tune.grid_search(list(args.seeds))}
+            for key in spec["base"]:
+                if key != "seed":
+                    params[key] = tune.sample_from(lambda s, k=key: encode_value(arms[s.config["arm"]][k]))
+            progress = ProgressPrinter("val_auc", "max", len(arms) * len(args.seeds))
+            tuner = tune.Tuner(fn, param_space=params,
+                               tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
+                               run_config=tune.RunConfig(storage_path=run_dir, name="tune", verbose=0,
+                                                         callbacks=[progress, *result_loggers()]))
+        print(f"[xray_ray] ablation {spec['name']}: {len(spec['arms'])} arms x seeds {args.seeds}, "
+              f"{concurrent} at a time", flush=True)
+        return fit(tuner)
+    finally:
+        ray.shutdown()
+
+
+def _score_runs(grid, spec: dict[str, Any], prepared: dict) -> pd.DataFrame:
+    """One row per run (its kept weights on val, test and their shift batteries) and one per arm's ensemble."""
+    from xray_ray.robustness import battery
+
+    batteries = {s: {split: battery(p.splits[split].images, p.splits[split].labels, seed=spec["split_seed"])
+                     for split in ("val", "test") if split in p.splits} for s, p in prepared.items()}
+    rows, by_arm = [], {}
+    for res, cfg, model in trained_models(grid, lambda c: f"run {c.get('arm')} seed {c.get('seed')}"):
+        preds = predictions(model, prepared[cfg.image_size].splits, batteries[cfg.image_size])
+        by_arm.setdefault(res.config["arm"], []).append(preds)
+        hist = res.metrics_dataframe
+        rows.append({"arm": res.config["arm"], "kind": "seed", "seed": cfg.seed,
+                     "best_epoch": int(res.metrics["best_epoch"]), "seconds": float(hist["seconds"].sum()),
+                     "rob_seconds": float(hist["rob_seconds"].sum()), **evaluate_probs(preds)})
+    for arm, members in by_arm.items():  # the mean of the seeds' probabilities: an ensemble of the arm
+        mean = {k: (members[0][k][0], np.mean([m[k][1] for m in members], axis=0)) for k in members[0]}
+        rows.append({"arm": arm, "kind": "ensemble", "seed": -1, **evaluate_probs(mean)})
+    return pd.DataFrame(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,8 +17,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,11 @@ import pandas as pd
 from xray_ray import results as R
 from xray_ray.config import TrialConfig
 from xray_ray.errors import UserError
+from xray_ray.rayinit import RayOptions, data_slot, init_ray
+from xray_ray.search import trial_data
+from xray_ray.ship import trained_models
+from xray_ray.trial import Runtime, encode_value
+from xray_ray.tuner import restored, trial_trainable
 
 TARGET_SPREAD_POINTS = 1.5  # the target: three seeds of the winning config within 1.5 points of each other
 SPLITS = ("val", "test", "extra_val")
@@ -62,30 +68,32 @@ def spread_points(values: Sequence[float]) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from xray_ray import search as S
-    from xray_ray.export import load_weights
-    from xray_ray.models import build_model
-    from xray_ray.pipeline import prepare
-    from xray_ray.sources import load_source
-    from xray_ray.splits import assign_splits
-    from xray_ray.winner import pick_threshold, split_probs
-    from xray_ray.evaluate import fingerprint, summarize
-
+    """Train the run's winner again under each of ``args.seeds``, score every replica, write the tables."""
     t0 = time.time()
     run_dir = args.run if R.is_uri(args.run) else str(Path(args.run).resolve())
     run_info, best_cfg, card = _read_run(run_dir)
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise UserError(f"--seeds must be distinct non-negative integers, got {args.seeds}.")
-    space = run_info["space"]
-    metric, mode = space["scheduler"]["metric"], space["scheduler"]["mode"]
     cfg = TrialConfig.from_dict({k: v for k, v in best_cfg.items() if k in TrialConfig.field_names()})
     if cfg.seed in args.seeds:
         raise UserError(f"seed {cfg.seed} is the search's own (its winner is already scored); choose other --seeds.")
-    spec, seed = run_info["data"]["spec"], int(run_info["seed"])
     print(f"[xray_ray] stability of trial {best_cfg.get('trial_id')} in {run_dir}: seeds {args.seeds}, "
           f"{cfg.epochs} epochs each", flush=True)
+    prepared = _the_runs_splits(args, run_info, card, cfg)
+    rows = _replicas(args, run_dir, run_info, best_cfg, card, cfg, prepared)
+    return _write_summary(args, run_dir, best_cfg, cfg, rows, t0)
+
+
+def _the_runs_splits(args: argparse.Namespace, run_info: dict, card: dict, cfg: TrialConfig):
+    """The winner's image size prepared from the run's own data and splits (UserError when they changed)."""
+    from xray_ray.evaluate import fingerprint
+    from xray_ray.pipeline import prepare
+    from xray_ray.sources import load_source
+    from xray_ray.splits import assign_splits
+
+    spec, seed = run_info["data"]["spec"], int(run_info["seed"])
     manifest = load_source(spec, seed=seed)
-    df, _ = assign_splits(manifest.df, seed=seed, **space["data"])
+    df, _ = assign_splits(manifest.df, seed=seed, **run_info["space"]["data"])
     prepared = prepare(df, cfg.image_size, args.cache)
     splits = prepared.splits
     expected = (card.get("data") or {}).get("fingerprints") or {}
@@ -93,60 +101,82 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if name in splits and fingerprint(splits[name].uids, splits[name].images) != fp:
             raise UserError(f"the '{name}' images of {spec} are not the ones the search used (the data or its "
                             f"decoding changed since); stability needs the run's own splits.")
+    return prepared
 
+
+def _replicas(args: argparse.Namespace, run_dir: str, run_info: dict, best_cfg: dict, card: dict,
+              cfg: TrialConfig, prepared) -> list[dict[str, Any]]:
+    """Train the replicas on a Ray of their own (or resume them) and score each; the search's winner first."""
     import ray
-    from ray import tune
 
-    S.init_ray(argparse.Namespace(address=args.address, num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial))
+    init_ray(RayOptions(address=args.address, num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial))
     try:
-        cpus = ray.cluster_resources().get("CPU", 1)
-        concurrent = max(1, min(len(args.seeds), args.max_concurrent or int(cpus // args.cpus_per_trial) or 1))
-        slot = S.data_slot()  # as search.run
-        runtime = S.Runtime(args.cpus_per_trial, 0.0, 0.0, 1, metric, mode,
-                            float(np.mean(splits["train"].labels)), data_slot=slot)
-        data = S.trial_data({cfg.image_size: prepared}, seed)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        fn = tune.with_resources(tune.with_parameters(S.trainable, data=data, runtime=runtime),
-                                 {"cpu": args.cpus_per_trial})
-        tune_dir = R.join(run_dir, "stability", "tune")
-        request = {"trial_id": best_cfg.get("trial_id"), "seeds": list(args.seeds)}
-        request_loc = R.join(run_dir, "stability", "request.json")
-        if R.exists(request_loc) and R.read_json(request_loc) != request:
-            raise UserError(f"{R.join(run_dir, 'stability')} holds replicas of {R.read_json(request_loc)}; "
-                            f"repeat that call to finish it, or delete that folder to start another.")
-        R.write_json(request, request_loc)
-        if tune.Tuner.can_restore(tune_dir):
-            print(f"[xray_ray] resuming {tune_dir}", flush=True)
-            tuner = tune.Tuner.restore(tune_dir, trainable=fn, resume_unfinished=True, resume_errored=True)
-        else:
-            params = {k: S.encode_value(v) for k, v in cfg.to_dict().items()}
-            params["seed"] = tune.grid_search(list(args.seeds))
-            tuner = tune.Tuner(fn, param_space=params,
-                               tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-                               run_config=tune.RunConfig(storage_path=tune_dir.rsplit("/", 1)[0], name="tune",
-                                                         verbose=0))
-        grid = tuner.fit()
+        grid = _train_replicas(args, run_dir, run_info, best_cfg, cfg, prepared)
         rows = [_row("search", cfg.seed, card["metrics"], card["threshold"]["value"],
                      trial_id=card.get("trial_id"), best_epoch=(card.get("trial") or {}).get("best_epoch"),
                      best_metric=(card.get("trial") or {}).get("best_metric"))]
-        target = float(card["threshold"].get("target_sensitivity", 0.95))
-        for res in grid:
-            if res.error is not None or res.checkpoint is None:
-                raise RuntimeError(f"replica with seed {res.config.get('seed')} failed: {res.error}")
-            rcfg = TrialConfig.from_dict(S.decode_config(res.config))
-            with res.checkpoint.as_directory() as cdir:
-                model = load_weights(build_model(**S.model_sizes(rcfg)), Path(cdir) / "best.safetensors")
-            preds = {s: split_probs(model, splits[s]) for s in SPLITS if s in splits and len(splits[s])}
-            threshold, _ = pick_threshold(*preds["val"], target)
-            metrics = {s: summarize(y, p, threshold, groups=splits[s].patients, n_boot=args.n_boot)
-                       for s, (y, p) in preds.items()}
-            hist = res.metrics_dataframe
-            rows.append(_row("replica", rcfg.seed, metrics, threshold, trial_id=res.metrics.get("trial_id"),
-                             best_epoch=int(res.metrics["best_epoch"]), best_metric=float(res.metrics["best_metric"]),
-                             epochs_run=int(hist["epoch"].max()), wall_seconds=float(hist["seconds"].sum())))
+        return rows + _score_replicas(args, grid, card, prepared.splits)
     finally:
         ray.shutdown()
 
+
+def _train_replicas(args: argparse.Namespace, run_dir: str, run_info: dict, best_cfg: dict, cfg: TrialConfig,
+                    prepared):
+    """Tune's ResultGrid of the replicas: the winner's config under each seed, FIFO, every epoch."""
+    import ray
+    from ray import tune
+
+    space = run_info["space"]
+    metric, mode = space["scheduler"]["metric"], space["scheduler"]["mode"]
+    cpus = ray.cluster_resources().get("CPU", 1)
+    concurrent = max(1, min(len(args.seeds), args.max_concurrent or int(cpus // args.cpus_per_trial) or 1))
+    slot = data_slot()  # as search.run
+    runtime = Runtime(cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0, data_cpus=0.0, data_tasks=1,
+                      metric=metric, mode=mode, pos_fraction=float(np.mean(prepared.splits["train"].labels)),
+                      data_slot=slot)
+    data = trial_data({cfg.image_size: prepared}, int(run_info["seed"]))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    fn = trial_trainable(data, runtime, {"cpu": args.cpus_per_trial})
+    tune_dir = R.join(run_dir, "stability", "tune")
+    request = {"trial_id": best_cfg.get("trial_id"), "seeds": list(args.seeds)}
+    request_loc = R.join(run_dir, "stability", "request.json")
+    if R.exists(request_loc) and R.read_json(request_loc) != request:
+        raise UserError(f"{R.join(run_dir, 'stability')} holds replicas of {R.read_json(request_loc)}; "
+                        f"repeat that call to finish it, or delete that folder to start another.")
+    R.write_json(request, request_loc)
+    tuner = restored(tune_dir, fn)
+    if tuner is None:
+        params = {k: encode_value(v) for k, v in cfg.to_dict().items()}
+        params["seed"] = tune.grid_search(list(args.seeds))
+        tuner = tune.Tuner(fn, param_space=params,
+                           tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+                           run_config=tune.RunConfig(storage_path=tune_dir.rsplit("/", 1)[0], name="tune",
+                                                     verbose=0))
+    return tuner.fit()
+
+
+def _score_replicas(args: argparse.Namespace, grid, card: dict, splits) -> list[dict[str, Any]]:
+    """Each replica's threshold (on validation, at the card's target sensitivity) and metrics on every split."""
+    from xray_ray.evaluate import summarize
+    from xray_ray.winner import pick_threshold, split_probs
+
+    rows = []
+    target = float(card["threshold"].get("target_sensitivity", 0.95))
+    for res, rcfg, model in trained_models(grid, lambda c: f"replica with seed {c.get('seed')}"):
+        preds = {s: split_probs(model, splits[s]) for s in SPLITS if s in splits and len(splits[s])}
+        threshold, _ = pick_threshold(*preds["val"], target)
+        metrics = {s: summarize(y, p, threshold, groups=splits[s].patients, n_boot=args.n_boot)
+                   for s, (y, p) in preds.items()}
+        hist = res.metrics_dataframe
+        rows.append(_row("replica", rcfg.seed, metrics, threshold, trial_id=res.metrics.get("trial_id"),
+                         best_epoch=int(res.metrics["best_epoch"]), best_metric=float(res.metrics["best_metric"]),
+                         epochs_run=int(hist["epoch"].max()), wall_seconds=float(hist["seconds"].sum())))
+    return rows
+
+
+def _write_summary(args: argparse.Namespace, run_dir: str, best_cfg: dict, cfg: TrialConfig,
+                   rows: list[dict[str, Any]], t0: float) -> dict[str, Any]:
+    """stability.parquet (one row per replica and the search's winner) and stability.json (the spreads)."""
     table = pd.DataFrame(rows).sort_values(["source", "seed"], ascending=[False, True], ignore_index=True)
     replicas = table[table["source"] == "replica"]
     summary: dict[str, Any] = {

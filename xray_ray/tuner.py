@@ -1,0 +1,210 @@
+"""How the tuner is wired: searcher, scheduler, the rungs it compares at, progress, loggers, the Tuner.
+
+The one module that builds Ray Tune objects for the search (stability and ablation use its pieces too).
+Ray is imported inside the functions: a command refused before the search starts never pays for it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from xray_ray.config import SearchSpace
+from xray_ray.trial import Runtime, encode_value, trainable
+
+
+def build_searcher(space: SearchSpace, seed: int):
+    """OptunaSearch (TPE, seeded) over the space's parameters, or seeded random search.
+
+    A space of constants has nothing to search: its configuration is trained num_samples times, trial i
+    with seed + i, so that the trials are replicas that differ in their trial seed only.
+    """
+    if not space.params:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        replicas = [{"seed": seed + i} for i in range(space.num_samples)]
+        return BasicVariantGenerator(points_to_evaluate=replicas), {**tune_space(space), "seed": seed}
+    if space.searcher == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=seed), {**tune_space(space), "seed": seed}
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    dists: dict[str, Any] = {}
+    for p in space.params:
+        if p.kind == "categorical":
+            dists[p.name] = optuna.distributions.CategoricalDistribution([encode_value(c) for c in p.choices])
+        elif p.kind == "int":
+            dists[p.name] = optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log)
+        else:
+            dists[p.name] = optuna.distributions.FloatDistribution(float(p.low), float(p.high), log=p.log)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, space.num_samples // 3)))
+    searcher = OptunaSearch(space=dists or None, metric=space.metric, mode=space.mode, sampler=sampler)
+    # the run's seed travels in every trial's config: trial_seed() hashes it with the hyperparameters
+    return searcher, {**{k: encode_value(v) for k, v in space.constants.items()}, "seed": seed}
+
+
+def tune_space(space: SearchSpace) -> dict[str, Any]:
+    """The space as Tune distributions (for the random-search baseline)."""
+    from ray import tune
+
+    out: dict[str, Any] = {k: encode_value(v) for k, v in space.constants.items()}
+    for p in space.params:
+        if p.kind == "categorical":
+            out[p.name] = tune.choice([encode_value(c) for c in p.choices])
+        elif p.kind == "int":
+            draw = tune.lograndint if p.log else tune.randint
+            out[p.name] = draw(int(p.low), int(p.high) + 1)
+        else:
+            out[p.name] = tune.loguniform(p.low, p.high) if p.log else tune.uniform(p.low, p.high)
+    return out
+
+
+def build_scheduler(space: SearchSpace):
+    """ASHA on training iterations (epochs), or FIFO (every trial runs all its epochs)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if space.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=space.max_epochs,
+                         grace_period=space.grace_period, reduction_factor=space.reduction_factor)
+
+
+def rungs(space: SearchSpace) -> tuple[int, ...]:
+    """The epochs at which ASHA compares trials (grace_period * reduction_factor**k below max_t)."""
+    if space.scheduler != "asha":
+        return ()
+    out, t = [], space.grace_period
+    while t < space.max_epochs:
+        out.append(t)
+        t *= space.reduction_factor
+    return tuple(out)
+
+
+class ProgressPrinter:
+    """A Tune callback printing one line per reported epoch: the trial, its metric, the best so far."""
+
+    def __new__(cls, metric: str, mode: str, total: int):
+        from ray.tune import Callback
+
+        class Progress(Callback):
+            def __init__(self) -> None:
+                self.best: tuple[float, str] | None = None
+                self.done = 0
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                v = result.get(metric)
+                if v is not None and math.isfinite(v) and (
+                        self.best is None or (v > self.best[0] if mode == "max" else v < self.best[0])):
+                    self.best = (v, trial.trial_id)
+                running = sum(t.status == "RUNNING" for t in trials)
+                best = f"{self.best[0]:.4f} ({self.best[1]})" if self.best else "-"
+                print(f"[xray_ray] trial {trial.trial_id} epoch {result.get('epoch')}/{result.get('epochs')} "
+                      f"{metric}={v:.4f} | running {running}, finished {self.done}/{total}, best {metric} {best}",
+                      flush=True)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self.done += 1
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self.done += 1
+                print(f"[xray_ray] trial {trial.trial_id} errored; the search goes on", flush=True)
+
+        return Progress()
+
+
+@contextmanager
+def env_set(**values: str) -> Iterator[None]:
+    """Environment variables set for the block, restored after it."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def result_loggers(tensorboard: bool = False) -> list:
+    """Tune's per-trial result.json and progress.csv, and TensorBoard files only when asked for.
+
+    Tune adds a TensorBoard logger by default, and tensorboardX imports torch into a driver that
+    otherwise never needs torch until the export. :func:`fit` turns Tune's default loggers off
+    (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS, for the fit only) and these are added instead.
+    """
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    loggers = [JsonLoggerCallback(), CSVLoggerCallback()]
+    if tensorboard:
+        from ray.tune.logger import TBXLoggerCallback
+
+        loggers.append(TBXLoggerCallback())
+    return loggers
+
+
+def trial_trainable(data: dict[int, dict[str, Any]], runtime: Runtime, resources: dict[str, float]) -> Callable:
+    """:func:`xray_ray.trial.trainable` bound to the trials' data and runtime, asking for `resources` per trial."""
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(trainable, data=data, runtime=runtime), resources)
+
+
+def restored(tune_dir: str, fn: Callable):
+    """The Tuner of an interrupted experiment in `tune_dir`, continuing unfinished and errored trials; else None."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(tune_dir):
+        return None
+    print(f"[xray_ray] resuming {tune_dir}", flush=True)
+    return tune.Tuner.restore(tune_dir, trainable=fn, resume_unfinished=True, resume_errored=True)
+
+
+@dataclass(frozen=True)
+class TunerSettings:
+    """What a new search's Tuner needs besides its space."""
+
+    tune_dir: str  # where Tune keeps the experiment (its last component is the experiment's name)
+    concurrent: int
+    max_failures: int
+    tensorboard: bool = False
+
+
+def search_tuner(fn: Callable, space: SearchSpace, settings: TunerSettings):
+    """A new Tuner for the search: the space's searcher and scheduler, progress lines, one kept checkpoint."""
+    from ray import tune
+
+    storage, exp_name = settings.tune_dir.rsplit("/", 1)
+    searcher, param_space = build_searcher(space, space.seed)
+    return tune.Tuner(
+        fn,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=searcher,
+                                    scheduler=build_scheduler(space), num_samples=space.num_samples,
+                                    max_concurrent_trials=settings.concurrent,
+                                    # a finished or stopped trial hands its worker process, torch
+                                    # already imported, to the next trial. A stopped trial waits in
+                                    # its last report (Tune does not ask for the next result), so
+                                    # the reset that reuse needs never waits for an epoch.
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=exp_name, storage_path=storage, verbose=0,
+            callbacks=[ProgressPrinter(space.metric, space.mode, space.num_samples),
+                       *result_loggers(settings.tensorboard)],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+        ),
+    )
+
+
+def fit(tuner, results_only: bool = False):
+    """Run the Tuner (or, with `results_only`, read what it has) with only result_loggers()'s loggers."""
+    with env_set(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):
+        return tuner.get_results() if results_only else tuner.fit()
