@@ -30,8 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+# isort: off
+import ray  # noqa: F401  (puts Ray's bundled psutil on the path: it must come first)
 import psutil
-import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
+
+# isort: on
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, ROOT, default_data, derived_space, emit, machine, print_table  # noqa: E402
