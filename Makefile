@@ -18,7 +18,7 @@ demo: install
 	rm -rf results/demo
 	$(PY) -m xray_ray.search --data synthetic --space search_spaces/smoke.yaml --results results --name demo
 
-test: install
+test: install lint
 	$(PY) -m pytest -q
 
 # the edit loop: everything but the end-to-end runs marked slow (under two minutes on 2 cores)

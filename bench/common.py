@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray"
@@ -36,14 +37,20 @@ def machine() -> dict[str, Any]:
         import ray
     except ImportError:  # bench/gpu.py runs where only torch is installed
         ray = None
-    return {"cores": os.cpu_count(), "cpu": cpu_model(), "arch": platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "ray": ray.__version__ if ray is not None else None,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu_model(),
+        "arch": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__ if ray is not None else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Left-aligned first column, right-aligned figures; floats with 2-3 significant decimals."""
+
     def fmt(v: Any) -> str:
         if v is None:
             return "-"

@@ -39,21 +39,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PHANTOM_SEEDS = (0, 1, 2)
 # seed.yaml's strongest augmentation (its ranges' upper ends)
-SEED_STRENGTHS = {"zoom": 0.3, "rotate": 15.0, "shift": 0.1, "vflip": 0.5, "brightness": 0.3, "contrast": 0.3,
-                  "gamma": 0.3}
+SEED_STRENGTHS = {
+    "zoom": 0.3,
+    "rotate": 15.0,
+    "shift": 0.1,
+    "vflip": 0.5,
+    "brightness": 0.3,
+    "contrast": 0.3,
+    "gamma": 0.3,
+}
 
 
 def machine() -> dict:
     """common.machine(), with the card's details in place of its name."""
     import torch
-
     from common import machine as base
 
     m = base()
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        m["gpu"] = {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count,
-                    "capability": f"{p.major}.{p.minor}", "cuda": torch.version.cuda}
+        m["gpu"] = {
+            "name": p.name,
+            "memory_gib": round(p.total_memory / 2**30, 1),
+            "sms": p.multi_processor_count,
+            "capability": f"{p.major}.{p.minor}",
+            "cuda": torch.version.cuda,
+        }
     return m
 
 
@@ -113,8 +124,14 @@ def train_rate(size: int, batch_size: int, steps: int, warmup: int, device) -> d
     sync(device)
     wall = time.perf_counter() - t
     mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return {"size": size, "batch_size": batch_size, "images": stats["images"], "seconds": wall,
-            "images_per_s": stats["images"] / wall, "peak_gpu_mb": mem}
+    return {
+        "size": size,
+        "batch_size": batch_size,
+        "images": stats["images"],
+        "seconds": wall,
+        "images_per_s": stats["images"] / wall,
+        "peak_gpu_mb": mem,
+    }
 
 
 def eval_rate(size: int, images: int, device) -> dict:
@@ -126,7 +143,7 @@ def eval_rate(size: int, images: int, device) -> dict:
     rng = np.random.default_rng(1)
     x = torch.from_numpy(rng.integers(0, 256, (images, size, size), dtype=np.uint8))
     y = torch.zeros(images, dtype=torch.int64)
-    batches = [{"image": x[i:i + 256], "label": y[i:i + 256]} for i in range(0, images, 256)]
+    batches = [{"image": x[i : i + 256], "label": y[i : i + 256]} for i in range(0, images, 256)]
     predict_probs(model, batches[:2], device=device)
     sync(device)
     t = time.perf_counter()
@@ -144,9 +161,10 @@ def augment_rate(size: int, images: int) -> dict:
     augment_batch({"image": x[:32], "idx": np.arange(32)}, strengths=SEED_STRENGTHS, seed=0, epoch=0)
     t = time.perf_counter()
     for i in range(0, images, 32):
-        out = augment_batch({"image": x[i:i + 32], "idx": np.arange(i, i + 32)}, strengths=SEED_STRENGTHS,
-                            seed=0, epoch=1)
-        assert out["image"].shape == x[i:i + 32].shape
+        out = augment_batch(
+            {"image": x[i : i + 32], "idx": np.arange(i, i + 32)}, strengths=SEED_STRENGTHS, seed=0, epoch=1
+        )
+        assert out["image"].shape == x[i : i + 32].shape
     wall = time.perf_counter() - t
     return {"size": size, "images": images, "seconds": wall, "images_per_s": images / wall, "threads": 1}
 
@@ -159,16 +177,25 @@ def check(device, quick: bool, tmp: Path) -> dict:
     from xray_ray.config import TrialConfig
     from xray_ray.models import build_model
     from xray_ray.phantoms import render
-    from xray_ray.train import (array_batches, make_loss, make_optimizer, make_scheduler, predict_probs, to_input,
-                                train_one_epoch)
+    from xray_ray.train import (
+        array_batches,
+        make_loss,
+        make_optimizer,
+        make_scheduler,
+        predict_probs,
+        to_input,
+        train_one_epoch,
+    )
 
     cfg = seed_config(128, 32)
     model = build(cfg, device).eval()
     x = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (16, 128, 128), dtype=np.uint8))
 
     def logits(net) -> torch.Tensor:  # as predict_probs runs it: bf16 autocast on CUDA
-        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                                             enabled=device.type == "cuda"):
+        with (
+            torch.no_grad(),
+            torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+        ):
             return net(to_input(x, device)).float().cpu().double()
 
     got = logits(model)
@@ -199,15 +226,26 @@ def check(device, quick: bool, tmp: Path) -> dict:
         rng = np.random.default_rng(4 + seed)
         for _ in range(epochs):
             order = rng.permutation(n_train)
-            train_one_epoch(tiny, array_batches(images[order], labels[order], 32), opt, loss_fn=loss_fn,
-                            device=device, scheduler=sched)
+            train_one_epoch(
+                tiny,
+                array_batches(images[order], labels[order], 32),
+                opt,
+                loss_fn=loss_fn,
+                device=device,
+                scheduler=sched,
+            )
         y, p = predict_probs(tiny, array_batches(images[n_train:], labels[n_train:], 256), device=device)
         aucs.append(float(M.roc_auc(y, p)))
     auc = float(np.median(aucs))
-    return {"logits_rel_error_vs_float64": rel, "logits_tolerance": 1e-2 if device.type == "cuda" else 1e-4,
-            "checkpoint_roundtrip_identical": same, "phantom_epochs": epochs, "phantom_val_auc": auc,
-            "phantom_val_auc_by_seed": aucs,
-            "ok": bool(rel < (1e-2 if device.type == "cuda" else 1e-4) and same and auc > 0.65)}
+    return {
+        "logits_rel_error_vs_float64": rel,
+        "logits_tolerance": 1e-2 if device.type == "cuda" else 1e-4,
+        "checkpoint_roundtrip_identical": same,
+        "phantom_epochs": epochs,
+        "phantom_val_auc": auc,
+        "phantom_val_auc_by_seed": aucs,
+        "ok": bool(rel < (1e-2 if device.type == "cuda" else 1e-4) and same and auc > 0.65),
+    }
 
 
 def worker(args) -> None:
@@ -220,8 +258,19 @@ def worker(args) -> None:
 
 
 def sharing(k: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--sizes", str(args.sizes[0]), "--batch-sizes",
-           str(args.batch_sizes[0]), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--sizes",
+        str(args.sizes[0]),
+        "--batch-sizes",
+        str(args.batch_sizes[0]),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     t = time.perf_counter()
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(k)]
     outs = [p.communicate()[0] for p in procs]
@@ -230,8 +279,14 @@ def sharing(k: int, args) -> dict:
         raise RuntimeError(f"a sharing worker failed: {[p.returncode for p in procs]}")
     rows = [json.loads(o.strip().splitlines()[-1]) for o in outs]
     each = [r["images_per_s"] for r in rows]
-    return {"processes": k, "size": args.sizes[0], "batch_size": args.batch_sizes[0],
-            "per_process_images_per_s": each, "total_images_per_s": float(sum(each)), "wall_seconds": wall}
+    return {
+        "processes": k,
+        "size": args.sizes[0],
+        "batch_size": args.batch_sizes[0],
+        "per_process_images_per_s": each,
+        "total_images_per_s": float(sum(each)),
+        "wall_seconds": wall,
+    }
 
 
 def main() -> None:
@@ -250,7 +305,6 @@ def main() -> None:
     import tempfile
 
     import torch
-
     from common import emit, print_table
 
     if args.quick:
@@ -268,21 +322,38 @@ def main() -> None:
     aug = augment_rate(args.sizes[0], 2048 if not args.quick else 64)
     share = [sharing(k, args) for k in args.sharing]
     base = next(r for r in train if r["size"] == args.sizes[0] and r["batch_size"] == args.batch_sizes[0])
-    result = {"benchmark": "gpu", "quick": args.quick, "machine": machine(), "device": device.type,
-              "check": chk, "train": train, "eval": ev, "eval_speedup": ev["images_per_s"] / base["images_per_s"],
-              "augment": aug, "augment_strengths": SEED_STRENGTHS, "sharing": share,
-              "cores_per_gpu_trial_to_feed": base["images_per_s"] / aug["images_per_s"],
-              "seconds": time.perf_counter() - t0}
-    print(f"\n{device.type}: {result['machine']['gpu'] or result['machine']['cpu']}; check ok: {chk['ok']} "
-          f"(logits rel err {chk['logits_rel_error_vs_float64']:.1e}, phantom AUC {chk['phantom_val_auc']:.3f})")
-    print_table(["size", "batch", "train img/s", "peak GPU MB"],
-                [[r["size"], r["batch_size"], r["images_per_s"], r["peak_gpu_mb"]] for r in train])
-    print_table(["processes", "each img/s", "total img/s"],
-                [[s["processes"], float(np.mean(s["per_process_images_per_s"])), s["total_images_per_s"]]
-                 for s in share])
-    print(f"eval {ev['images_per_s']:.0f} img/s ({result['eval_speedup']:.1f}x training); augment "
-          f"{aug['images_per_s']:.0f} img/s per CPU thread -> {result['cores_per_gpu_trial_to_feed']:.1f} cores "
-          f"feed one trial")
+    result = {
+        "benchmark": "gpu",
+        "quick": args.quick,
+        "machine": machine(),
+        "device": device.type,
+        "check": chk,
+        "train": train,
+        "eval": ev,
+        "eval_speedup": ev["images_per_s"] / base["images_per_s"],
+        "augment": aug,
+        "augment_strengths": SEED_STRENGTHS,
+        "sharing": share,
+        "cores_per_gpu_trial_to_feed": base["images_per_s"] / aug["images_per_s"],
+        "seconds": time.perf_counter() - t0,
+    }
+    print(
+        f"\n{device.type}: {result['machine']['gpu'] or result['machine']['cpu']}; check ok: {chk['ok']} "
+        f"(logits rel err {chk['logits_rel_error_vs_float64']:.1e}, phantom AUC {chk['phantom_val_auc']:.3f})"
+    )
+    print_table(
+        ["size", "batch", "train img/s", "peak GPU MB"],
+        [[r["size"], r["batch_size"], r["images_per_s"], r["peak_gpu_mb"]] for r in train],
+    )
+    print_table(
+        ["processes", "each img/s", "total img/s"],
+        [[s["processes"], float(np.mean(s["per_process_images_per_s"])), s["total_images_per_s"]] for s in share],
+    )
+    print(
+        f"eval {ev['images_per_s']:.0f} img/s ({result['eval_speedup']:.1f}x training); augment "
+        f"{aug['images_per_s']:.0f} img/s per CPU thread -> {result['cores_per_gpu_trial_to_feed']:.1f} cores "
+        f"feed one trial"
+    )
     emit(result, args.out, "gpu")
 
 

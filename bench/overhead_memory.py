@@ -85,9 +85,14 @@ def sample(root: psutil.Process, marker: str, with_pss: bool) -> dict:
         private += mem.rss - mem.shared
         roles[r] += mem.rss
         n += 1
-    return {"t": time.time(), "rss_mb": rss / MB, "private_mb": private / MB,
-            "pss_mb": pss / MB if with_pss else np.nan, "processes": n,
-            **{f"rss_{k}_mb": v / MB for k, v in roles.items()}}
+    return {
+        "t": time.time(),
+        "rss_mb": rss / MB,
+        "private_mb": private / MB,
+        "pss_mb": pss / MB if with_pss else np.nan,
+        "processes": n,
+        **{f"rss_{k}_mb": v / MB for k, v in roles.items()},
+    }
 
 
 def after_each_trial(samples: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
@@ -113,8 +118,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=None, help="override the space's epochs (ASHA's max_t)")
     ap.add_argument("--data", default=default_data("synthetic"), help="default: real images if present")
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between readings")
-    ap.add_argument("--pss-every", type=float, default=10.0,
-                    help="seconds between PSS readings (each costs the sampler CPU time; 0: never)")
+    ap.add_argument(
+        "--pss-every",
+        type=float,
+        default=10.0,
+        help="seconds between PSS readings (each costs the sampler CPU time; 0: never)",
+    )
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the search's local Ray (default: all)")
     ap.add_argument("--export", action="store_true", help="also evaluate and export the winner (off: search only)")
     ap.add_argument("--cache", default=None, help="pixel cache folder (default: the package's)")
@@ -134,8 +143,19 @@ def search_command(args: argparse.Namespace, tmp: Path) -> tuple[list[str], str]
         changes = {k: v for k, v in (("image_size", args.image_size), ("epochs", args.epochs)) if v}
         space = derived_space(args.space, tmp, "bench", {"space": changes})
         label = f"{args.space.name} with " + ", ".join(f"{k} {v}" for k, v in changes.items())
-    cmd = [sys.executable, "-m", "xray_ray.search", "--data", args.data, "--space", str(space),
-           "--results", str(tmp / "results"), "--name", "memory"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "xray_ray.search",
+        "--data",
+        args.data,
+        "--space",
+        str(space),
+        "--results",
+        str(tmp / "results"),
+        "--name",
+        "memory",
+    ]
     for flag, value in (("--num-samples", args.num_samples), ("--num-cpus", args.num_cpus), ("--cache", args.cache)):
         if value is not None:
             cmd += [flag, str(value)]
@@ -166,13 +186,13 @@ def watch(args: argparse.Namespace, cmd: list[str], tmp: Path) -> list[dict]:
     (args.out / "overhead_memory_search.log").write_text(log_text)
     if proc.returncode != 0:
         sys.stderr.write(log_text[-4000:])
-        raise SystemExit(f"the search failed (exit {proc.returncode}); "
-                         f"its log: {args.out}/overhead_memory_search.log")
+        raise SystemExit(f"the search failed (exit {proc.returncode}); its log: {args.out}/overhead_memory_search.log")
     return readings
 
 
-def summarize(args: argparse.Namespace, label: str, samples: pd.DataFrame, after: pd.DataFrame, run: dict,
-              t_start: float) -> dict:
+def summarize(
+    args: argparse.Namespace, label: str, samples: pd.DataFrame, after: pd.DataFrame, run: dict, t_start: float
+) -> dict:
     """The JSON result: peaks, readings after each trial, growth slopes and the search's overhead."""
     peak = samples.loc[samples["rss_mb"].idxmax()]
     # the last trial ends with the search: its reading catches the processes shutting down, not a trend
@@ -181,47 +201,79 @@ def summarize(args: argparse.Namespace, label: str, samples: pd.DataFrame, after
     overhead = run.get("overhead", {})
     pss_peak = samples["pss_mb"].max()
     result = {
-        "benchmark": "overhead_memory", "quick": args.quick, "machine": machine(), "space": label,
-        "data": args.data, "trials": run.get("trials"), "trial_epochs": run.get("trial_epochs"),
-        "concurrency": run.get("concurrency"), "wall_seconds": run.get("wall_seconds"),
-        "interval_s": args.interval, "readings": len(samples),
-        "peak_rss_mb": float(peak["rss_mb"]), "peak_private_mb": float(samples["private_mb"].max()),
-        "peak_pss_mb": None if np.isnan(pss_peak) else float(pss_peak), "pss_every_s": args.pss_every,
+        "benchmark": "overhead_memory",
+        "quick": args.quick,
+        "machine": machine(),
+        "space": label,
+        "data": args.data,
+        "trials": run.get("trials"),
+        "trial_epochs": run.get("trial_epochs"),
+        "concurrency": run.get("concurrency"),
+        "wall_seconds": run.get("wall_seconds"),
+        "interval_s": args.interval,
+        "readings": len(samples),
+        "peak_rss_mb": float(peak["rss_mb"]),
+        "peak_private_mb": float(samples["private_mb"].max()),
+        "peak_pss_mb": None if np.isnan(pss_peak) else float(pss_peak),
+        "pss_every_s": args.pss_every,
         "peak_processes": int(samples["processes"].max()),
         "at_peak_rss_mb": {r: float(peak[f"rss_{r}_mb"]) for r in ("driver", "ray_core", "workers")},
-        "after_trials": [{"trials_done": int(r["trials_done"]), "t_s": round(float(r["t_s"]), 1),
-                          "processes": int(r["processes"]),
-                          **{c: round(float(r[c]), 1) for c in GROWTH}} for r in after.to_dict("records")],
+        "after_trials": [
+            {
+                "trials_done": int(r["trials_done"]),
+                "t_s": round(float(r["t_s"]), 1),
+                "processes": int(r["processes"]),
+                **{c: round(float(r[c]), 1) for c in GROWTH},
+            }
+            for r in after.to_dict("records")
+        ],
         # the long-lived processes (driver, gcs/raylet) are where a leak would show; workers come and go
         **{f"{c[:-3]}_slope_mb_per_trial": slope(k, fit[c].to_numpy()) if len(fit) else None for c in GROWTH},
         "slope_fitted_over_trials": [int(x) for x in k],
-        "overhead": overhead, "share_outside": overhead.get("share_outside"),
+        "overhead": overhead,
+        "share_outside": overhead.get("share_outside"),
         "share_outside_busy": overhead.get("share_outside_busy"),
-        "files": {"samples": str(args.out / "overhead_memory_samples.csv"),
-                  "search_log": str(args.out / "overhead_memory_search.log")},
+        "files": {
+            "samples": str(args.out / "overhead_memory_samples.csv"),
+            "search_log": str(args.out / "overhead_memory_search.log"),
+        },
         "seconds": time.perf_counter() - t_start,
     }
 
     return result
 
 
-def print_result(args: argparse.Namespace, label: str, samples: pd.DataFrame, after: pd.DataFrame,
-                 result: dict) -> None:
+def print_result(
+    args: argparse.Namespace, label: str, samples: pd.DataFrame, after: pd.DataFrame, result: dict
+) -> None:
     peak = samples.loc[samples["rss_mb"].idxmax()]
 
     def row(what: str, trials: int | None, r) -> list:
-        return [what, float(r["t_s"]), trials, float(r["rss_mb"]), float(r["private_mb"]),
-                float(r["rss_driver_mb"]), float(r["rss_ray_core_mb"]), int(r["processes"])]
+        return [
+            what,
+            float(r["t_s"]),
+            trials,
+            float(r["rss_mb"]),
+            float(r["private_mb"]),
+            float(r["rss_driver_mb"]),
+            float(r["rss_ray_core_mb"]),
+            int(r["processes"]),
+        ]
 
-    rows = [row("peak", None, peak)] + [row(f"after trial {int(a['trials_done'])}", int(a["trials_done"]), a)
-                                        for a in after.to_dict("records")]
-    print(f"\n{label}, data {args.data}: {len(samples)} readings every {args.interval}s of the search's own "
-          f"processes (MB; private = RSS less shared pages)")
+    rows = [row("peak", None, peak)] + [
+        row(f"after trial {int(a['trials_done'])}", int(a["trials_done"]), a) for a in after.to_dict("records")
+    ]
+    print(
+        f"\n{label}, data {args.data}: {len(samples)} readings every {args.interval}s of the search's own "
+        f"processes (MB; private = RSS less shared pages)"
+    )
     print_table(["reading", "t_s", "trials", "rss_mb", "private_mb", "driver_mb", "ray_core_mb", "procs"], rows)
     slopes = ", ".join(f"{c[:-3]} {result[f'{c[:-3]}_slope_mb_per_trial'] or 0:+.1f}" for c in GROWTH)
-    print(f"peak PSS {result['peak_pss_mb'] if result['peak_pss_mb'] is None else round(result['peak_pss_mb'])} MB "
-          f"(read every {args.pss_every:g}s); growth per finished trial (MB, least squares): {slopes}; "
-          f"overhead.share_outside = {result['share_outside']}")
+    print(
+        f"peak PSS {result['peak_pss_mb'] if result['peak_pss_mb'] is None else round(result['peak_pss_mb'])} MB "
+        f"(read every {args.pss_every:g}s); growth per finished trial (MB, least squares): {slopes}; "
+        f"overhead.share_outside = {result['share_outside']}"
+    )
     emit(result, args.out, "overhead_memory")
 
 

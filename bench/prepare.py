@@ -52,11 +52,17 @@ def train_rows(data: str):
 
 def cached_in_new_process(data: str, size: int, cache: Path) -> float:
     """Seconds of prepare() from a warm cache in a fresh interpreter (its imports and manifest not counted)."""
-    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); from prepare import train_rows; "
-            "from xray_ray.pipeline import prepare; rows = train_rows(sys.argv[2])[1]; "
-            "p = prepare(rows, int(sys.argv[3]), sys.argv[4]); assert p.cache_hit; print(json.dumps(p.seconds))")
-    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), data, str(size), str(cache)],
-                         capture_output=True, text=True, check=True)
+    code = (
+        "import sys, json; sys.path.insert(0, sys.argv[1]); from prepare import train_rows; "
+        "from xray_ray.pipeline import prepare; rows = train_rows(sys.argv[2])[1]; "
+        "p = prepare(rows, int(sys.argv[3]), sys.argv[4]); assert p.cache_hit; print(json.dumps(p.seconds))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent), data, str(size), str(cache)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -100,14 +106,18 @@ def decode_rounds(args: argparse.Namespace, manifest, rows_df):
             t = time.perf_counter()
             pil()
             times.setdefault("pil_decode_resize", []).append(time.perf_counter() - t)
-            for name, kw in (("prepare_cold_1w", {"workers": 1}), ("prepare_cold_threads", {"processes": False}),
-                             ("prepare_cold", {})):
+            for name, kw in (
+                ("prepare_cold_1w", {"workers": 1}),
+                ("prepare_cold_threads", {"processes": False}),
+                ("prepare_cold", {}),
+            ):
                 p = prepare(rows_df, args.size, Path(cache) / f"{name}-{k}", **kw)
                 assert not p.cache_hit
                 times.setdefault(name, []).append(p.seconds)
                 cold = p if name == "prepare_cold" else cold
             times.setdefault("prepare_cached", []).append(
-                cached_in_new_process(args.data, args.size, Path(cache) / f"prepare_cold-{k}"))
+                cached_in_new_process(args.data, args.size, Path(cache) / f"prepare_cold-{k}")
+            )
         warm = prepare(rows_df, args.size, Path(cache) / "prepare_cold-0")
         assert warm.cache_hit and np.array_equal(warm.splits["train"].images, cold.splits["train"].images)
         decoded_by = cold.stats["decoded_by"]
@@ -125,10 +135,10 @@ def memory_epoch(args: argparse.Namespace, arr) -> tuple[str, int, float]:
     idx = np.random.default_rng(0).permutation(len(arr))
     n = 0
     for i in range(0, len(arr), 256):
-        sel = idx[i:i + 256]
+        sel = idx[i : i + 256]
         b = augment_batch({"image": arr.images[sel], "idx": sel}, strengths=STRENGTHS, seed=0, epoch=1)
         for j in range(0, len(sel), args.batch_size):
-            n += len(torch.from_numpy(b["image"][j:j + args.batch_size]))
+            n += len(torch.from_numpy(b["image"][j : j + args.batch_size]))
     return ("memory_epoch", n, time.perf_counter() - t)
 
 
@@ -143,44 +153,74 @@ def ray_data_epoch(args: argparse.Namespace, arr, cores: int) -> tuple[str, int,
     ds = train_dataset(arr)
     for epoch in (0, 1):  # epoch 0 warms the workers up; epoch 1 is measured
         t = time.perf_counter()
-        n = sum(len(b["label"]) for b in epoch_batches(ds, strengths=STRENGTHS, seed=0, epoch=epoch,
-                                                      batch_size=args.batch_size))
+        n = sum(
+            len(b["label"])
+            for b in epoch_batches(ds, strengths=STRENGTHS, seed=0, epoch=epoch, batch_size=args.batch_size)
+        )
     row = ("ray_data_epoch", n, time.perf_counter() - t)
     ray.shutdown()
     return row
 
 
-def report(args: argparse.Namespace, rows: list, times: dict[str, list[float]], n_files: int, cores: int,
-           decoded_by) -> None:
+def report(
+    args: argparse.Namespace, rows: list, times: dict[str, list[float]], n_files: int, cores: int, decoded_by
+) -> None:
     """Rates against their baselines, the targets, the table, and prepare.json."""
     by = {name: (k, sec) for name, k, sec in rows}
-    base = {"discovery_scan": "pil_decode_resize", "pil_decode_resize": "pil_decode_resize",
-            "prepare_cold_1w": "pil_decode_resize", "prepare_cold_threads": "pil_decode_resize",
-            "prepare_cold": "pil_decode_resize", "prepare_cached": "prepare_cold",
-            "memory_epoch": "memory_epoch", "ray_data_epoch": "memory_epoch"}
+    base = {
+        "discovery_scan": "pil_decode_resize",
+        "pil_decode_resize": "pil_decode_resize",
+        "prepare_cold_1w": "pil_decode_resize",
+        "prepare_cold_threads": "pil_decode_resize",
+        "prepare_cold": "pil_decode_resize",
+        "prepare_cached": "prepare_cold",
+        "memory_epoch": "memory_epoch",
+        "ray_data_epoch": "memory_epoch",
+    }
     rate = {name: k / sec for name, (k, sec) in by.items()}
-    result = {"benchmark": "prepare", "quick": args.quick, "machine": machine(), "data": args.data,
-              "size": args.size, "images": n_files}
+    result = {
+        "benchmark": "prepare",
+        "quick": args.quick,
+        "machine": machine(),
+        "data": args.data,
+        "size": args.size,
+        "images": n_files,
+    }
     table = []
     for name, (k, sec) in by.items():
         ratio = rate[name] / rate[base[name]]
         table.append([name, k, sec, rate[name], ratio, base[name]])
-        result[name] = {"images": k, "seconds": round(sec, 6), "images_per_s": round(rate[name], 1),
-                        "ratio": round(ratio, 3), **({"rounds": [round(x, 6) for x in times[name]]}
-                                                    if name in times else {})}
+        result[name] = {
+            "images": k,
+            "seconds": round(sec, 6),
+            "images_per_s": round(rate[name], 1),
+            "ratio": round(ratio, 3),
+            **({"rounds": [round(x, 6) for x in times[name]]} if name in times else {}),
+        }
     per_core = rate["prepare_cold"] / cores / rate["pil_decode_resize"]
     cached_share = by["prepare_cached"][1] / by["prepare_cold"][1]
-    result.update({"cores": cores, "per_core_ratio": round(per_core, 4), "cached_share": round(cached_share, 6),
-                   "rounds": args.rounds, "decoded_by": decoded_by,
-                   "thread_speedup": round(rate["prepare_cold_threads"] / rate["prepare_cold_1w"], 3),
-                   "process_speedup": round(rate["prepare_cold"] / rate["prepare_cold_1w"], 3),
-                   "targets": {"per_core_ratio": TARGET_PER_CORE, "cached_share": TARGET_CACHED},
-                   "meets_targets": bool(per_core >= TARGET_PER_CORE and cached_share < TARGET_CACHED)})
-    print(f"\n{args.data} at {args.size} px, {n_files} train images, {cores} cores, median of {args.rounds} "
-          f"rounds; prepare_cold decoded by {decoded_by}")
+    result.update(
+        {
+            "cores": cores,
+            "per_core_ratio": round(per_core, 4),
+            "cached_share": round(cached_share, 6),
+            "rounds": args.rounds,
+            "decoded_by": decoded_by,
+            "thread_speedup": round(rate["prepare_cold_threads"] / rate["prepare_cold_1w"], 3),
+            "process_speedup": round(rate["prepare_cold"] / rate["prepare_cold_1w"], 3),
+            "targets": {"per_core_ratio": TARGET_PER_CORE, "cached_share": TARGET_CACHED},
+            "meets_targets": bool(per_core >= TARGET_PER_CORE and cached_share < TARGET_CACHED),
+        }
+    )
+    print(
+        f"\n{args.data} at {args.size} px, {n_files} train images, {cores} cores, median of {args.rounds} "
+        f"rounds; prepare_cold decoded by {decoded_by}"
+    )
     print_table(["stage", "images", "seconds", "images/s", "ratio", "vs"], table)
-    print(f"prepare per core: {per_core:.2f}x plain PIL (target >= {TARGET_PER_CORE}); cached run: "
-          f"{cached_share:.1%} of the cold one (target < {TARGET_CACHED:.0%})")
+    print(
+        f"prepare per core: {per_core:.2f}x plain PIL (target >= {TARGET_PER_CORE}); cached run: "
+        f"{cached_share:.1%} of the cold one (target < {TARGET_CACHED:.0%})"
+    )
     emit(result, args.out, "prepare")
 
 

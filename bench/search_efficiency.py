@@ -35,13 +35,16 @@ SEARCHES = {"asha_optuna": ("optuna", "asha"), "fifo_random": ("random", "fifo")
 def curve(epochs: pd.DataFrame, metric: str = "val_auc") -> pd.DataFrame:
     """Epoch rows in report order with cumulative trial-epochs and the best-so-far metric."""
     order = epochs.sort_values(["ended_at", "trial_id", "epoch"], kind="stable").reset_index(drop=True)
-    return pd.DataFrame({
-        "trial_epochs": np.arange(1, len(order) + 1),
-        "ended_at": order["ended_at"].astype(float),
-        "trial_id": order["trial_id"], "epoch": order["epoch"].astype(int),
-        metric: order[metric].astype(float),
-        "best_so_far": order[metric].astype(float).cummax().ffill(),  # NaN (one-class val): keep the best so far
-    })
+    return pd.DataFrame(
+        {
+            "trial_epochs": np.arange(1, len(order) + 1),
+            "ended_at": order["ended_at"].astype(float),
+            "trial_id": order["trial_id"],
+            "epoch": order["epoch"].astype(int),
+            metric: order[metric].astype(float),
+            "best_so_far": order[metric].astype(float).cummax().ffill(),  # NaN (one-class val): keep the best so far
+        }
+    )
 
 
 def epochs_to_reach(c: pd.DataFrame, level: float, tolerance: float = 0.0) -> int | None:
@@ -53,10 +56,23 @@ def epochs_to_reach(c: pd.DataFrame, level: float, tolerance: float = 0.0) -> in
 def run_search(label: str, space: Path, args: argparse.Namespace, results: Path) -> dict:
     from xray_ray.search import main as search_main
 
-    argv = ["--data", args.data, "--space", str(space), "--results", str(results), "--seed", str(args.seed),
-            "--no-export"]
-    for flag, value in (("--num-samples", args.num_samples), ("--max-concurrent", args.max_concurrent),
-                        ("--num-cpus", args.num_cpus), ("--cache", args.cache)):
+    argv = [
+        "--data",
+        args.data,
+        "--space",
+        str(space),
+        "--results",
+        str(results),
+        "--seed",
+        str(args.seed),
+        "--no-export",
+    ]
+    for flag, value in (
+        ("--num-samples", args.num_samples),
+        ("--max-concurrent", args.max_concurrent),
+        ("--num-cpus", args.num_cpus),
+        ("--cache", args.cache),
+    ):
         if value is not None:
             argv += [flag, str(value)]
     t0 = time.perf_counter()
@@ -67,8 +83,14 @@ def run_search(label: str, space: Path, args: argparse.Namespace, results: Path)
     run = json.loads((run_dir / "run.json").read_text())
     epochs = pd.read_parquet(run_dir / "epochs.parquet")
     trials = pd.read_parquet(run_dir / "trials.parquet")
-    return {"label": label, "seconds": time.perf_counter() - t0, "run": run, "epochs": epochs, "trials": trials,
-            "curve": curve(epochs)}
+    return {
+        "label": label,
+        "seconds": time.perf_counter() - t0,
+        "run": run,
+        "epochs": epochs,
+        "trials": trials,
+        "curve": curve(epochs),
+    }
 
 
 def save_plot(curves: dict[str, pd.DataFrame], level: float, path: Path) -> None:
@@ -118,9 +140,12 @@ def run_both(args: argparse.Namespace, overrides: dict) -> dict[str, dict]:
         results = args.results or Path(tmp) / "results"
         runs = {}
         for label, (searcher, scheduler) in SEARCHES.items():
-            space = derived_space(args.space, Path(tmp), label, {"searcher": {"algorithm": searcher},
-                                                                 "scheduler": {"algorithm": scheduler},
-                                                                 "space": overrides})
+            space = derived_space(
+                args.space,
+                Path(tmp),
+                label,
+                {"searcher": {"algorithm": searcher}, "scheduler": {"algorithm": scheduler}, "space": overrides},
+            )
             runs[label] = run_search(label, space, args, results)
     return runs
 
@@ -128,22 +153,45 @@ def run_both(args: argparse.Namespace, overrides: dict) -> dict[str, dict]:
 def summarize(args: argparse.Namespace, runs: dict[str, dict], level: float, rand_total: int):
     """The result's per-search facts, and the table's rows."""
     asha = runs["asha_optuna"]
-    rows, result = [], {"benchmark": "search_efficiency", "quick": args.quick, "machine": machine(),
-                        "space": str(args.space), "data": args.data, "seed": args.seed,
-                        "num_samples": int(len(asha["trials"])), "target_share": TARGET, "tolerance": args.tolerance,
-                        "searches": {}}
+    rows, result = (
+        [],
+        {
+            "benchmark": "search_efficiency",
+            "quick": args.quick,
+            "machine": machine(),
+            "space": str(args.space),
+            "data": args.data,
+            "seed": args.seed,
+            "num_samples": int(len(asha["trials"])),
+            "target_share": TARGET,
+            "tolerance": args.tolerance,
+            "searches": {},
+        },
+    )
     for label, r in runs.items():
         c = r["curve"]
         planned = int(r["trials"]["epochs"].sum())
-        info = {"trial_epochs": int(len(r["epochs"])), "planned_trial_epochs": planned,
-                "budget_share": len(r["epochs"]) / planned if planned else None,
-                "best_val_auc": float(c["best_so_far"].max()), "wall_seconds": r["run"].get("wall_seconds"),
-                "concurrency": r["run"].get("concurrency"),
-                "overhead_share": r["run"].get("overhead", {}).get("share_outside"),
-                "trials": r["run"].get("trials")}
+        info = {
+            "trial_epochs": int(len(r["epochs"])),
+            "planned_trial_epochs": planned,
+            "budget_share": len(r["epochs"]) / planned if planned else None,
+            "best_val_auc": float(c["best_so_far"].max()),
+            "wall_seconds": r["run"].get("wall_seconds"),
+            "concurrency": r["run"].get("concurrency"),
+            "overhead_share": r["run"].get("overhead", {}).get("share_outside"),
+            "trials": r["run"].get("trials"),
+        }
         result["searches"][label] = info
-        rows.append([label, info["trial_epochs"], planned, info["best_val_auc"], info["wall_seconds"],
-                     info["trial_epochs"] / rand_total])
+        rows.append(
+            [
+                label,
+                info["trial_epochs"],
+                planned,
+                info["best_val_auc"],
+                info["wall_seconds"],
+                info["trial_epochs"] / rand_total,
+            ]
+        )
     return rows, result
 
 
@@ -164,17 +212,27 @@ def main() -> None:
     save_plot({k: r["curve"] for k, r in runs.items()}, level, args.out / "search_efficiency.png")
 
     rows, result = summarize(args, runs, level, rand_total)
-    result.update({"random_best_val_auc": level, "asha_trial_epochs_to_reach_random_best": need,
-                   "random_total_trial_epochs": rand_total, "share_of_random": share,
-                   "meets_target": share is not None and share <= TARGET,
-                   "files": {k: str(args.out / f"search_efficiency.{k}") for k in ("csv", "png", "json")},
-                   "seconds": time.perf_counter() - t_start})
-    print(f"\n{result['num_samples']} trials each on {args.space.name}, data {args.data}, seed {args.seed}; "
-          f"epochs ordered by ended_at")
+    result.update(
+        {
+            "random_best_val_auc": level,
+            "asha_trial_epochs_to_reach_random_best": need,
+            "random_total_trial_epochs": rand_total,
+            "share_of_random": share,
+            "meets_target": share is not None and share <= TARGET,
+            "files": {k: str(args.out / f"search_efficiency.{k}") for k in ("csv", "png", "json")},
+            "seconds": time.perf_counter() - t_start,
+        }
+    )
+    print(
+        f"\n{result['num_samples']} trials each on {args.space.name}, data {args.data}, seed {args.seed}; "
+        f"epochs ordered by ended_at"
+    )
     print_table(["search", "trial_epochs", "planned", "best_val_auc", "wall_s", "epochs/random"], rows)
-    print(f"asha_optuna reached fifo_random's best val AUC {level:.4f} after "
-          f"{need if need is not None else 'never (not reached)'} trial-epochs"
-          + (f" = {share:.2f} of random's {rand_total} (target <= {TARGET:.2f})" if share is not None else ""))
+    print(
+        f"asha_optuna reached fifo_random's best val AUC {level:.4f} after "
+        f"{need if need is not None else 'never (not reached)'} trial-epochs"
+        + (f" = {share:.2f} of random's {rand_total} (target <= {TARGET:.2f})" if share is not None else "")
+    )
     emit(result, args.out, "search_efficiency")
 
 

@@ -43,8 +43,9 @@ def trial_config(preset: str, size: int, epochs: int, batch_size: int):
     from xray_ray.models import PRESETS
 
     model = {k: v for k, v in PRESETS[preset].to_dict().items() if k in TrialConfig.field_names()}
-    return TrialConfig.from_dict({**model, "image_size": size, "epochs": epochs, "batch_size": batch_size,
-                                  **STRENGTHS, "seed": 0})
+    return TrialConfig.from_dict(
+        {**model, "image_size": size, "epochs": epochs, "batch_size": batch_size, **STRENGTHS, "seed": 0}
+    )
 
 
 def memory_loop(cfg, train, val, pos_fraction: float) -> list[dict]:
@@ -69,7 +70,7 @@ def memory_loop(cfg, train, val, pos_fraction: float) -> list[dict]:
     def batches(epoch: int):
         order = np.random.default_rng(seed + epoch).permutation(len(train))
         for i in range(0, len(order), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
+            idx = order[i : i + cfg.batch_size]
             b = augment_batch({"image": train.images[idx], "idx": idx}, strengths=strengths, seed=seed, epoch=epoch)
             yield {"image": torch.from_numpy(b["image"]), "label": torch.from_numpy(train.labels[idx])}
 
@@ -78,13 +79,20 @@ def memory_loop(cfg, train, val, pos_fraction: float) -> list[dict]:
         t0 = time.perf_counter()
         stats = train_one_epoch(model, batches(epoch), optimizer, loss_fn=loss_fn, scheduler=scheduler)
         predict_probs(model, array_batches(val.images, val.labels, rows_for(val.size)), device="cpu")
-        rows.append({"epoch": epoch, "images": stats["images"], "images_per_s": stats["images_per_s"],
-                     "seconds": time.perf_counter() - t0})
+        rows.append(
+            {
+                "epoch": epoch,
+                "images": stats["images"],
+                "images_per_s": stats["images_per_s"],
+                "seconds": time.perf_counter() - t0,
+            }
+        )
     return rows
 
 
-def tune_trials(cfgs: dict, prepared: dict, pos_fraction: float, num_cpus: int | None, storage: str,
-                prefetch: bool = True) -> dict:
+def tune_trials(
+    cfgs: dict, prepared: dict, pos_fraction: float, num_cpus: int | None, storage: str, prefetch: bool = True
+) -> dict:
     """(b) One real Tune trial per size, one at a time, through trial.trainable; per-epoch rows by size."""
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # as search.run
     import ray
@@ -98,20 +106,37 @@ def tune_trials(cfgs: dict, prepared: dict, pos_fraction: float, num_cpus: int |
     init_ray(RayOptions(address=None, num_cpus=num_cpus))
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        data = {s: {"train": train_dataset(p.splits["train"]), "val": p.splits["val"],
-                    "n_train": len(p.splits["train"])} for s, p in prepared.items()}
+        data = {
+            s: {"train": train_dataset(p.splits["train"]), "val": p.splits["val"], "n_train": len(p.splits["train"])}
+            for s, p in prepared.items()
+        }
         slot = data_slot()  # as search.run
-        runtime = Runtime(cpus_per_trial=1.0, gpus_per_trial=0.0, data_cpus=0.0, data_tasks=1,
-                          metric="val_auc", mode="max", pos_fraction=pos_fraction, prefetch=prefetch,
-                          data_slot=slot)
+        runtime = Runtime(
+            cpus_per_trial=1.0,
+            gpus_per_trial=0.0,
+            data_cpus=0.0,
+            data_tasks=1,
+            metric="val_auc",
+            mode="max",
+            pos_fraction=pos_fraction,
+            prefetch=prefetch,
+            data_slot=slot,
+        )
         fn = trial_trainable(data, runtime, {"cpu": 1, "gpu": 0})
         base = next(iter(cfgs.values())).to_dict()
         space = {k: encode_value(v) for k, v in base.items()}
         space["image_size"] = tune.grid_search(sorted(cfgs))
-        tuner = tune.Tuner(fn, param_space=space,
-                           tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=1),
-                           run_config=tune.RunConfig(name="throughput", storage_path=storage, verbose=0,
-                                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        tuner = tune.Tuner(
+            fn,
+            param_space=space,
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=1),
+            run_config=tune.RunConfig(
+                name="throughput",
+                storage_path=storage,
+                verbose=0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            ),
+        )
         out = {}
         for res in tuner.fit():
             if res.error is not None:
@@ -128,15 +153,20 @@ def steady(rows: list[dict], warmup: int) -> dict:
     kept = [r for r in rows if r["epoch"] > warmup] or rows[-1:]
     images = sum(int(r["images"]) for r in kept)
     train_s = sum(r["images"] / r["images_per_s"] for r in kept)
-    return {"epochs": [int(r["epoch"]) for r in kept], "images": images, "images_per_s": images / train_s,
-            "epoch_seconds": float(np.mean([r["seconds"] for r in kept])),
-            "all_epochs_images_per_s": [round(float(r["images_per_s"]), 1) for r in rows]}
+    return {
+        "epochs": [int(r["epoch"]) for r in kept],
+        "images": images,
+        "images_per_s": images / train_s,
+        "epoch_seconds": float(np.mean([r["seconds"] for r in kept])),
+        "all_epochs_images_per_s": [round(float(r["images_per_s"]), 1) for r in rows],
+    }
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=default_data(),
-                    help="folder, .npz or synthetic:N (default: the real images if present)")
+    ap.add_argument(
+        "--data", default=default_data(), help="folder, .npz or synthetic:N (default: the real images if present)"
+    )
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--preset", default="seed", help="model preset (xray_ray.models.PRESETS)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -145,8 +175,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     ap.add_argument("--cache", default=None, help="pixel cache folder (default: the package's)")
     ap.add_argument("--out", type=Path, default=OUT, help="folder for trial_throughput.json")
-    ap.add_argument("--compare-prefetch", action="store_true",
-                    help="also run the Tune trial without starting each next epoch's stream early (row c)")
+    ap.add_argument(
+        "--compare-prefetch",
+        action="store_true",
+        help="also run the Tune trial without starting each next epoch's stream early (row c)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny model, 120 synthetic images, 2 epochs (CI)")
     args = ap.parse_args()
     if args.quick:
@@ -169,17 +202,30 @@ def prepared_data(args: argparse.Namespace) -> dict:
     if args.limit:
         for p in prepared.values():
             tr = p.splits["train"]
-            p.splits["train"] = type(tr)(tr.images[:args.limit], tr.labels[:args.limit], tr.uids[:args.limit],
-                                         tr.patients[:args.limit])
+            p.splits["train"] = type(tr)(
+                tr.images[: args.limit], tr.labels[: args.limit], tr.uids[: args.limit], tr.patients[: args.limit]
+            )
     return prepared
 
 
 def compare(args: argparse.Namespace, prepared: dict, memory: dict, tuned: dict, plain: dict | None):
     """The result per size (steady-state rates of (a), (b) and (c) and their ratios), and the table's rows."""
-    result = {"benchmark": "trial_throughput", "quick": args.quick, "machine": machine(), "data": args.data,
-              "preset": args.preset, "batch_size": args.batch_size, "torch_threads": 1, "cpus_per_trial": 1,
-              "augmentation": STRENGTHS, "epochs": args.epochs, "warmup_epochs_skipped": 1,
-              "train_images": len(next(iter(prepared.values())).splits["train"]), "target_ratio": TARGET, "sizes": {}}
+    result = {
+        "benchmark": "trial_throughput",
+        "quick": args.quick,
+        "machine": machine(),
+        "data": args.data,
+        "preset": args.preset,
+        "batch_size": args.batch_size,
+        "torch_threads": 1,
+        "cpus_per_trial": 1,
+        "augmentation": STRENGTHS,
+        "epochs": args.epochs,
+        "warmup_epochs_skipped": 1,
+        "train_images": len(next(iter(prepared.values())).splits["train"]),
+        "target_ratio": TARGET,
+        "sizes": {},
+    }
     rows = []
     for s in args.sizes:
         a, b = steady(memory[s], 1), steady(tuned[s], 1)
@@ -189,10 +235,18 @@ def compare(args: argparse.Namespace, prepared: dict, memory: dict, tuned: dict,
         rows.append([f"{s}px tune_trial (b)", b["images"], b["images_per_s"], b["epoch_seconds"], ratio])
         if plain is not None:
             c = steady(plain[s], 1)
-            result["sizes"][str(s)].update({"tune_trial_no_prefetch": c,
-                                            "prefetch_epoch_seconds_ratio": b["epoch_seconds"] / c["epoch_seconds"]})
-            rows.append([f"{s}px tune_trial, no prefetch (c)", c["images"], c["images_per_s"], c["epoch_seconds"],
-                         c["images_per_s"] / a["images_per_s"]])
+            result["sizes"][str(s)].update(
+                {"tune_trial_no_prefetch": c, "prefetch_epoch_seconds_ratio": b["epoch_seconds"] / c["epoch_seconds"]}
+            )
+            rows.append(
+                [
+                    f"{s}px tune_trial, no prefetch (c)",
+                    c["images"],
+                    c["images_per_s"],
+                    c["epoch_seconds"],
+                    c["images_per_s"] / a["images_per_s"],
+                ]
+            )
     return result, rows
 
 
@@ -212,8 +266,10 @@ def main() -> None:
             plain = tune_trials(cfgs, prepared, pos_fraction, args.num_cpus, storage, prefetch=False)
     result, rows = compare(args, prepared, memory, tuned, plain)
     result["seconds"] = time.perf_counter() - t_start
-    print(f"steady state: epochs 2..{args.epochs} of {args.epochs} (epoch 1 is a warm-up, left out); "
-          f"{args.preset} model, batch {args.batch_size}, 1 torch thread, {result['train_images']} train images")
+    print(
+        f"steady state: epochs 2..{args.epochs} of {args.epochs} (epoch 1 is a warm-up, left out); "
+        f"{args.preset} model, batch {args.batch_size}, 1 torch thread, {result['train_images']} train images"
+    )
     print_table(["run", "images", "images/s", "epoch_s", "b/a"], rows)
     emit(result, args.out, "trial_throughput")
 

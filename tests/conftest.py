@@ -16,28 +16,44 @@ from PIL import Image
 from xray_ray.images import resize_gray
 from xray_ray.phantoms import render
 
-REAL_DATA = Path(os.environ.get("XRAY_RAY_REAL_DATA")
-                 or Path(__file__).resolve().parents[2] / "shared/data/chest_xray")
+REAL_DATA = Path(os.environ.get("XRAY_RAY_REAL_DATA") or Path(__file__).resolve().parents[2] / "shared/data/chest_xray")
 
 # (split, class) -> file names; patients never cross splits, some own two images
 KAGGLE_FILES = {
-    ("train", "NORMAL"): ["IM-0001-0001.jpeg", "IM-0001-0002.jpeg", "IM-0002-0001.jpeg", "IM-0003-0001.jpeg",
-                          "IM-0004-0001.jpeg", "NORMAL2-IM-0001-0001.jpeg", "NORMAL2-IM-0002-0001.jpeg",
-                          "NORMAL2-IM-0002-0002.jpeg"],
-    ("train", "PNEUMONIA"): ["person1_bacteria_1.jpeg", "person1_bacteria_2.jpeg", "person2_virus_3.jpeg",
-                             "person3_bacteria_4.jpeg", "person4_virus_5.jpeg", "person5_bacteria_6.jpeg",
-                             "person5_bacteria_7.jpeg", "person6_virus_8.jpeg", "person7_bacteria_9.jpeg",
-                             "person8_bacteria_10.jpeg", "person9_virus_11.jpeg", "person10_bacteria_12.jpeg"],
+    ("train", "NORMAL"): [
+        "IM-0001-0001.jpeg",
+        "IM-0001-0002.jpeg",
+        "IM-0002-0001.jpeg",
+        "IM-0003-0001.jpeg",
+        "IM-0004-0001.jpeg",
+        "NORMAL2-IM-0001-0001.jpeg",
+        "NORMAL2-IM-0002-0001.jpeg",
+        "NORMAL2-IM-0002-0002.jpeg",
+    ],
+    ("train", "PNEUMONIA"): [
+        "person1_bacteria_1.jpeg",
+        "person1_bacteria_2.jpeg",
+        "person2_virus_3.jpeg",
+        "person3_bacteria_4.jpeg",
+        "person4_virus_5.jpeg",
+        "person5_bacteria_6.jpeg",
+        "person5_bacteria_7.jpeg",
+        "person6_virus_8.jpeg",
+        "person7_bacteria_9.jpeg",
+        "person8_bacteria_10.jpeg",
+        "person9_virus_11.jpeg",
+        "person10_bacteria_12.jpeg",
+    ],
     ("val", "NORMAL"): ["NORMAL2-IM-0100-0001.jpeg", "NORMAL2-IM-0101-0001.jpeg"],
     ("val", "PNEUMONIA"): ["person100_bacteria_100.jpeg", "person101_virus_101.jpeg"],
     ("test", "NORMAL"): ["IM-0200-0001.jpeg", "IM-0201-0001.jpeg", "IM-0202-0001.jpeg"],
-    ("test", "PNEUMONIA"): ["person200_bacteria_200.jpeg", "person201_bacteria_201.jpeg",
-                            "person202_virus_202.jpeg"],
+    ("test", "PNEUMONIA"): ["person200_bacteria_200.jpeg", "person201_bacteria_201.jpeg", "person202_virus_202.jpeg"],
 }
 
 
-def write_kaggle_tree(root: Path, files: dict[tuple[str, str], list[str]] = KAGGLE_FILES, *, size: int = 48,
-                      seed: int = 0) -> Path:
+def write_kaggle_tree(
+    root: Path, files: dict[tuple[str, str], list[str]] = KAGGLE_FILES, *, size: int = 48, seed: int = 0
+) -> Path:
     """Write phantom JPEGs as <root>/<split>/<CLASS>/<name>; every file has distinct pixels."""
     i = 0
     for (split, cls), names in files.items():
@@ -52,11 +68,12 @@ def write_kaggle_tree(root: Path, files: dict[tuple[str, str], list[str]] = KAGG
 
 def png_with_size(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height (a decompression bomb without building the pixels)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def kaggle_file_count(files: dict[tuple[str, str], list[str]] = KAGGLE_FILES) -> int:
@@ -75,16 +92,18 @@ def make_kaggle_tree():
     return write_kaggle_tree
 
 
-def write_npz(path: Path, *, size: int = 28, counts: dict[str, int] | None = None, flat_labels: bool = False,
-              seed: int = 0) -> Path:
+def write_npz(
+    path: Path, *, size: int = 28, counts: dict[str, int] | None = None, flat_labels: bool = False, seed: int = 0
+) -> Path:
     """A PneumoniaMNIST-style archive of phantoms; labels [N, 1] like the real one unless flat_labels."""
     counts = counts or {"train": 40, "val": 12, "test": 12}
     rng = np.random.default_rng(seed)
     arrays, i = {}, 0
     for split, n in counts.items():
         labels = rng.permutation(np.arange(n) % 4 != 0).astype(np.uint8)  # 75% PNEUMONIA, both classes
-        arrays[f"{split}_images"] = np.stack([resize_gray(render(seed, i + k, int(y)), size)
-                                              for k, y in enumerate(labels)])
+        arrays[f"{split}_images"] = np.stack(
+            [resize_gray(render(seed, i + k, int(y)), size) for k, y in enumerate(labels)]
+        )
         arrays[f"{split}_labels"] = labels if flat_labels else labels[:, None]
         i += n
     np.savez_compressed(path, **arrays)
@@ -117,6 +136,7 @@ def run_module(module: str, *args: str, code: str | None = None) -> subprocess.C
 
 # ---------------------------------------------------------------- exported models, good and bad
 
+
 def export_tiny_model(out: Path, size: int = 32) -> Path:
     """A tiny untrained CNN exported by winner.finalize into `out` (plumbing tests, not accuracy)."""
     import pandas as pd
@@ -128,10 +148,15 @@ def export_tiny_model(out: Path, size: int = 32) -> Path:
 
     torch.manual_seed(0)
     labels = np.array([0, 1] * 8, np.int64)
-    val = SplitArrays(np.stack([render(1, i, int(y), size=size) for i, y in enumerate(labels)]), labels,
-                      [f"v{i}" for i in range(16)], [f"p{i}" for i in range(16)])
-    finalize(out, build_model("tiny", image_size=size), {"val": val}, {"seed": 0}, pd.DataFrame(), pd.DataFrame(),
-             n_boot=20)
+    val = SplitArrays(
+        np.stack([render(1, i, int(y), size=size) for i, y in enumerate(labels)]),
+        labels,
+        [f"v{i}" for i in range(16)],
+        [f"p{i}" for i in range(16)],
+    )
+    finalize(
+        out, build_model("tiny", image_size=size), {"val": val}, {"seed": 0}, pd.DataFrame(), pd.DataFrame(), n_boot=20
+    )
     return out
 
 
@@ -160,23 +185,30 @@ def onnx_graph(*, input_type: str = "float", size: int = 32, output_shape: str =
     from onnx import TensorProto, helper
 
     dtype = {"float": TensorProto.FLOAT, "double": TensorProto.DOUBLE}[input_type]
-    nodes = [helper.make_node("ReduceMean", ["image"], ["m"], axes=[1, 2, 3], keepdims=0),
-             helper.make_node("Cast", ["m"], ["p"], to=TensorProto.FLOAT)]
+    nodes = [
+        helper.make_node("ReduceMean", ["image"], ["m"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Cast", ["m"], ["p"], to=TensorProto.FLOAT),
+    ]
     if output_shape == "N":
         nodes.append(helper.make_node("Identity", ["p"], ["prob_pneumonia"]))
         out_shape: list = ["N"]
     else:
-        nodes += [helper.make_node("Unsqueeze", ["p", "one"], ["p1"]),
-                  helper.make_node("Concat", ["p1", "p1"], ["prob_pneumonia"], axis=1)]
+        nodes += [
+            helper.make_node("Unsqueeze", ["p", "one"], ["p1"]),
+            helper.make_node("Concat", ["p1", "p1"], ["prob_pneumonia"], axis=1),
+        ]
         out_shape = ["N", 2]
     outs = [helper.make_tensor_value_info("prob_pneumonia", TensorProto.FLOAT, out_shape)]
     if outputs == 2:
         nodes.append(helper.make_node("Identity", ["p"], ["extra"]))
         outs.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, ["N"]))
-    graph = helper.make_graph(nodes, "contract_test",
-                              [helper.make_tensor_value_info("image", dtype, ["N", 1, size, size])], outs,
-                              initializer=[] if output_shape == "N" else
-                              [helper.make_tensor("one", TensorProto.INT64, [1], [1])])
+    graph = helper.make_graph(
+        nodes,
+        "contract_test",
+        [helper.make_tensor_value_info("image", dtype, ["N", 1, size, size])],
+        outs,
+        initializer=[] if output_shape == "N" else [helper.make_tensor("one", TensorProto.INT64, [1], [1])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
@@ -211,11 +243,16 @@ def run_measured(*args: str, timeout: float = 120) -> tuple[subprocess.Completed
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, *args]
-    with tempfile.TemporaryDirectory() as scratch, tempfile.TemporaryFile() as out, \
-            tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryDirectory() as scratch, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         report = Path(scratch) / "rusage"
-        proc = subprocess.Popen([sys.executable, "-c", _MEASURE, str(report), *cmd], stdout=out, stderr=err,
-                                cwd=ROOT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _MEASURE, str(report), *cmd],
+            stdout=out,
+            stderr=err,
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+        )
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -224,7 +261,8 @@ def run_measured(*args: str, timeout: float = 120) -> tuple[subprocess.Completed
         rc, maxrss = map(int, report.read_text().split()) if report.exists() else (-9, 0)
         out.seek(0)
         err.seek(0)
-        done = subprocess.CompletedProcess(cmd, rc, out.read().decode("utf-8", "replace"),
-                                           err.read().decode("utf-8", "replace"))
+        done = subprocess.CompletedProcess(
+            cmd, rc, out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")
+        )
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, kB on Linux
     return done, maxrss * scale

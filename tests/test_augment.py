@@ -5,14 +5,28 @@ import pytest
 
 from xray_ray.augment import STRENGTHS, augment_batch, uniform_draws
 
-ALL = {"zoom": 0.3, "rotate": 10.0, "shift": 0.1, "hflip": 0.5, "vflip": 0.5, "brightness": 0.2,
-       "contrast": 0.2, "gamma": 0.2, "blur": 1.0, "crop": 0.5, "erase": 0.5}
+ALL = {
+    "zoom": 0.3,
+    "rotate": 10.0,
+    "shift": 0.1,
+    "hflip": 0.5,
+    "vflip": 0.5,
+    "brightness": 0.2,
+    "contrast": 0.2,
+    "gamma": 0.2,
+    "blur": 1.0,
+    "crop": 0.5,
+    "erase": 0.5,
+}
 
 
 def _batch(n=16, s=32, seed=0):
     rng = np.random.default_rng(seed)
-    return {"image": rng.integers(0, 256, (n, s, s), dtype=np.uint8), "idx": np.arange(n, dtype=np.int64) + 100,
-            "label": rng.integers(0, 2, n)}
+    return {
+        "image": rng.integers(0, 256, (n, s, s), dtype=np.uint8),
+        "idx": np.arange(n, dtype=np.int64) + 100,
+        "label": rng.integers(0, 2, n),
+    }
 
 
 def test_same_seed_and_epoch_give_the_same_batch():
@@ -28,8 +42,10 @@ def test_same_seed_and_epoch_give_the_same_batch():
 def test_result_does_not_depend_on_how_the_data_is_batched():
     b = _batch(n=20)
     whole = augment_batch(b, strengths=ALL, seed=1, epoch=1)["image"]
-    parts = [augment_batch({k: v[i:i + 7] for k, v in b.items()}, strengths=ALL, seed=1, epoch=1)["image"]
-             for i in range(0, 20, 7)]
+    parts = [
+        augment_batch({k: v[i : i + 7] for k, v in b.items()}, strengths=ALL, seed=1, epoch=1)["image"]
+        for i in range(0, 20, 7)
+    ]
     # per-image ops only: up to float rounding of a batched kernel
     assert np.abs(whole.astype(int) - np.concatenate(parts).astype(int)).max() <= 1
 
@@ -82,7 +98,7 @@ def test_erase_fills_one_rectangle_with_the_image_mean():
         assert diff.sum() > 0
         # the changed pixels lie in one axis-aligned rectangle and all hold the mean
         assert set(np.unique(after[diff])) == {130}
-        block = after[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        block = after[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
         assert (block == 130).all()
 
 

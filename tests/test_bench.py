@@ -13,13 +13,38 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE = {"cores", "cpu", "python", "torch", "ray"}
 KEYS = {
-    "prepare": {"machine", "per_core_ratio", "cached_share", "thread_speedup", "prepare_cold", "prepare_cached",
-                "pil_decode_resize", "discovery_scan", "ray_data_epoch", "meets_targets"},
+    "prepare": {
+        "machine",
+        "per_core_ratio",
+        "cached_share",
+        "thread_speedup",
+        "prepare_cold",
+        "prepare_cached",
+        "pil_decode_resize",
+        "discovery_scan",
+        "ray_data_epoch",
+        "meets_targets",
+    },
     "trial_throughput": {"machine", "sizes", "warmup_epochs_skipped", "target_ratio", "preset", "batch_size"},
-    "search_efficiency": {"machine", "searches", "random_best_val_auc", "asha_trial_epochs_to_reach_random_best",
-                          "random_total_trial_epochs", "share_of_random", "meets_target", "files"},
-    "overhead_memory": {"machine", "peak_rss_mb", "peak_private_mb", "after_trials", "rss_slope_mb_per_trial",
-                        "share_outside", "overhead"},
+    "search_efficiency": {
+        "machine",
+        "searches",
+        "random_best_val_auc",
+        "asha_trial_epochs_to_reach_random_best",
+        "random_total_trial_epochs",
+        "share_of_random",
+        "meets_target",
+        "files",
+    },
+    "overhead_memory": {
+        "machine",
+        "peak_rss_mb",
+        "peak_private_mb",
+        "after_trials",
+        "rss_slope_mb_per_trial",
+        "share_outside",
+        "overhead",
+    },
     "scale": {"machine", "asha_shares", "assumptions", "sources", "estimates"},
     "gpu": {"machine", "device", "check", "train", "eval", "eval_speedup", "augment", "sharing"},
 }
@@ -29,8 +54,14 @@ def run_quick(name: str, tmp_path: Path) -> dict:
     out = tmp_path / "out"
     env = {**os.environ, "XRAY_RAY_CACHE": str(tmp_path / "cache")}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert KEYS[name] <= set(last), KEYS[name] - set(last)
@@ -45,12 +76,14 @@ def test_prepare(tmp_path):
     assert r["ray_data_epoch"]["images"] == r["memory_epoch"]["images"] == r["images"]  # every image, once
     assert r["cached_share"] == pytest.approx(r["prepare_cached"]["seconds"] / r["prepare_cold"]["seconds"], rel=0.01)
     assert r["per_core_ratio"] == pytest.approx(
-        r["prepare_cold"]["images_per_s"] / r["cores"] / r["pil_decode_resize"]["images_per_s"], rel=0.01)
+        r["prepare_cold"]["images_per_s"] / r["cores"] / r["pil_decode_resize"]["images_per_s"], rel=0.01
+    )
     workers = r["cores"]
     assert r["decoded_by"] == (f"{workers} processes" if workers > 1 else "1 threads")  # forks on Linux, no Ray
     for name in ("pil_decode_resize", "prepare_cold_1w", "prepare_cold_threads", "prepare_cold", "prepare_cached"):
         assert len(r[name]["rounds"]) == r["rounds"] and r[name]["seconds"] == pytest.approx(
-            sorted(r[name]["rounds"])[len(r[name]["rounds"]) // 2], rel=1e-3)  # the median of its rounds
+            sorted(r[name]["rounds"])[len(r[name]["rounds"]) // 2], rel=1e-3
+        )  # the median of its rounds
 
 
 def test_trial_throughput(tmp_path):
@@ -96,9 +129,23 @@ def test_scale(tmp_path):
     assert one["trial_images_per_s"] == pytest.approx(a["gpu_images_per_s_128px"] / a["gpu_size_factor"])
     assert a["trial_overhead_s"] > 0 and a["epoch_overhead_s"] > 0
     # without it, the figures are flagged as assumptions
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--quick", "--gpu-measured", "",
-                           "--gpu-search", "", "--out", str(tmp_path / "bare")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "scale.py"),
+            "--quick",
+            "--gpu-measured",
+            "",
+            "--gpu-search",
+            "",
+            "--out",
+            str(tmp_path / "bare"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     bare = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "ASSUMPTION" in bare["sources"]["gpu_images_per_s"] and bare["gpu"] is None

@@ -13,12 +13,13 @@ speed), so nothing reaches a cloud account.
 import copy
 import re
 import secrets
-import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jsonschema
 import pytest
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -83,8 +84,14 @@ def node_images(config: dict[str, Any]) -> dict[str, str]:
 
 def all_commands(config: dict[str, Any]) -> list[str]:
     """Every shell command the launcher runs on the nodes."""
-    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-            "head_start_ray_commands", "worker_start_ray_commands")
+    keys = (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    )
     commands = [cmd for key in keys for cmd in config.get(key, [])]
     for node_type in config["available_node_types"].values():
         commands += [cmd for key in keys for cmd in node_type.get(key, [])]
@@ -118,6 +125,7 @@ _DROP = object()
 
 def _edit(*path: str, value: Any = _DROP) -> Callable[[dict], None]:
     """An edit that sets (or, without value, deletes) the key at path."""
+
     def edit(config: dict) -> None:
         target = config
         for key in path[:-1]:
@@ -126,6 +134,7 @@ def _edit(*path: str, value: Any = _DROP) -> Callable[[dict], None]:
             del target[path[-1]]
         else:
             target[path[-1]] = value
+
     return edit
 
 
@@ -300,8 +309,9 @@ def test_aws_bootstrap_against_moto(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         # workers name that same profile.
         profile = resolved["head_node"]["IamInstanceProfile"]["Arn"]
         assert profile.endswith(f"instance-profile/{aws_config.DEFAULT_RAY_INSTANCE_PROFILE}"), profile
-        role = boto3.client("iam").get_instance_profile(
-            InstanceProfileName=aws_config.DEFAULT_RAY_INSTANCE_PROFILE)["InstanceProfile"]["Roles"][0]
+        role = boto3.client("iam").get_instance_profile(InstanceProfileName=aws_config.DEFAULT_RAY_INSTANCE_PROFILE)[
+            "InstanceProfile"
+        ]["Roles"][0]
         iam = boto3.client("iam")
         attached = iam.list_attached_role_policies(RoleName=role["RoleName"])["AttachedPolicies"]
         assert "AmazonS3FullAccess" in {p["PolicyName"] for p in attached}

@@ -41,9 +41,17 @@ SECRET_KEY = "xrayRayDummySecretKey0123456789abcdefXYZ"
 
 TINY_SPACE = {
     "name": "cluster",
-    "space": {"image_size": 32, "epochs": 2, "blocks": 1, "double_conv": False,
-              "width": {"type": "categorical", "choices": [4, 8]}, "head": "gap", "fc": [8],
-              "lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}, "batch_size": 64},
+    "space": {
+        "image_size": 32,
+        "epochs": 2,
+        "blocks": 1,
+        "double_conv": False,
+        "width": {"type": "categorical", "choices": [4, 8]},
+        "head": "gap",
+        "fc": [8],
+        "lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True},
+        "batch_size": 64,
+    },
     "searcher": {"algorithm": "optuna", "num_samples": 4, "max_concurrent": 2, "seed": 0},
     "scheduler": {"algorithm": "fifo", "metric": "val_auc"},
     "data": {"val_fraction": 0.2, "test_fraction": 0.2},
@@ -57,7 +65,7 @@ PLACEMENT = ["--cpus-per-trial", "1", "--data-cpus", "0"]
 @dataclass
 class Cluster:
     address: str
-    env: dict[str, str]   # what every node, and a driver joining them, has in its environment
+    env: dict[str, str]  # what every node, and a driver joining them, has in its environment
     head_id: str
     worker_id: str
     s3_endpoint: str
@@ -65,6 +73,7 @@ class Cluster:
 
 
 # --------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def s3_server():
@@ -87,19 +96,28 @@ def cluster(s3_server, tmp_path_factory):
     token_file = tmp / "auth_token"
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o600)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN") and not k.startswith("AWS_")}
-    env.update({
-        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
-        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # stop now, not after Ray's 30 s drain wait
-        "RAY_USAGE_STATS_ENABLED": "0", "XRAY_RAY_CACHE": str(tmp / "cache"),
-        # As rayinit.init_ray does for a local Ray: keep idle workers (torch imported) for the next trial's
-        # augmentation instead of killing them at once, which a 1-CPU node does by default (~10 s each here).
-        "RAY_idle_worker_killing_time_threshold_ms": "600000", "RAY_num_workers_soft_limit": "4",
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server,
-        "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    })
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN") and not k.startswith("AWS_")
+    }
+    env.update(
+        {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token_file),
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # stop now, not after Ray's 30 s drain wait
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "XRAY_RAY_CACHE": str(tmp / "cache"),
+            # As rayinit.init_ray does for a local Ray: keep idle workers (torch imported) for the next trial's
+            # augmentation instead of killing them at once, which a 1-CPU node does by default (~10 s each here).
+            "RAY_idle_worker_killing_time_threshold_ms": "600000",
+            "RAY_num_workers_soft_limit": "4",
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": s3_server,
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }
+    )
     # Short, because Ray's unix sockets live under it and socket paths are limited to 107 bytes.
     ray_tmp = Path(tempfile.mkdtemp(prefix="xrc", dir="/tmp"))
     port = _free_port()
@@ -107,8 +125,13 @@ def cluster(s3_server, tmp_path_factory):
     common = ["--num-cpus=1", "--disable-usage-stats", f"--temp-dir={ray_tmp}"]
     nodes: list[subprocess.Popen] = []
     try:
-        nodes.append(_start_node(["--head", f"--port={port}", '--resources={"head": 1}',
-                                  "--include-dashboard=false", *common], env, tmp / "head.log"))
+        nodes.append(
+            _start_node(
+                ["--head", f"--port={port}", '--resources={"head": 1}', "--include-dashboard=false", *common],
+                env,
+                tmp / "head.log",
+            )
+        )
         nodes.append(_start_node([f"--address={address}", *common], env, tmp / "worker.log"))
         ids = _wait_for_nodes(address, env, 2)
         head = [n for n, is_head in ids.items() if is_head]
@@ -130,6 +153,7 @@ def space_file(tmp_path_factory) -> Path:
 
 # --------------------------------------------------------------------------- tests
 
+
 @pytest.mark.slow
 def test_token_auth_guards_the_cluster(cluster):
     """The cluster answers its own token only: a client or a node with a wrong token, or none, is refused."""
@@ -147,9 +171,14 @@ def test_token_auth_guards_the_cluster(cluster):
     log = cluster.tmp / "intruder.log"
     once = {**wrong_token, "RAY_gcs_server_port_wait_time_s": "1"}
     with open(log, "wb") as out:
-        intruder = subprocess.Popen([*RAY, "start", "--block", f"--address={cluster.address}", "--num-cpus=1",
-                                     "--disable-usage-stats"], env=once, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        intruder = subprocess.Popen(
+            [*RAY, "start", "--block", f"--address={cluster.address}", "--num-cpus=1", "--disable-usage-stats"],
+            env=once,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 90
     while not _exited(intruder.pid) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -163,8 +192,17 @@ def test_token_auth_guards_the_cluster(cluster):
 @pytest.mark.slow
 def test_multi_node_refuses_node_local_results(cluster, space_file):
     results = cluster.tmp / "local-results"
-    proc = _search(cluster, "--data", "synthetic:300", "--space", str(space_file), "--results", str(results),
-                   *PLACEMENT, "--no-export")
+    proc = _search(
+        cluster,
+        "--data",
+        "synthetic:300",
+        "--space",
+        str(space_file),
+        "--results",
+        str(results),
+        *PLACEMENT,
+        "--no-export",
+    )
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr  # Ray's INFO lines go there too
@@ -186,8 +224,18 @@ def test_file_uris_count_as_node_local():
 @pytest.mark.slow
 def test_search_spreads_trials_and_data_over_both_nodes(cluster, space_file):
     results = cluster.tmp / "shared-results"  # both nodes are this machine: the folder is shared for real
-    proc = _search(cluster, "--data", "synthetic:300", "--space", str(space_file),
-                   "--results", f"file://{results}", "--allow-local-results", *PLACEMENT, "--no-export")
+    proc = _search(
+        cluster,
+        "--data",
+        "synthetic:300",
+        "--space",
+        str(space_file),
+        "--results",
+        f"file://{results}",
+        "--allow-local-results",
+        *PLACEMENT,
+        "--no-export",
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     run = results / "cluster"
     trials = pd.read_parquet(run / "trials.parquet")
@@ -210,12 +258,25 @@ def test_search_reads_and_writes_s3(cluster, space_file):
     for f in sorted(p for p in tree.rglob("*") if p.is_file()):
         s3.upload_file(str(f), BUCKET, f"chest_xray/{f.relative_to(tree).as_posix()}")
 
-    proc = _search(cluster, "--data", f"s3://{BUCKET}/chest_xray", "--space", str(space_file),
-                   "--results", f"s3://{BUCKET}/results", *PLACEMENT)
+    proc = _search(
+        cluster,
+        "--data",
+        f"s3://{BUCKET}/chest_xray",
+        "--space",
+        str(space_file),
+        "--results",
+        f"s3://{BUCKET}/results",
+        *PLACEMENT,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
-    fs = pafs.S3FileSystem(access_key=ACCESS_KEY, secret_key=SECRET_KEY, region="us-east-1", scheme="http",
-                           endpoint_override=cluster.s3_endpoint.removeprefix("http://"))
+    fs = pafs.S3FileSystem(
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        region="us-east-1",
+        scheme="http",
+        endpoint_override=cluster.s3_endpoint.removeprefix("http://"),
+    )
     run = f"{BUCKET}/results/cluster"
     trials = pq.read_table(f"{run}/trials.parquet", filesystem=fs).to_pandas()
     epochs = pq.read_table(f"{run}/epochs.parquet", filesystem=fs).to_pandas()
@@ -234,8 +295,11 @@ def test_search_reads_and_writes_s3(cluster, space_file):
 
     with fs.open_input_stream(f"{run}/best/model.onnx") as f:
         onnx.checker.check_model(onnx.load_from_string(f.read()))
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="results/")
-            for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="results/")
+        for o in page.get("Contents", [])
+    ]
     tune = [k for k in keys if k.startswith("results/cluster/tune/")]
     assert any(re.fullmatch(r"results/cluster/tune/experiment_state-[^/]+\.json", k) for k in tune), tune
     trial_dirs = {k.split("/")[3] for k in tune if "/checkpoint_" in k}
@@ -247,6 +311,7 @@ def test_search_reads_and_writes_s3(cluster, space_file):
 
 # --------------------------------------------------------------------------- helpers
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -256,8 +321,14 @@ def _free_port() -> int:
 def _start_node(args: list[str], env: dict[str, str], log: Path, timeout: float = 180) -> subprocess.Popen:
     """`ray start --block ARGS` in a new process group; returns once the node says it started."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*RAY, "start", "--block", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [*RAY, "start", "--block", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + timeout
     while "Ray runtime started" not in log.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -316,8 +387,9 @@ def _exited(pid: int) -> bool:
 
 
 def _ray_status(address: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([*RAY, "status", "-v", "--address", address], env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [*RAY, "status", "-v", "--address", address], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def _wait_for_nodes(address: str, env: dict[str, str], n: int, timeout: float = 60) -> dict[str, bool]:
@@ -335,13 +407,32 @@ def _wait_for_nodes(address: str, env: dict[str, str], n: int, timeout: float = 
 
 def _search(cluster: Cluster, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
     """`python -m xray_ray.search --address <cluster> ARGS` as a driver with the cluster's environment."""
-    return subprocess.run([sys.executable, "-m", "xray_ray.search", "--address", cluster.address,
-                           "--cache", str(cluster.tmp / "cache"), *args],
-                          env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xray_ray.search",
+            "--address",
+            cluster.address,
+            "--cache",
+            str(cluster.tmp / "cache"),
+            *args,
+        ],
+        env=cluster.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _boto3_client(endpoint: str):
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
-                        aws_secret_access_key=SECRET_KEY)
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+    )

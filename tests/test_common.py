@@ -4,7 +4,6 @@ reading only regular files, and the whole-folder swap behind re-export."""
 from __future__ import annotations
 
 import ast
-import io
 import json
 import math
 import os
@@ -86,8 +85,9 @@ def s3_bucket():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k",
-                 aws_secret_access_key="s").create_bucket(Bucket="rel")
+    boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s"
+    ).create_bucket(Bucket="rel")
     try:
         yield endpoint, "rel"
     finally:
@@ -98,8 +98,9 @@ def test_results_still_write_to_s3(s3_bucket):
     import pyarrow.fs as pafs
 
     endpoint, bucket = s3_bucket
-    fs = pafs.S3FileSystem(access_key="k", secret_key="s", endpoint_override=endpoint, scheme="http",
-                           region="us-east-1")
+    fs = pafs.S3FileSystem(
+        access_key="k", secret_key="s", endpoint_override=endpoint, scheme="http", region="us-east-1"
+    )
     common.write_bytes_fs(fs, f"{bucket}/run/run.json", b'{"a": 1}')
     common.write_bytes_fs(fs, f"{bucket}/run/run.json", b'{"a": 2}')
     with fs.open_input_stream(f"{bucket}/run/run.json") as f:
@@ -109,8 +110,14 @@ def test_results_still_write_to_s3(s3_bucket):
 
 
 def test_json_safe():
-    value = {"a": np.float64(math.nan), "b": [np.int64(2), (1, 2)], "c": np.arange(3), "d": Path("/x"),
-             "e": math.inf, 3: np.bool_(True)}
+    value = {
+        "a": np.float64(math.nan),
+        "b": [np.int64(2), (1, 2)],
+        "c": np.arange(3),
+        "d": Path("/x"),
+        "e": math.inf,
+        3: np.bool_(True),
+    }
     assert common.json_safe(value) == {"a": None, "b": [2, [1, 2]], "c": [0, 1, 2], "d": "/x", "e": None, "3": True}
     json.dumps(common.json_safe(value), allow_nan=False)
     with pytest.raises(TypeError):
@@ -144,8 +151,19 @@ def test_read_regular_file_refuses_fifos_devices_and_big_files_unread(tmp_path):
 WRITERS = ["results.py", "export.py", "winner.py", "report.py", "pictures.py", "predict.py", "pipeline.py"]
 
 
-FORBIDDEN = ("os.replace", "os.rename", "tempfile.mkstemp", "tempfile.NamedTemporaryFile", "pa.OSFile",
-             "fs.open_output_stream", "save_file", "onnx.save_model", "onnx.save", "shutil.copy", "shutil.copyfile")
+FORBIDDEN = (
+    "os.replace",
+    "os.rename",
+    "tempfile.mkstemp",
+    "tempfile.NamedTemporaryFile",
+    "pa.OSFile",
+    "fs.open_output_stream",
+    "save_file",
+    "onnx.save_model",
+    "onnx.save",
+    "shutil.copy",
+    "shutil.copyfile",
+)
 
 
 @pytest.mark.parametrize("module", WRITERS)

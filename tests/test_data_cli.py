@@ -19,13 +19,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "xray_ray.data", *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "xray_ray.data", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def test_inspect_json_reports_counts_duplicates_skips_and_split(kaggle_dir, capsys):
     (kaggle_dir / "train" / "NORMAL" / "IM-0009-0001.jpeg").write_bytes(
-        (kaggle_dir / "train" / "NORMAL" / "IM-0004-0001.jpeg").read_bytes())  # a byte-identical copy
+        (kaggle_dir / "train" / "NORMAL" / "IM-0004-0001.jpeg").read_bytes()
+    )  # a byte-identical copy
     (kaggle_dir / "train" / "NORMAL" / "IM-0010-0001.jpeg").write_bytes(b"")
     assert main(["inspect", str(kaggle_dir), "--json", "--seed", "3"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -57,11 +64,14 @@ def test_inspect_synthetic_text(capsys):
     assert "synthetic" in out and "split (seed 1" in out
 
 
-@pytest.mark.parametrize("args, match", [
-    (["inspect", "/definitely/not/here"], "does not exist"),
-    (["inspect", "synthetic:3"], "N >= 20"),
-    (["inspect", "synthetic", "--val-fraction", "2"], "val_fraction"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["inspect", "/definitely/not/here"], "does not exist"),
+        (["inspect", "synthetic:3"], "N >= 20"),
+        (["inspect", "synthetic", "--val-fraction", "2"], "val_fraction"),
+    ],
+)
 def test_user_errors_exit_2_with_one_line_and_no_traceback(args, match):
     res = run_cli(*args)
     assert res.returncode == 2
@@ -92,6 +102,7 @@ def test_inspect_the_real_data(real_data):
 
 def load_patient(uid: str) -> str:
     from xray_ray.splits import patient_from_name
+
     return patient_from_name(uid)
 
 

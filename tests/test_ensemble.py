@@ -15,8 +15,11 @@ from xray_ray.models import build_model
 
 def _members():
     torch.manual_seed(0)
-    return [build_model("tiny", image_size=32), build_model("tiny", image_size=24),
-            build_model(image_size=32, blocks=2, double_conv=False, width=4, fc=(), head="gap", standardize=True)]
+    return [
+        build_model("tiny", image_size=32),
+        build_model("tiny", image_size=24),
+        build_model(image_size=32, blocks=2, double_conv=False, width=4, fc=(), head="gap", standardize=True),
+    ]
 
 
 def test_ensemble_output_is_the_weighted_mean_probability():
@@ -25,8 +28,7 @@ def test_ensemble_output_is_the_weighted_mean_probability():
     x = torch.rand(5, 1, 32, 32)
     with torch.no_grad():
         small = torch.nn.functional.interpolate(x, size=[24, 24], mode="bilinear", align_corners=False)
-        want = (2 * torch.sigmoid(members[0](x)) + torch.sigmoid(members[1](small))
-                + torch.sigmoid(members[2](x))) / 4
+        want = (2 * torch.sigmoid(members[0](x)) + torch.sigmoid(members[1](small)) + torch.sigmoid(members[2](x))) / 4
         got = torch.sigmoid(ens(x))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert ens.config.image_size == 32 and ens.config.weights == (0.5, 0.25, 0.25)
@@ -62,8 +64,12 @@ def test_greedy_selection_adds_what_helps_and_repeats_the_best():
     y = rng.integers(0, 2, 400)
     noise = {n: rng.normal(0, 1, 400) for n in "abcd"}
     # a and b are good with independent errors (their mean is better than either); c is weak; d copies a
-    cands = {"a": {"val": y + 0.9 * noise["a"]}, "b": {"val": y + 0.9 * noise["b"]},
-             "c": {"val": y + 3.0 * noise["c"]}, "d": {"val": y + 0.9 * noise["a"]}}
+    cands = {
+        "a": {"val": y + 0.9 * noise["a"]},
+        "b": {"val": y + 0.9 * noise["b"]},
+        "c": {"val": y + 3.0 * noise["c"]},
+        "d": {"val": y + 0.9 * noise["a"]},
+    }
     chosen = greedy_select(cands, lambda p: roc_auc(y, p["val"]), rounds=6)
     assert isinstance(chosen, Counter) and chosen["a"] + chosen["d"] >= 1 and chosen["b"] >= 1
     assert chosen["c"] == 0

@@ -2,7 +2,6 @@
 agree on real images, predict and evaluate read it unchanged, and its card lists the members."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -11,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import REAL_DATA, run_module
 from xray_ray import export
 from xray_ray.config import TrialConfig
 from xray_ray.ensemble import Ensemble
@@ -21,8 +21,6 @@ from xray_ray.pipeline import SplitArrays
 from xray_ray.robustness import SHIFTS, battery
 from xray_ray.train import array_batches, make_loss, make_optimizer, train_one_epoch
 from xray_ray.winner import finalize
-
-from conftest import REAL_DATA, run_module
 
 SIZE = 32
 
@@ -54,9 +52,18 @@ def exported(tmp_path_factory):
     (best / export.CONFIG_NAME).write_text(json.dumps(ens.config.to_dict()))
     info = {"seed": 0, "winner": {"trial_id": "ensemble"}, "data": {"spec": "synthetic:80", "splits": {}}}
     picked = {"picked": {"t_a": 2, "t_b": 1, "t_c": 1}, "metric": "val_auc"}
-    card = finalize(best, ens, splits, info, pd.DataFrame(), pd.DataFrame(), n_boot=20,
-                    battery=battery(splits["val"].images, splits["val"].labels), threshold_rule="shifted",
-                    ensemble=picked)
+    card = finalize(
+        best,
+        ens,
+        splits,
+        info,
+        pd.DataFrame(),
+        pd.DataFrame(),
+        n_boot=20,
+        battery=battery(splits["val"].images, splits["val"].labels),
+        threshold_rule="shifted",
+        ensemble=picked,
+    )
     return best, card, ens
 
 
@@ -77,8 +84,10 @@ def test_the_card_lists_members_weights_and_robustness(exported):
 
 
 def _real_images(n=24):
-    files = sorted((REAL_DATA / "train" / "NORMAL").glob("*.jpeg"))[: n // 2] + \
-        sorted((REAL_DATA / "train" / "PNEUMONIA").glob("*.jpeg"))[: n // 2]
+    files = (
+        sorted((REAL_DATA / "train" / "NORMAL").glob("*.jpeg"))[: n // 2]
+        + sorted((REAL_DATA / "train" / "PNEUMONIA").glob("*.jpeg"))[: n // 2]
+    )
     return files
 
 
@@ -88,8 +97,12 @@ def test_onnx_and_torchscript_agree_on_real_chest_xrays(exported, real_data):
     x = np.stack([load_gray(f.read_bytes(), SIZE) for f in _real_images()]).astype(np.float32)[:, None] / 255.0
     session = ort.InferenceSession(str(best / export.ONNX_NAME), providers=["CPUExecutionProvider"])
     (inp,), (out,) = session.get_inputs(), session.get_outputs()
-    assert (inp.name, inp.shape[1:], inp.type, out.name) == ("image", [1, SIZE, SIZE], "tensor(float)",
-                                                             "prob_pneumonia")
+    assert (inp.name, inp.shape[1:], inp.type, out.name) == (
+        "image",
+        [1, SIZE, SIZE],
+        "tensor(float)",
+        "prob_pneumonia",
+    )
     (p_onnx,) = session.run(None, {"image": x})
     scripted = torch.jit.load(str(best / export.TORCHSCRIPT_NAME))
     with torch.no_grad():
@@ -111,8 +124,9 @@ def test_predict_and_evaluate_read_an_ensemble_unchanged(exported, tmp_path):
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in res.stdout.splitlines()]
     assert len(rows) == 8 and all(0 <= r["prob_pneumonia"] <= 1 for r in rows)
-    res = run_module("xray_ray.evaluate", "--model", str(best), "--data", str(tmp_path / "chest_xray"),
-                     "--split", "test", "--json")
+    res = run_module(
+        "xray_ray.evaluate", "--model", str(best), "--data", str(tmp_path / "chest_xray"), "--split", "test", "--json"
+    )
     assert res.returncode == 0, res.stderr
     m = json.loads(res.stdout)["metrics"]
     assert m["n"] == 8 and m["counts"] == {"NORMAL": 4, "PNEUMONIA": 4}

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import REAL_DATA, run_module
 from xray_ray import evaluate
 from xray_ray.images import load_gray
 from xray_ray.metrics import binary_metrics
@@ -23,8 +23,6 @@ from xray_ray.runtime import load_exported
 from xray_ray.sources import load_source
 from xray_ray.splits import assign_splits
 from xray_ray.winner import finalize
-
-from conftest import REAL_DATA, run_module
 
 SIZE = 32
 
@@ -37,13 +35,11 @@ def cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
 def searched(tmp_path_factory) -> tuple[Path, dict]:
     """A tiny CNN finalized on synthetic data split as a search splits it; (model folder, card)."""
     torch.manual_seed(0)
-    df, split_info = assign_splits(load_source("synthetic:60", seed=3).df, seed=3, val_fraction=0.2,
-                                   test_fraction=0.2)
+    df, split_info = assign_splits(load_source("synthetic:60", seed=3).df, seed=3, val_fraction=0.2, test_fraction=0.2)
     splits = prepare(df, SIZE, tmp_path_factory.mktemp("cache")).splits
     out = tmp_path_factory.mktemp("model")
     info = {"seed": 3, "data": {"spec": "synthetic:60", "splits": split_info}}
-    card = finalize(out, build_model("tiny", image_size=SIZE), splits, info, pd.DataFrame(), pd.DataFrame(),
-                    n_boot=20)
+    card = finalize(out, build_model("tiny", image_size=SIZE), splits, info, pd.DataFrame(), pd.DataFrame(), n_boot=20)
     return out, card
 
 
@@ -84,8 +80,10 @@ def test_evaluate_prints_a_metrics_table_for_a_folder(model_dir, kaggle):
 
 
 def test_evaluate_json_matches_scoring_the_files_directly(model_dir, kaggle, capsys):
-    assert evaluate.main(["--model", str(model_dir), "--data", str(kaggle), "--split", "test", "--json",
-                          "--n-boot", "50"]) == 0
+    assert (
+        evaluate.main(["--model", str(model_dir), "--data", str(kaggle), "--split", "test", "--json", "--n-boot", "50"])
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     model = load_exported(model_dir)
     files = sorted(p for p in (kaggle / "test").rglob("*.jpeg") if p.name != "IM-0199-0001.jpeg")
@@ -112,8 +110,23 @@ def test_resplit_reproduces_the_cards_test_numbers(searched, capsys):
     model_dir, card = searched
     assert evaluate.main(["--model", str(model_dir), "--data", "synthetic:60", "--split", "test"]) == 2
     assert "only train" in capsys.readouterr().err  # synthetic data has one given split
-    assert evaluate.main(["--model", str(model_dir), "--data", "synthetic:60", "--split", "test", "--resplit",
-                          "--json", "--n-boot", "20"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                str(model_dir),
+                "--data",
+                "synthetic:60",
+                "--split",
+                "test",
+                "--resplit",
+                "--json",
+                "--n-boot",
+                "20",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     result = json.loads(captured.out)
     assert result["seed"] == 3 and result["split_column"] == "split" and result["same_images_as_search"] is True
@@ -130,8 +143,24 @@ def test_resplit_reproduces_the_cards_test_numbers(searched, capsys):
 
 def test_changed_data_is_flagged(model_dir, capsys):
     """Other synthetic images under the same uids (another seed): evaluate warns that they differ."""
-    assert evaluate.main(["--model", str(model_dir), "--data", "synthetic:60", "--split", "test", "--resplit",
-                          "--seed", "4", "--n-boot", "10"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                str(model_dir),
+                "--data",
+                "synthetic:60",
+                "--split",
+                "test",
+                "--resplit",
+                "--seed",
+                "4",
+                "--n-boot",
+                "10",
+            ]
+        )
+        == 0
+    )
     assert "not the images the search scored" in capsys.readouterr().err
 
 
@@ -143,8 +172,7 @@ def test_evaluate_runs_without_torch(model_dir, kaggle):
         "assert sys.modules['torch'] is None\n"
         "sys.exit(rc)\n"
     )
-    res = cli("--model", str(model_dir), "--data", str(kaggle), "--split", "all", "--json", "--n-boot", "10",
-              code=code)
+    res = cli("--model", str(model_dir), "--data", str(kaggle), "--split", "all", "--json", "--n-boot", "10", code=code)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["metrics"]["n"] == 20
 
@@ -155,8 +183,12 @@ def test_evaluate_on_real_chest_xrays(model_dir, tmp_path, capsys):
     # Only the official val images (original sizes), copied into a Kaggle layout of their own, so the
     # test does not hash and decode the 5216 train images.
     shutil.copytree(REAL_DATA / "val", tmp_path / "val")
-    assert evaluate.main(["--model", str(model_dir), "--data", str(tmp_path), "--split", "val", "--json",
-                          "--n-boot", "100"]) == 0
+    assert (
+        evaluate.main(
+            ["--model", str(model_dir), "--data", str(tmp_path), "--split", "val", "--json", "--n-boot", "100"]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     m = result["metrics"]
     assert m["n"] == 16 and m["counts"] == {"NORMAL": 8, "PNEUMONIA": 8} and result["skipped"] == 0
@@ -166,6 +198,7 @@ def test_evaluate_on_real_chest_xrays(model_dir, tmp_path, capsys):
 
 # ---------------------------------------------------------------- reliability II (issue 15)
 
+
 def test_every_skipped_file_is_named_with_its_reason(model_dir, kaggle, tmp_path, capsys):
     data = tmp_path / "chest_xray"
     shutil.copytree(kaggle, data)
@@ -173,12 +206,16 @@ def test_every_skipped_file_is_named_with_its_reason(model_dir, kaggle, tmp_path
     with (data / "test" / "PNEUMONIA" / "big.jpeg").open("wb") as f:
         f.truncate(200 << 20)  # sparse: the size cap refuses it unread
     (data / "test" / "PNEUMONIA" / "notes.txt").write_text("x")
-    expected = {"test/NORMAL/IM-0199-0001.jpeg": "corrupt or truncated image",
-                "test/NORMAL/x.jpeg": "not a regular file",
-                "test/PNEUMONIA/big.jpeg": "file too large (200 MB, the limit is 64 MB)",
-                "test/PNEUMONIA/notes.txt": "not an image file"}
-    assert evaluate.main(["--model", str(model_dir), "--data", str(data), "--split", "test", "--json",
-                          "--n-boot", "10"]) == 0
+    expected = {
+        "test/NORMAL/IM-0199-0001.jpeg": "corrupt or truncated image",
+        "test/NORMAL/x.jpeg": "not a regular file",
+        "test/PNEUMONIA/big.jpeg": "file too large (200 MB, the limit is 64 MB)",
+        "test/PNEUMONIA/notes.txt": "not an image file",
+    }
+    assert (
+        evaluate.main(["--model", str(model_dir), "--data", str(data), "--split", "test", "--json", "--n-boot", "10"])
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     got = {s["path"]: s["reason"] for s in result["skipped_files"]}
     assert set(got) == set(expected) and result["skipped"] == len(expected)

@@ -11,8 +11,16 @@ import torch
 
 from xray_ray.errors import UserError
 from xray_ray.export import (
-    CONTRACT_VERSION, ProbabilityModel, check_agreement, export_onnx, export_torchscript, load_config,
-    load_model, load_weights, save_config, save_weights,
+    CONTRACT_VERSION,
+    ProbabilityModel,
+    check_agreement,
+    export_onnx,
+    export_torchscript,
+    load_config,
+    load_model,
+    load_weights,
+    save_config,
+    save_weights,
 )
 from xray_ray.models import CNN, build_model
 

@@ -1,6 +1,7 @@
 """Reliability and security: bad input is refused in one sentence, faults during a search are contained.
 
-Rows of the table in docs/reliability.md that other test files already prove are cited there, not repeated here. Searches use
+Rows of the table in docs/reliability.md that other test files already prove are cited there, not repeated
+here. Searches use
 tiny synthetic data (32 px, one block of 4 channels) so each takes well under a minute on 2 cores.
 """
 
@@ -28,8 +29,8 @@ from PIL import Image
 
 from conftest import png_with_size, write_kaggle_tree
 from xray_ray import results as R
-from xray_ray.phantoms import render
 from xray_ray.faults import FAULT_ENV, SWITCH_ENV
+from xray_ray.phantoms import render
 from xray_ray.search import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +39,16 @@ PACKAGE = ROOT / "xray_ray"
 TINY = {
     "name": "faults",
     "space": {
-        "image_size": 32, "epochs": 3, "blocks": 1, "double_conv": False, "width": 4, "head": "gap",
-        "fc": [8], "lr": 1.0e-3, "batch_size": 64, "zoom": {"type": "float", "low": 0.0, "high": 0.2},
+        "image_size": 32,
+        "epochs": 3,
+        "blocks": 1,
+        "double_conv": False,
+        "width": 4,
+        "head": "gap",
+        "fc": [8],
+        "lr": 1.0e-3,
+        "batch_size": 64,
+        "zoom": {"type": "float", "low": 0.0, "high": 0.2},
     },
     "searcher": {"algorithm": "random", "num_samples": 2, "max_concurrent": 2, "seed": 0},
     "scheduler": {"algorithm": "fifo"},
@@ -60,8 +69,19 @@ def space_file(tmp: Path, *, name: str = "faults", space: dict | None = None, **
 
 
 def search_args(tmp: Path, space: Path, *extra: str, data: str = "synthetic:200") -> list[str]:
-    return ["--data", data, "--space", str(space), "--results", str(tmp / "results"), "--cache", str(tmp / "cache"),
-            "--num-cpus", "2", *extra]
+    return [
+        "--data",
+        data,
+        "--space",
+        str(space),
+        "--results",
+        str(tmp / "results"),
+        "--cache",
+        str(tmp / "cache"),
+        "--num-cpus",
+        "2",
+        *extra,
+    ]
 
 
 def one_error_line(err: str) -> str:
@@ -117,10 +137,12 @@ def ray_init_calls(monkeypatch) -> list:
 
 # ---------------------------------------------------------------- refused before anything starts
 
+
 def _tree(root: Path, files: dict[tuple[str, str], int]) -> Path:
     """A Kaggle-layout folder with n phantom JPEGs per (split, class)."""
-    return write_kaggle_tree(root, {k: [f"IM-{k[1][:1]}{i:04d}-0001.jpeg" for i in range(n)] for k, n in files.items()},
-                             size=32)
+    return write_kaggle_tree(
+        root, {k: [f"IM-{k[1][:1]}{i:04d}-0001.jpeg" for i in range(n)] for k, n in files.items()}, size=32
+    )
 
 
 BAD_RUNS = {
@@ -157,8 +179,10 @@ BAD_DATA = {
     "empty folder": ({}, "has no train/, val/ or test/ folder"),
     "only junk": ({("train", "NORMAL"): 0}, "no usable images"),
     "only one class": ({("train", "NORMAL"): 6}, "train/ has no PNEUMONIA images"),
-    "unknown class": ({("train", "NORMAL"): 3, ("train", "PNEUMONIA"): 3, ("train", "COVID"): 2},
-                      "unknown class folder train/COVID"),
+    "unknown class": (
+        {("train", "NORMAL"): 3, ("train", "PNEUMONIA"): 3, ("train", "COVID"): 2},
+        "unknown class folder train/COVID",
+    ),
 }
 
 
@@ -184,9 +208,18 @@ def test_the_real_cli_exits_2_with_one_line_and_starts_nothing(tmp_path):
     if local_gpus() >= 4:
         pytest.skip("this machine has 4 GPUs")
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "xray_ray.search", *search_args(tmp_path, space_file(tmp_path),
-                                                                                 "--gpus-per-trial", "4")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xray_ray.search",
+            *search_args(tmp_path, space_file(tmp_path), "--gpus-per-trial", "4"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and res.stdout == ""
     assert "--gpus-per-trial 4 asks for more GPUs" in one_error_line(res.stderr)
     assert not (tmp_path / "results").exists()
@@ -206,12 +239,19 @@ def test_unwritable_results_folder_is_refused_before_the_data_is_read(tmp_path, 
 
 def test_a_full_disk_is_refused_before_the_search_starts(tmp_path):
     """RLIMIT_FSIZE=0 makes every write fail with EFBIG, as a full disk fails with ENOSPC."""
+
     def no_file_writes() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get the error, not the signal; kept across exec
         resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
 
-    res = subprocess.run([sys.executable, "-m", "xray_ray.search", *search_args(tmp_path, space_file(tmp_path))],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120, preexec_fn=no_file_writes)
+    res = subprocess.run(
+        [sys.executable, "-m", "xray_ray.search", *search_args(tmp_path, space_file(tmp_path))],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=no_file_writes,
+    )
     assert res.returncode == 2
     assert "cannot write to the results folder" in one_error_line(res.stderr)
     assert [p for p in (tmp_path / "results").rglob("*") if p.is_file()] == []  # not even a temp file
@@ -241,8 +281,13 @@ def test_a_write_that_fails_half_way_leaves_the_old_file_and_no_temp_file(tmp_pa
     old = pd.DataFrame({"trial_id": ["a", "b"], "best_val_auc": [0.9, 0.8]})
     R.write_parquet(old, str(table))
     R.write_json({"status": "finished"}, str(run_json))
-    res = subprocess.run([sys.executable, "-c", _WRITE_UNDER_LIMIT, str(table), str(run_json)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", _WRITE_UNDER_LIMIT, str(table), str(run_json)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert "parquet refused" in res.stdout and "json refused" in res.stdout, res.stdout
     pd.testing.assert_frame_equal(pd.read_parquet(table), old)
@@ -252,6 +297,7 @@ def test_a_write_that_fails_half_way_leaves_the_old_file_and_no_temp_file(tmp_pa
 
 # ---------------------------------------------------------------- a messy folder, with secrets in the environment
 
+
 def _save(path: Path, im: Image.Image, fmt: str, **kw) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path, fmt, **kw)
@@ -260,8 +306,14 @@ def _save(path: Path, im: Image.Image, fmt: str, **kw) -> None:
 def messy_folder(root: Path, outside: Path) -> tuple[dict[str, str], str]:
     """A Kaggle folder with every kind of bad and odd file; returns ({skipped path: reason part}, leaked uid)."""
     n = {("train", "NORMAL"): 24, ("train", "PNEUMONIA"): 24, ("test", "NORMAL"): 6, ("test", "PNEUMONIA"): 6}
-    write_kaggle_tree(root, {k: [f"{'IM' if k[1] == 'NORMAL' else 'person'}-{k[0]}{i:03d}-0001.jpeg"
-                                 for i in range(c)] for k, c in n.items()}, size=48)
+    write_kaggle_tree(
+        root,
+        {
+            k: [f"{'IM' if k[1] == 'NORMAL' else 'person'}-{k[0]}{i:03d}-0001.jpeg" for i in range(c)]
+            for k, c in n.items()
+        },
+        size=48,
+    )
     tn, tp = root / "train" / "NORMAL", root / "train" / "PNEUMONIA"
     gray = render(7, 100, 1, size=48)
     _save(tp / "odd-16bit.png", Image.fromarray(gray.astype(np.uint16) * 257), "PNG")
@@ -315,17 +367,32 @@ def messy_run(tmp_path_factory):
     """One finished search over the messy folder, run with dummy credentials in its environment."""
     tmp = tmp_path_factory.mktemp("messy")
     expect, leaked = messy_folder(tmp / "chest_xray", tmp / "outside.jpeg")
-    secrets_env = {"AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
-                   "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
-                   "AWS_SESSION_TOKEN": secrets.token_urlsafe(60),
-                   "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    secrets_env = {
+        "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
+        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
+        "AWS_SESSION_TOKEN": secrets.token_urlsafe(60),
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    }
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")} | secrets_env
     args = search_args(tmp, space_file(tmp, name="messy"), data=str(tmp / "chest_xray"))
-    res = subprocess.run([sys.executable, "-c", _RUN_AND_REPORT_AUTH, *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=400)
+    res = subprocess.run(
+        [sys.executable, "-c", _RUN_AND_REPORT_AUTH, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return {"dir": tmp / "results" / "messy", "tmp": tmp, "args": args, "stdout": res.stdout,
-            "expect": expect, "leaked": leaked, "secrets": secrets_env}
+    return {
+        "dir": tmp / "results" / "messy",
+        "tmp": tmp,
+        "args": args,
+        "stdout": res.stdout,
+        "expect": expect,
+        "leaked": leaked,
+        "secrets": secrets_env,
+    }
 
 
 @pytest.mark.slow
@@ -388,9 +455,11 @@ def test_a_results_folder_holding_a_different_run_is_refused(messy_run, capsys, 
 
 # ---------------------------------------------------------------- faults inside trials
 
+
 @pytest.mark.slow
 def test_a_trial_that_raises_runs_out_of_memory_or_goes_nan_is_errored_and_the_search_goes_on(
-        tmp_path, monkeypatch, capsys):
+    tmp_path, monkeypatch, capsys
+):
     # lr 1e20 makes the loss NaN within the first epoch (train_one_epoch raises FloatingPointError);
     # the hook makes one healthy trial raise and another run out of memory at epoch 2
     monkeypatch.setenv(SWITCH_ENV, "1")
@@ -437,6 +506,7 @@ def test_a_killed_trial_is_retried_from_its_checkpoint(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- Ctrl-C
 
+
 def _read_until(proc: subprocess.Popen, pattern: str, deadline: float, seen: list[str]) -> bool:
     while time.time() < deadline:
         line = proc.stdout.readline()
@@ -450,11 +520,21 @@ def _read_until(proc: subprocess.Popen, pattern: str, deadline: float, seen: lis
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_prints_the_resume_command_and_resume_completes(tmp_path):
-    space = space_file(tmp_path, searcher={"num_samples": 3},
-                       scheduler={"algorithm": "asha", "grace_period": 1, "reduction_factor": 2}, space={"epochs": 2})
+    space = space_file(
+        tmp_path,
+        searcher={"num_samples": 3},
+        scheduler={"algorithm": "asha", "grace_period": 1, "reduction_factor": 2},
+        space={"epochs": 2},
+    )
     args = search_args(tmp_path, space, "--no-export")
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "xray_ray.search", *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "xray_ray.search", *args],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     seen: list[str] = []
     try:
         assert _read_until(proc, r"epoch 1/", time.time() + 180, seen), "".join(seen)
@@ -487,6 +567,7 @@ def test_ctrl_c_stops_cleanly_prints_the_resume_command_and_resume_completes(tmp
 
 # ---------------------------------------------------------------- models given to predict and evaluate
 
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     import torch
@@ -497,8 +578,12 @@ def model_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     labels = np.array([0, 1] * 8, np.int64)
-    val = SplitArrays(np.stack([render(1, i, int(y), size=32) for i, y in enumerate(labels)]), labels,
-                      [f"v{i}" for i in range(16)], [f"p{i}" for i in range(16)])
+    val = SplitArrays(
+        np.stack([render(1, i, int(y), size=32) for i, y in enumerate(labels)]),
+        labels,
+        [f"v{i}" for i in range(16)],
+        [f"p{i}" for i in range(16)],
+    )
     out = tmp_path_factory.mktemp("model")
     finalize(out, build_model("tiny", image_size=32), {"val": val}, {}, pd.DataFrame(), pd.DataFrame(), n_boot=20)
     return out
@@ -541,8 +626,13 @@ def test_predict_and_evaluate_refuse_what_is_not_a_model_of_this_contract(model_
     image = tmp_path / "scan.png"
     Image.fromarray(render(0, 0, 1, size=48)).save(image)
     extra = [str(image)] if tool == "predict" else ["--data", "synthetic:60"]
-    res = subprocess.run([sys.executable, "-m", f"xray_ray.{tool}", "--model", str(bad), *extra], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", f"xray_ray.{tool}", "--model", str(bad), *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and res.stdout == ""
     assert BAD_MODELS[kind] in one_error_line(res.stderr)
 
@@ -551,12 +641,18 @@ def test_the_good_model_is_accepted(model_dir, tmp_path):
     """The control for the refusals above: the unmodified folder predicts."""
     image = tmp_path / "scan.png"
     Image.fromarray(render(0, 0, 1, size=48)).save(image)
-    res = subprocess.run([sys.executable, "-m", "xray_ray.predict", "--model", str(model_dir), str(image)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "xray_ray.predict", "--model", str(model_dir), str(image)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0 and json.loads(res.stdout)["path"] == str(image)
 
 
 # ---------------------------------------------------------------- code that must never appear
+
 
 def _calls(path: Path):
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -579,32 +675,50 @@ def test_no_checkpoint_or_array_is_ever_unpickled():
                 assert _keyword(call, "weights_only") is True, f"{where}: torch.load without weights_only=True"
             if func in ("np.load", "numpy.load"):
                 assert _keyword(call, "allow_pickle") is False, f"{where}: np.load without allow_pickle=False"
-            assert func not in ("pickle.load", "pickle.loads", "cloudpickle.load", "cloudpickle.loads",
-                                "joblib.load", "dill.load"), f"{where}: {func}"
+            assert func not in (
+                "pickle.load",
+                "pickle.loads",
+                "cloudpickle.load",
+                "cloudpickle.loads",
+                "joblib.load",
+                "dill.load",
+            ), f"{where}: {func}"
     assert seen >= 1  # the search's own trial checkpoints: the scan did find the call it guards
 
 
 @pytest.mark.parametrize("module", ["predict.py", "runtime.py", "images.py", "evaluate.py"])
 def test_paths_given_to_predict_are_never_seen_by_a_shell(module):
     source = (PACKAGE / module).read_text()
-    for pattern in (r"\bsubprocess\b", r"\bos\.system\b", r"\bos\.popen\b", r"shell\s*=\s*True", r"\bos\.exec",
-                    r"\bos\.spawn", r"\beval\(", r"\bexec\("):
+    for pattern in (
+        r"\bsubprocess\b",
+        r"\bos\.system\b",
+        r"\bos\.popen\b",
+        r"shell\s*=\s*True",
+        r"\bos\.exec",
+        r"\bos\.spawn",
+        r"\beval\(",
+        r"\bexec\(",
+    ):
         assert not re.search(pattern, source), f"{module}: {pattern}"
 
 
 def test_local_ray_keeps_the_dashboard_off_and_auth_on():
     search = (PACKAGE / "search.py").read_text()
-    local_init = [call for call, func in _calls(PACKAGE / "search.py")
-                  if func == "ray.init" and not any(k.arg == "address" for k in call.keywords)]
+    local_init = [
+        call
+        for call, func in _calls(PACKAGE / "search.py")
+        if func == "ray.init" and not any(k.arg == "address" for k in call.keywords)
+    ]
     assert len(local_init) == 1 and _keyword(local_init[0], "include_dashboard") is False
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
-        assert "0.0.0.0" not in text and "dashboard_host" not in text, path.name
+        assert "0.0.0.0" not in text and "dashboard_host" not in text, path.name  # noqa: S104 (its absence)
         assert not re.search(r"RAY_AUTH_MODE\W+(?!token)\w", text), path.name
     assert "RAY_AUTH_TOKEN" not in search  # tokens come from Ray's own files or environment, never from us
 
 
 # ---------------------------------------------------------------- the test-only hook itself
+
 
 def test_the_fault_hook_is_inert_without_the_test_switch(tmp_path, monkeypatch):
     from xray_ray.faults import inject_fault
@@ -647,8 +761,10 @@ def test_the_ray_token_file_is_private_after_a_local_start(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")} | {"HOME": str(home)}
-    code = ("import os, ray; os.umask(0o022); from xray_ray.rayinit import RayOptions, init_ray; "
-            "init_ray(RayOptions(address=None, num_cpus=1, cpus_per_trial=1.0)); ray.shutdown()")
+    code = (
+        "import os, ray; os.umask(0o022); from xray_ray.rayinit import RayOptions, init_ray; "
+        "init_ray(RayOptions(address=None, num_cpus=1, cpus_per_trial=1.0)); ray.shutdown()"
+    )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     token = home / ".ray" / "auth_token"

@@ -20,6 +20,7 @@ def _sparse(path: Path, size: int) -> None:
     with path.open("wb") as f:
         f.truncate(size)  # takes no disk space; reading it whole would take `size` bytes of memory
 
+
 GOOD = {  # class folder -> good images under odd names (they must be predicted, names intact)
     "NORMAL": ["plain.jpeg", "with spaces.jpeg", "ünïcødé 肺.jpeg"],
     "PNEUMONIA": ["person1_bacteria_1.jpeg", "new\nline.jpeg", "<script>alert(1)<!--.png"],
@@ -27,17 +28,30 @@ GOOD = {  # class folder -> good images under odd names (they must be predicted,
 # name -> (how to make it in a folder, what predict says, what evaluate says)
 BAD = {
     "fifo.jpeg": (lambda p: os.mkfifo(p), "not a regular file (a FIFO", "not a regular file"),
-    "device.jpeg": (lambda p: p.symlink_to("/dev/zero"), "not a regular file (a character device)",
-                    "symlink pointing outside the data folder"),
+    "device.jpeg": (
+        lambda p: p.symlink_to("/dev/zero"),
+        "not a regular file (a character device)",
+        "symlink pointing outside the data folder",
+    ),
     "loop.jpeg": (lambda p: p.symlink_to(p.name), "symlink loop", "symlink loop"),
     "dangling.jpeg": (lambda p: p.symlink_to(p.parent / "gone.jpeg"), "broken symlink", "broken symlink"),
-    "huge.jpeg": (lambda p: _sparse(p, 4 * GB), "file too large (4096 MB, the limit is 64 MB", "file too large (4096 MB, the limit is 64 MB"),
+    "huge.jpeg": (
+        lambda p: _sparse(p, 4 * GB),
+        "file too large (4096 MB, the limit is 64 MB",
+        "file too large (4096 MB, the limit is 64 MB",
+    ),
     "empty.jpeg": (lambda p: p.write_bytes(b""), "empty file (0 bytes)", "empty file (0 bytes)"),
     "truncated.jpeg": (None, "corrupt or truncated image", "corrupt or truncated image"),
-    "text.jpeg": (lambda p: p.write_text("<html>not an image</html>\n" * 40), "not a readable image",
-                  "not a readable image"),
-    "bomb.png": (lambda p: p.write_bytes(png_with_size(40_000, 40_000)), "image too large to decode safely",
-                 "image too large to decode safely"),
+    "text.jpeg": (
+        lambda p: p.write_text("<html>not an image</html>\n" * 40),
+        "not a readable image",
+        "not a readable image",
+    ),
+    "bomb.png": (
+        lambda p: p.write_bytes(png_with_size(40_000, 40_000)),
+        "image too large to decode safely",
+        "image too large to decode safely",
+    ),
 }
 
 
@@ -51,7 +65,8 @@ def corpus(tmp_path_factory) -> Path:
         folder.mkdir(parents=True)
         for name in names:
             Image.fromarray(render(7, i, int(cls == "PNEUMONIA"), size=64)).save(
-                folder / name, "PNG" if name.endswith(".png") else "JPEG")
+                folder / name, "PNG" if name.endswith(".png") else "JPEG"
+            )
             i += 1
     bad = root / "test" / "NORMAL"
     for name, (make, _, _) in BAD.items():
@@ -78,7 +93,7 @@ def test_predict_on_the_hostile_corpus(tiny_model, corpus):
     expected = _paths(corpus)
     assert len(out) == len(expected) and sorted(r["path"] for r in rows) == sorted(expected)  # one line each
     by_name = {expected[r["path"]]: r for r in rows}
-    for cls, names in GOOD.items():
+    for _cls, names in GOOD.items():
         for name in names:
             assert 0 <= by_name[name]["prob_pneumonia"] <= 1 and by_name[name]["label"] in ("NORMAL", "PNEUMONIA")
     for name, (_, says, _) in BAD.items():
@@ -86,10 +101,33 @@ def test_predict_on_the_hostile_corpus(tiny_model, corpus):
 
 
 def test_evaluate_on_the_hostile_corpus(tiny_model, corpus):
-    text, peak_text = run_measured("-m", "xray_ray.evaluate", "--model", str(tiny_model), "--data", str(corpus),
-                                   "--split", "test", "--n-boot", "20", timeout=180)
-    res, peak = run_measured("-m", "xray_ray.evaluate", "--model", str(tiny_model), "--data", str(corpus),
-                             "--split", "test", "--n-boot", "20", "--json", timeout=180)
+    text, peak_text = run_measured(
+        "-m",
+        "xray_ray.evaluate",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(corpus),
+        "--split",
+        "test",
+        "--n-boot",
+        "20",
+        timeout=180,
+    )
+    res, peak = run_measured(
+        "-m",
+        "xray_ray.evaluate",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(corpus),
+        "--split",
+        "test",
+        "--n-boot",
+        "20",
+        "--json",
+        timeout=180,
+    )
     for r, p in ((text, peak_text), (res, peak)):
         assert r.returncode == 0, r.stderr  # documented: skipped files are listed, never fatal
         assert "Traceback" not in r.stderr

@@ -89,11 +89,14 @@ def test_exif_orientation_is_applied():
     assert out[:4, -4:].mean() > 200 and out[:4, :4].mean() < 50  # the mark moved to the top-right
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", "empty"),
-    (np.random.default_rng(0).bytes(4000), "not a readable image"),
-    (b"\xff\xd8\xff\xe0" + b"\0" * 50, "not a readable image"),  # JPEG magic, nothing else
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty"),
+        (np.random.default_rng(0).bytes(4000), "not a readable image"),
+        (b"\xff\xd8\xff\xe0" + b"\0" * 50, "not a readable image"),  # JPEG magic, nothing else
+    ],
+)
 def test_broken_bytes_raise_image_error(data, reason):
     with pytest.raises(ImageError, match=reason):
         decode_gray(data)

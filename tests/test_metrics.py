@@ -8,7 +8,13 @@ import pytest
 
 from xray_ray.errors import UserError
 from xray_ray.metrics import (
-    CI_METRICS, _weighted_metrics, binary_metrics, bootstrap_ci, choose_threshold, pr_auc, roc_auc,
+    CI_METRICS,
+    _weighted_metrics,
+    binary_metrics,
+    bootstrap_ci,
+    choose_threshold,
+    pr_auc,
+    roc_auc,
 )
 
 

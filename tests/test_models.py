@@ -61,8 +61,17 @@ def test_every_block_count_up_to_the_maximum(size):
     for blocks in range(1, max_blocks(size) + 1):
         torch.manual_seed(blocks)
         head = "flatten" if blocks % 2 else "gap"
-        model = build_model(image_size=size, blocks=blocks, width=2, growth=1.5, max_width=8,
-                            double_conv=blocks % 3 == 0, head=head, fc=(8,), dropout=0.3)
+        model = build_model(
+            image_size=size,
+            blocks=blocks,
+            width=2,
+            growth=1.5,
+            max_width=8,
+            double_conv=blocks % 3 == 0,
+            head=head,
+            fc=(8,),
+            dropout=0.3,
+        )
         assert len(model.features) == blocks
         _forward_backward(model)
     with pytest.raises(UserError, match="blocks"):
@@ -128,8 +137,17 @@ def test_preset_or_sizes_never_both():
 
 
 def test_config_from_dict_takes_a_tune_trial_config():
-    trial = {"lr": 1e-3, "batch_size": 32, "blocks": np.int64(3), "width": 8.0, "fc": [32, 16],
-             "head": "gap", "double_conv": np.bool_(False), "image_size": 64, "dropout": np.float32(0.25)}
+    trial = {
+        "lr": 1e-3,
+        "batch_size": 32,
+        "blocks": np.int64(3),
+        "width": 8.0,
+        "fc": [32, 16],
+        "head": "gap",
+        "double_conv": np.bool_(False),
+        "image_size": 64,
+        "dropout": np.float32(0.25),
+    }
     config = config_from_dict(trial)
     assert config == CNNConfig(blocks=3, width=8, fc=(32, 16), head="gap", double_conv=False, dropout=0.25)
     assert type(config.blocks) is int and type(config.width) is int and type(config.double_conv) is bool

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from xray_ray.errors import DataError
-from xray_ray.pipeline import SplitArrays, can_fork, cache_key, epoch_batches, prepare, train_dataset
+from xray_ray.pipeline import SplitArrays, cache_key, can_fork, epoch_batches, prepare, train_dataset
 from xray_ray.sources import load_source, read_pixels
 from xray_ray.splits import assign_splits
 
@@ -60,8 +60,9 @@ def test_prepared_pixels_match_the_input_contract(manifest_df, tmp_path):
 
 @pytest.mark.parametrize("processes", [True, False])
 def test_forked_and_threaded_decoding_give_the_contract_pixels(kaggle_dir, tmp_path, processes):
-    df, _ = assign_splits(load_source(str(kaggle_dir)).df, seed=0, val_fraction=0.2, test_fraction=0.2,
-                          min_val_images=1)
+    df, _ = assign_splits(
+        load_source(str(kaggle_dir)).df, seed=0, val_fraction=0.2, test_fraction=0.2, min_val_images=1
+    )
     prep = prepare(df, 24, tmp_path, workers=2, processes=processes)
     assert prep.stats["decoded_by"] == f"2 {'processes' if processes else 'threads'}"
     for name, arr in prep.splits.items():
@@ -199,8 +200,9 @@ def test_balanced_resampling_evens_the_classes_and_gives_copies_their_own_draws(
 def test_an_epoch_mixes_the_classes_from_its_first_batches_on(local_ray):
     # a split lists its files class by class; the stream must not feed one class first and the other after
     labels = np.array([0] * 300 + [1] * 900, np.int64)
-    arr = SplitArrays(np.zeros((1200, 8, 8), np.uint8), labels, [str(i) for i in range(1200)],
-                      [str(i) for i in range(1200)])
+    arr = SplitArrays(
+        np.zeros((1200, 8, 8), np.uint8), labels, [str(i) for i in range(1200)], [str(i) for i in range(1200)]
+    )
     ds = train_dataset(arr, block_rows=100)
     first = []
     for b in epoch_batches(ds, strengths={}, seed=0, epoch=1, batch_size=50, shuffle_buffer=100):

@@ -4,7 +4,6 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import REAL_DATA, one_error_line, run_measured, run_module
 from xray_ray import predict, runtime
 from xray_ray.images import load_gray
 from xray_ray.models import build_model
 from xray_ray.phantoms import render
 from xray_ray.pipeline import SplitArrays
 from xray_ray.winner import finalize
-
-from conftest import REAL_DATA, one_error_line, run_measured, run_module
 
 SIZE = 32
 
@@ -34,8 +32,12 @@ def model_dir(tmp_path_factory) -> Path:
     """A tiny CNN exported by finalize (untrained: these tests are about plumbing, not accuracy)."""
     torch.manual_seed(0)
     labels = np.array([0, 1] * 8, np.int64)
-    val = SplitArrays(np.stack([render(1, i, int(y), size=SIZE) for i, y in enumerate(labels)]), labels,
-                      [f"v{i}" for i in range(16)], [f"p{i}" for i in range(16)])
+    val = SplitArrays(
+        np.stack([render(1, i, int(y), size=SIZE) for i, y in enumerate(labels)]),
+        labels,
+        [f"v{i}" for i in range(16)],
+        [f"p{i}" for i in range(16)],
+    )
     out = tmp_path_factory.mktemp("model")
     finalize(out, build_model("tiny", image_size=SIZE), {"val": val}, {}, pd.DataFrame(), pd.DataFrame(), n_boot=20)
     return out
@@ -49,7 +51,7 @@ def images(tmp_path_factory) -> Path:
     Image.fromarray(render(2, 0, 1)).save(root / "b.png")
     Image.fromarray(render(2, 1, 0)).save(root / "a.jpeg", quality=90)
     Image.fromarray(render(2, 2, 1)).convert("RGB").save(root / "sub" / "c.JPG")
-    Image.fromarray((render(2, 3, 0).astype(np.uint16) * 257)).save(root / "sub" / "deeper" / "d16.png")
+    Image.fromarray(render(2, 3, 0).astype(np.uint16) * 257).save(root / "sub" / "deeper" / "d16.png")
     good = (root / "a.jpeg").read_bytes()
     (root / "sub" / "broken.jpeg").write_bytes(good[: len(good) // 3])
     (root / "notes.txt").write_text("not an image")
@@ -148,6 +150,7 @@ def test_predict_on_real_chest_xrays(model_dir, tmp_path):
 
 
 # ---------------------------------------------------------------- reliability II (issue 15)
+
 
 def test_a_symlink_planted_at_the_temporary_name_is_never_followed(model_dir, images, tmp_path, capsys):
     """The old temporary name was guessable (.pred.csv.tmp<pid>): a link planted there redirected the write."""

@@ -51,8 +51,20 @@ def _space(tmp_path, **changes):
 def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
     space = _space(tmp)
-    rc = main(["--data", "synthetic:300", "--space", str(space), "--results", str(tmp / "results"),
-               "--cache", str(tmp / "cache"), "--seed", "1"])
+    rc = main(
+        [
+            "--data",
+            "synthetic:300",
+            "--space",
+            str(space),
+            "--results",
+            str(tmp / "results"),
+            "--cache",
+            str(tmp / "cache"),
+            "--seed",
+            "1",
+        ]
+    )
     assert rc == 0
     return tmp / "results" / "tiny"
 
@@ -114,8 +126,9 @@ def test_run_json_and_best_folder(tiny_run):
 
 @pytest.mark.slow
 def test_a_second_search_into_the_same_folder_is_refused(tiny_run, capsys):
-    rc = main(["--data", "synthetic:300", "--space", str(_space(tiny_run.parent.parent)),
-               "--results", str(tiny_run.parent)])
+    rc = main(
+        ["--data", "synthetic:300", "--space", str(_space(tiny_run.parent.parent)), "--results", str(tiny_run.parent)]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--resume" in err and "Traceback" not in err
@@ -132,17 +145,29 @@ def _reported_epochs(trial_dir):
 
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed(tmp_path):
-    space = _space(tmp_path, searcher={"num_samples": 5, "max_concurrent": 1},
-                   scheduler={"algorithm": "fifo"})
+    space = _space(tmp_path, searcher={"num_samples": 5, "max_concurrent": 1}, scheduler={"algorithm": "fifo"})
     doc = yaml.safe_load(space.read_text())
     doc["space"]["epochs"] = 3
     doc["space"]["image_size"] = 48
     space.write_text(yaml.safe_dump(doc))
-    args = [sys.executable, "-m", "xray_ray.search", "--data", "synthetic:600", "--space", str(space),
-            "--results", str(tmp_path / "results"), "--cache", str(tmp_path / "cache"), "--no-export"]
+    args = [
+        sys.executable,
+        "-m",
+        "xray_ray.search",
+        "--data",
+        "synthetic:600",
+        "--space",
+        str(space),
+        "--results",
+        str(tmp_path / "results"),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--no-export",
+    ]
     run_dir = tmp_path / "results" / "tiny"
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 240
     try:
         # kill once the second trial has reported an epoch: one trial done, one half-way
@@ -182,8 +207,10 @@ def test_stability_retrains_the_winner_with_other_seeds_on_the_same_splits(tiny_
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("tune"))
     card = json.loads((run / "best" / "model.json").read_text())
     winner = json.loads((run / "best" / "config.json").read_text())
-    assert stability.main(["--run", str(run), "--seeds", "5", "6", "--cache", str(tmp_path / "cache"),
-                           "--n-boot", "20"]) == 0
+    assert (
+        stability.main(["--run", str(run), "--seeds", "5", "6", "--cache", str(tmp_path / "cache"), "--n-boot", "20"])
+        == 0
+    )
     table = pd.read_parquet(run / "stability.parquet")
     summary = json.loads((run / "stability.json").read_text())
     assert list(table["source"]) == ["search", "replica", "replica"] and list(table["seed"]) == [1, 5, 6]
@@ -192,7 +219,8 @@ def test_stability_retrains_the_winner_with_other_seeds_on_the_same_splits(tiny_
     replicas = table.iloc[1:]
     assert (replicas["epochs_run"] == winner["epochs"]).all()  # FIFO: every replica trains all its epochs
     assert summary["spread_points"]["test_accuracy"] == pytest.approx(
-        100 * (replicas["test_accuracy"].max() - replicas["test_accuracy"].min()))
+        100 * (replicas["test_accuracy"].max() - replicas["test_accuracy"].min())
+    )
     assert summary["config"] == {**{k: v for k, v in winner.items() if k not in ("trial_id", "best_epoch")}}
     # two seeds, two different networks: their best weights differ
     weights = sorted((run / "stability" / "tune").glob("*/checkpoint_*/best.safetensors"))
@@ -220,8 +248,16 @@ def test_overhead_leaves_the_idle_tail_out_of_the_busy_share():
     from xray_ray.collect import overhead
 
     # trial a: epochs end at 5 and 10 (5 s each, 4 s inside steps); trial b: one epoch ending at 4
-    epochs = pd.DataFrame({"trial_id": ["a", "a", "b"], "epoch": [1, 2, 1], "ended_at": [5.0, 10.0, 4.0],
-                           "seconds": [5.0, 5.0, 4.0], "step_seconds": [3.5, 3.5, 3.0], "eval_seconds": [0.5, 0.5, 0.5]})
+    epochs = pd.DataFrame(
+        {
+            "trial_id": ["a", "a", "b"],
+            "epoch": [1, 2, 1],
+            "ended_at": [5.0, 10.0, 4.0],
+            "seconds": [5.0, 5.0, 4.0],
+            "step_seconds": [3.5, 3.5, 3.0],
+            "eval_seconds": [0.5, 0.5, 0.5],
+        }
+    )
     o = overhead(epochs, wall=12.0, concurrency=2)
     assert o["slot_seconds"] == 24.0 and o["inside_steps_seconds"] == pytest.approx(11.5)
     # both started at 0; after b ended at 4 its slot had nothing to run until a ended at 10
@@ -233,8 +269,10 @@ def test_overhead_leaves_the_idle_tail_out_of_the_busy_share():
 @pytest.mark.slow
 def test_trials_hand_their_worker_processes_on(tiny_run):
     """reuse_actors: 6 trials, 2 at a time, run in fewer than 6 worker processes (each import of torch saved)."""
-    pids = {json.loads(f.read_text().splitlines()[0])["trial_id"]: json.loads(f.read_text().splitlines()[0])["pid"]
-            for f in (tiny_run / "tune").glob("*/result.json")}
+    pids = {
+        json.loads(f.read_text().splitlines()[0])["trial_id"]: json.loads(f.read_text().splitlines()[0])["pid"]
+        for f in (tiny_run / "tune").glob("*/result.json")
+    }
     assert len(pids) == 6 and len(set(pids.values())) < 6, pids
 
 
@@ -253,37 +291,68 @@ def test_local_cpu_runs_share_few_augmentation_workers(tiny_run):
     assert run["resources"]["augment_slots"] == data_slots(ns(), os.cpu_count())
 
 
-
 def _search_cli(tmp_path, space_text: str, *flags: str) -> subprocess.CompletedProcess:
     space = tmp_path / "space.yaml"
     space.write_text(space_text)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "xray_ray.search", "--data", "synthetic:60", "--space", str(space),
-                           "--results", str(tmp_path / "results"), "--cache", str(tmp_path / "cache"),
-                           "--num-cpus", "2", "--no-export", *flags],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xray_ray.search",
+            "--data",
+            "synthetic:60",
+            "--space",
+            str(space),
+            "--results",
+            str(tmp_path / "results"),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--num-cpus",
+            "2",
+            "--no-export",
+            *flags,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
 def test_a_space_of_constants_trains_its_configuration_as_seeded_replicas(tmp_path):
     """Issue 15 #12: no searched parameter used to crash OptunaSearch; now each trial is the same config."""
-    res = _search_cli(tmp_path, "name: one\nspace:\n  image_size: 32\n  blocks: 2\n  epochs: 1\n  width: 4\n"
-                                "  double_conv: false\n", "--num-samples", "2", "--seed", "5")
+    res = _search_cli(
+        tmp_path,
+        "name: one\nspace:\n  image_size: 32\n  blocks: 2\n  epochs: 1\n  width: 4\n  double_conv: false\n",
+        "--num-samples",
+        "2",
+        "--seed",
+        "5",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = tmp_path / "results" / "one"
     trials = pd.read_parquet(run_dir / "trials.parquet")
     assert len(trials) == 2 and (trials["status"] == "completed").all() and (trials["epochs_run"] == 1).all()
     params = [json.loads((d / "params.json").read_text()) for d in _trial_dirs(run_dir)]
     assert sorted(p["seed"] for p in params) == [5, 6]  # replicas: the run's seed + i
-    assert all({k: v for k, v in p.items() if k != "seed"} == {k: v for k, v in params[0].items() if k != "seed"}
-               for p in params)
+    assert all(
+        {k: v for k, v in p.items() if k != "seed"} == {k: v for k, v in params[0].items() if k != "seed"}
+        for p in params
+    )
 
 
 def test_a_search_whose_every_trial_errored_exits_2_with_the_reason(tmp_path):
     """Issue 15: every trial NaN (lr 1e20) used to end with exit 0, 'done' and no model."""
-    res = _search_cli(tmp_path, "name: nan\nspace:\n  image_size: 32\n  blocks: 2\n  epochs: 1\n  width: 4\n"
-                                "  lr: {type: float, low: 1.0e+19, high: 1.0e+20, log: true}\n"
-                                "searcher: {algorithm: random, num_samples: 2}\nscheduler: {algorithm: fifo}\n",
-                      "--max-failures", "0")
+    res = _search_cli(
+        tmp_path,
+        "name: nan\nspace:\n  image_size: 32\n  blocks: 2\n  epochs: 1\n  width: 4\n"
+        "  lr: {type: float, low: 1.0e+19, high: 1.0e+20, log: true}\n"
+        "searcher: {algorithm: random, num_samples: 2}\nscheduler: {algorithm: fifo}\n",
+        "--max-failures",
+        "0",
+    )
     assert res.returncode == 2, res.stderr[-3000:]
     last = [line for line in res.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("error: every trial failed (2 of 2)") and "lower the learning rate" in last, last
@@ -296,8 +365,9 @@ def test_a_search_whose_every_trial_errored_exits_2_with_the_reason(tmp_path):
     assert run["status"] == "failed" and run["error"] == last.removeprefix("error: ")
 
 
-@pytest.mark.parametrize("started, says", [(False, "nothing to resume"),
-                                           (True, "Resume with: python -m xray_ray.search")])
+@pytest.mark.parametrize(
+    "started, says", [(False, "nothing to resume"), (True, "Resume with: python -m xray_ray.search")]
+)
 def test_main_learns_from_the_interrupt_whether_the_run_can_be_resumed(monkeypatch, capsys, started, says):
     from xray_ray import search
 

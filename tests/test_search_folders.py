@@ -25,8 +25,18 @@ from xray_ray.spaces import load_space
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = {
     "name": "folders",
-    "space": {"image_size": 32, "epochs": 2, "blocks": 1, "double_conv": False, "width": 4, "head": "gap",
-              "fc": [8], "lr": 1.0e-3, "batch_size": 64, "zoom": {"type": "float", "low": 0.0, "high": 0.2}},
+    "space": {
+        "image_size": 32,
+        "epochs": 2,
+        "blocks": 1,
+        "double_conv": False,
+        "width": 4,
+        "head": "gap",
+        "fc": [8],
+        "lr": 1.0e-3,
+        "batch_size": 64,
+        "zoom": {"type": "float", "low": 0.0, "high": 0.2},
+    },
     "searcher": {"algorithm": "random", "num_samples": 2, "max_concurrent": 2, "seed": 0},
     "scheduler": {"algorithm": "fifo"},
     "data": {"val_fraction": 0.2, "test_fraction": 0.2},
@@ -40,8 +50,19 @@ def space_file(tmp: Path, name: str = "folders") -> Path:
 
 
 def args(tmp: Path, *extra: str, data: str = "synthetic:100", name: str = "folders") -> list[str]:
-    return ["--data", data, "--space", str(space_file(tmp, name)), "--results", str(tmp / "results"),
-            "--cache", str(tmp / "cache"), "--num-cpus", "2", *extra]
+    return [
+        "--data",
+        data,
+        "--space",
+        str(space_file(tmp, name)),
+        "--results",
+        str(tmp / "results"),
+        "--cache",
+        str(tmp / "cache"),
+        "--num-cpus",
+        "2",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -64,7 +85,8 @@ BAD_NAMES = ["../victim", "/ABS/victim", "a/../../../victim", "a/b", ".", "..", 
 @pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
 @pytest.mark.parametrize("source", ["--name", "space file"])
 def test_a_run_name_that_is_not_one_plain_folder_name_is_refused_before_anything_is_written(
-        tmp_path, capsys, no_ray, name, source):
+    tmp_path, capsys, no_ray, name, source
+):
     name = name.replace("/ABS", str(tmp_path))
     argv = args(tmp_path, "--name", name) if source == "--name" else args(tmp_path, name=name)
     before = _all_files(tmp_path)
@@ -93,14 +115,22 @@ def _previous_run(tmp_path: Path, data: str) -> Path:
     run = tmp_path / "results" / "folders"
     run.mkdir(parents=True)
     space = load_space(str(space_file(tmp_path)))
-    (run / "run.json").write_text(json.dumps({"name": "folders", "started": "2026-01-01T00:00:00+00:00",
-                                              "seed": space.seed, "space": json_safe(space.to_dict()),
-                                              "data": {"spec": data}, "status": "interrupted"}))
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "name": "folders",
+                "started": "2026-01-01T00:00:00+00:00",
+                "seed": space.seed,
+                "space": json_safe(space.to_dict()),
+                "data": {"spec": data},
+                "status": "interrupted",
+            }
+        )
+    )
     return run
 
 
-def test_a_best_folder_holding_files_the_export_did_not_write_is_never_replaced(tmp_path, capsys, no_ray,
-                                                                                tiny_model):
+def test_a_best_folder_holding_files_the_export_did_not_write_is_never_replaced(tmp_path, capsys, no_ray, tiny_model):
     run = _previous_run(tmp_path, "synthetic:100")
     model_copy(tiny_model, run / "best")
     (run / "best" / "important.txt").write_text("mine")
@@ -121,9 +151,16 @@ def test_resume_removes_what_a_killed_run_left(tmp_path, capsys, no_ray, tiny_mo
     data = str(tmp_path / "data-gone")  # the resume stops at the data, after its clean-up, before Ray
     run = _previous_run(tmp_path, data)
     model_copy(tiny_model, run / "best")
-    leftovers = ["epochs.parquet.tmp-1a2b3c4d", ".trials.parquet.tmp-5e6f7a8b", ".run.json.tmp-abcdef12",
-                 "best/.model.onnx.k2j3h4g5", "best/.model.json.tmp4242", "best/.report.html.tmp",
-                 "best/.roc.png.tmp", "best/.weights.safetensors.tmp-0f0f0f0f"]
+    leftovers = [
+        "epochs.parquet.tmp-1a2b3c4d",
+        ".trials.parquet.tmp-5e6f7a8b",
+        ".run.json.tmp-abcdef12",
+        "best/.model.onnx.k2j3h4g5",
+        "best/.model.json.tmp4242",
+        "best/.report.html.tmp",
+        "best/.roc.png.tmp",
+        "best/.weights.safetensors.tmp-0f0f0f0f",
+    ]
     for rel in leftovers:
         (run / rel).write_bytes(b"partial")
     (run / "best.new-11111111").mkdir()  # an export killed while building
@@ -167,8 +204,14 @@ print(steps)
 
 def _swap(new: Path, best: Path, kill_at: int, mode: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-c", _SWAP, str(new), str(best), str(kill_at), mode], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", _SWAP, str(new), str(best), str(kill_at), mode],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize("mode", ["atomic exchange", "two renames"])
@@ -206,6 +249,13 @@ def test_the_export_file_list_matches_what_the_export_writes():
     """ship.EXPORT_FILES decides what best/ may hold; report.PICTURES and export's names must be in it."""
     from xray_ray import export, report
 
-    names = {export.ONNX_NAME, export.TORCHSCRIPT_NAME, export.WEIGHTS_NAME, export.CONFIG_NAME, "model.json",
-             "report.html", *report.PICTURES}
+    names = {
+        export.ONNX_NAME,
+        export.TORCHSCRIPT_NAME,
+        export.WEIGHTS_NAME,
+        export.CONFIG_NAME,
+        "model.json",
+        "report.html",
+        *report.PICTURES,
+    }
     assert names == set(ship.EXPORT_FILES)

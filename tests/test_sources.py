@@ -44,7 +44,7 @@ def test_clean_folder_manifest(kaggle_dir):
     row = df.set_index("uid").loc["train/NORMAL/IM-0001-0002.jpeg"]
     assert (row["label"], row["class_name"], row["orig_split"], row["patient"]) == (0, "NORMAL", "train", "IM-0001")
     assert row["index"] == -1 and (row["width"], row["height"]) == (48, 48)
-    assert row["sha1"] == hashlib.sha1(Path(row["location"]).read_bytes()).hexdigest()
+    assert row["sha1"] == hashlib.sha1(Path(row["location"]).read_bytes(), usedforsecurity=False).hexdigest()
     assert df.set_index("uid").loc["val/NORMAL/NORMAL2-IM-0100-0001.jpeg", "patient"] == "NORMAL2-IM-0100"
     counts = m.info["counts"]
     assert counts["train"] == {"NORMAL": 8, "PNEUMONIA": 12, "total": 20}
@@ -68,11 +68,14 @@ def test_read_pixels_for_a_folder_row(kaggle_dir):
 
 
 def test_class_folders_match_case_insensitively(make_kaggle_tree, tmp_path):
-    root = make_kaggle_tree(tmp_path / "d", {("train", "normal"): ["IM-0001-0001.jpeg"],
-                                             ("train", "Pneumonia"): ["person1_virus_1.jpeg"]})
+    root = make_kaggle_tree(
+        tmp_path / "d", {("train", "normal"): ["IM-0001-0001.jpeg"], ("train", "Pneumonia"): ["person1_virus_1.jpeg"]}
+    )
     df = load_source(str(root)).df
-    assert dict(zip(df["uid"], df["class_name"])) == {"train/normal/IM-0001-0001.jpeg": "NORMAL",
-                                                      "train/Pneumonia/person1_virus_1.jpeg": "PNEUMONIA"}
+    assert dict(zip(df["uid"], df["class_name"])) == {
+        "train/normal/IM-0001-0001.jpeg": "NORMAL",
+        "train/Pneumonia/person1_virus_1.jpeg": "PNEUMONIA",
+    }
 
 
 # ---------------------------------------------------------------- the real world's mess
@@ -120,17 +123,27 @@ def messy(tmp_path, make_kaggle_tree) -> tuple[Path, dict[str, str]]:
     exif[0x0112] = 6
     save(pn / "person27_bacteria_1.jpeg", wide, "JPEG", exif=exif)
     make_kaggle_tree(root / "chest_xray", {("test", "normal"): ["IM-0300-0001.jpeg"]}, seed=5)
-    for name in ("person20_bacteria_1.png", "person21_bacteria_1.JPEG", "person22_bacteria_1.png",
-                 "person23_virus_1.jpeg", "person24_virus_1.png", "person25_virus_1.png", "person26_virus_1.png",
-                 "person27_bacteria_1.jpeg"):
+    for name in (
+        "person20_bacteria_1.png",
+        "person21_bacteria_1.JPEG",
+        "person22_bacteria_1.png",
+        "person23_virus_1.jpeg",
+        "person24_virus_1.png",
+        "person25_virus_1.png",
+        "person26_virus_1.png",
+        "person27_bacteria_1.jpeg",
+    ):
         expect[f"chest_xray/train/PNEUMONIA/{name}"] = "used"
     expect["chest_xray/test/normal/IM-0300-0001.jpeg"] = "used"
 
     good = (pn / "person21_bacteria_1.JPEG").read_bytes()
     junk("chest_xray/train/PNEUMONIA/person30_bacteria_1.jpeg", b"", "empty")
     junk("chest_xray/train/PNEUMONIA/person31_bacteria_1.jpeg", good[: len(good) // 2], "truncated")
-    junk("chest_xray/train/PNEUMONIA/person32_bacteria_1.jpeg", np.random.default_rng(0).bytes(3000),
-         "not a readable image")
+    junk(
+        "chest_xray/train/PNEUMONIA/person32_bacteria_1.jpeg",
+        np.random.default_rng(0).bytes(3000),
+        "not a readable image",
+    )
     junk("chest_xray/train/PNEUMONIA/person33_bacteria_1.png", png_with_size(100_000, 100_000), "too large")
 
     normal = data / "train" / "NORMAL"
@@ -179,8 +192,12 @@ def test_messy_download_decodes_every_kind_the_same_way(messy):
     rotated = df.loc["train/PNEUMONIA/person27_bacteria_1.jpeg"]
     assert (rotated["width"], rotated["height"]) == (24, 48)  # EXIF orientation applied
     ref = read_pixels(df.loc["train/PNEUMONIA/person20_bacteria_1.png"].to_dict(), 32)
-    for name in ("person22_bacteria_1.png", "person24_virus_1.png", "person25_virus_1.png",
-                 "person26_virus_1.png"):  # 16-bit, RGBA, LA, palette: the same pixels exactly
+    for name in (
+        "person22_bacteria_1.png",
+        "person24_virus_1.png",
+        "person25_virus_1.png",
+        "person26_virus_1.png",
+    ):  # 16-bit, RGBA, LA, palette: the same pixels exactly
         np.testing.assert_array_equal(read_pixels(df.loc[f"train/PNEUMONIA/{name}"].to_dict(), 32), ref)
     for name in ("person21_bacteria_1.JPEG", "person23_virus_1.jpeg"):  # lossy: nearly the same
         out = read_pixels(df.loc[f"train/PNEUMONIA/{name}"].to_dict(), 32).astype(int)
@@ -211,14 +228,19 @@ def jpeg(i: int = 0) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("files, match", [
-    ({"NORMAL/IM-0001-0001.jpeg": jpeg()}, r"no train/, val/ or test/ folder"),
-    ({"train/NORMAL/.DS_Store": b"x", "train/PNEUMONIA/notes.txt": b"x"}, "no usable images"),
-    ({"train/NORMAL/a.jpeg": b"", "train/PNEUMONIA/b.jpeg": b"garbage"}, r"no usable images .*2 files skipped"),
-    ({"train/NORMAL/IM-0001-0001.jpeg": jpeg()}, "train/ has no PNEUMONIA images"),
-    ({"train/NORMAL/a.jpeg": jpeg(0), "train/PNEUMONIA/b.jpeg": jpeg(1), "train/COVID/c.jpeg": jpeg(2)},
-     "unknown class folder train/COVID"),
-])
+@pytest.mark.parametrize(
+    "files, match",
+    [
+        ({"NORMAL/IM-0001-0001.jpeg": jpeg()}, r"no train/, val/ or test/ folder"),
+        ({"train/NORMAL/.DS_Store": b"x", "train/PNEUMONIA/notes.txt": b"x"}, "no usable images"),
+        ({"train/NORMAL/a.jpeg": b"", "train/PNEUMONIA/b.jpeg": b"garbage"}, r"no usable images .*2 files skipped"),
+        ({"train/NORMAL/IM-0001-0001.jpeg": jpeg()}, "train/ has no PNEUMONIA images"),
+        (
+            {"train/NORMAL/a.jpeg": jpeg(0), "train/PNEUMONIA/b.jpeg": jpeg(1), "train/COVID/c.jpeg": jpeg(2)},
+            "unknown class folder train/COVID",
+        ),
+    ],
+)
 def test_structural_problems_raise_one_clear_sentence(tmp_path, files, match):
     root = make(tmp_path / "data", files)
     with pytest.raises(DataError, match=match) as err:
@@ -235,8 +257,15 @@ def test_missing_folder_and_plain_file(tmp_path):
 
 
 def test_empty_split_folder_and_one_class_test_only_warn(tmp_path):
-    root = make(tmp_path / "data", {"train/NORMAL/a.jpeg": jpeg(0), "train/PNEUMONIA/b.jpeg": jpeg(1),
-                                    "val/NORMAL/.DS_Store": b"x", "test/PNEUMONIA/c.jpeg": jpeg(2)})
+    root = make(
+        tmp_path / "data",
+        {
+            "train/NORMAL/a.jpeg": jpeg(0),
+            "train/PNEUMONIA/b.jpeg": jpeg(1),
+            "val/NORMAL/.DS_Store": b"x",
+            "test/PNEUMONIA/c.jpeg": jpeg(2),
+        },
+    )
     m = load_source(str(root))
     assert len(m.df) == 3
     assert any("val/ has no usable images" in w for w in m.info["warnings"])
@@ -259,12 +288,16 @@ def s3_uri(kaggle_dir, monkeypatch):
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     query = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-    fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1",
-                           allow_bucket_creation=True)
+    fs = pafs.S3FileSystem(
+        endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1", allow_bucket_creation=True
+    )
     fs.create_dir("bucket")
     for path in kaggle_dir.rglob("*.jpeg"):
         with fs.open_output_stream(f"bucket/kaggle/{path.relative_to(kaggle_dir.parent).as_posix()}") as f:
@@ -294,7 +327,7 @@ def test_npz_manifest_and_pixels(pneumonia_npz):
     with np.load(pneumonia_npz) as z:
         row = df.set_index("uid").loc["val/000005"]
         assert row["label"] == z["val_labels"][5, 0] and row["index"] == 5
-        assert row["sha1"] == hashlib.sha1(z["val_images"][5].tobytes()).hexdigest()
+        assert row["sha1"] == hashlib.sha1(z["val_images"][5].tobytes(), usedforsecurity=False).hexdigest()
         out = read_pixels(row.to_dict(), 64)
         np.testing.assert_array_equal(out, resize_gray(z["val_images"][5], 64))
     assert (df["width"] == 28).all() and df["patient"].equals(df["uid"])
@@ -376,7 +409,7 @@ def test_synthetic_is_deterministic_per_seed_and_pixels_match_the_hash():
     assert not a["sha1"].equals(c["sha1"])
     row = a.iloc[7].to_dict()
     native = render(3, 7, row["label"])
-    assert row["sha1"] == hashlib.sha1(native.tobytes()).hexdigest()
+    assert row["sha1"] == hashlib.sha1(native.tobytes(), usedforsecurity=False).hexdigest()
     np.testing.assert_array_equal(read_pixels(row, 64), resize_gray(native, 64))
 
 

@@ -12,8 +12,9 @@ from xray_ray.errors import DataError
 from xray_ray.splits import assign_splits, duplicate_groups, group_ids, patient_from_name
 
 
-def manifest(n_patients: int = 600, seed: int = 0, *, val: int = 0, test: int = 0,
-             prevalence: float = 0.74) -> pd.DataFrame:
+def manifest(
+    n_patients: int = 600, seed: int = 0, *, val: int = 0, test: int = 0, prevalence: float = 0.74
+) -> pd.DataFrame:
     """A manifest-like frame: patients own 1-3 images; some byte-identical copies cross patients."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -22,8 +23,7 @@ def manifest(n_patients: int = 600, seed: int = 0, *, val: int = 0, test: int = 
         split = "val" if p < val else "test" if p < val + test else "train"
         for k in range(int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))):
             uid = f"{split}/{'PNEUMONIA' if label else 'NORMAL'}/p{p}_{k}.jpeg"
-            rows.append({"uid": uid, "label": label, "orig_split": split, "patient": f"p{p}",
-                         "sha1": f"h{p}_{k}"})
+            rows.append({"uid": uid, "label": label, "orig_split": split, "patient": f"p{p}", "sha1": f"h{p}_{k}"})
     df = pd.DataFrame(rows)
     # a few byte-identical files under different patient ids (re-uploads): must join their groups
     for a, b in [(30, 31), (40, 77), (90, 91)]:
@@ -38,18 +38,21 @@ def sides(df: pd.DataFrame, column: str) -> pd.Series:
     return df.groupby(column)["split"].nunique()
 
 
-@pytest.mark.parametrize("name, patient", [
-    ("person1_bacteria_1.jpeg", "person1"),
-    ("person1946_virus_4874.jpeg", "person1946"),
-    ("person447_virus_921_1.jpeg", "person447"),
-    ("train/PNEUMONIA/person12_bacteria_48.jpeg", "person12"),
-    ("IM-0115-0001.jpeg", "IM-0115"),
-    ("IM-0629-0001-0002.jpeg", "IM-0629"),
-    ("NORMAL2-IM-0587-0001-0001.jpeg", "NORMAL2-IM-0587"),
-    ("NORMAL2-IM-0115-0001.jpeg", "NORMAL2-IM-0115"),
-    ("scan_42.png", "scan_42"),
-    ("IM-0115.jpeg", "IM-0115"),
-])
+@pytest.mark.parametrize(
+    "name, patient",
+    [
+        ("person1_bacteria_1.jpeg", "person1"),
+        ("person1946_virus_4874.jpeg", "person1946"),
+        ("person447_virus_921_1.jpeg", "person447"),
+        ("train/PNEUMONIA/person12_bacteria_48.jpeg", "person12"),
+        ("IM-0115-0001.jpeg", "IM-0115"),
+        ("IM-0629-0001-0002.jpeg", "IM-0629"),
+        ("NORMAL2-IM-0587-0001-0001.jpeg", "NORMAL2-IM-0587"),
+        ("NORMAL2-IM-0115-0001.jpeg", "NORMAL2-IM-0115"),
+        ("scan_42.png", "scan_42"),
+        ("IM-0115.jpeg", "IM-0115"),
+    ],
+)
 def test_patient_from_name(name, patient):
     assert patient_from_name(name) == patient
 
@@ -118,14 +121,26 @@ def test_leakage_is_reported_and_the_train_copy_dropped():
     src = manifest(val=150, test=100)
     test_row = src[src["orig_split"] == "test"].iloc[0]
     val_row = src[src["orig_split"] == "val"].iloc[0]
-    extra = pd.DataFrame([
-        # the same patient in train and test
-        {"uid": "train/NORMAL/leak_patient.jpeg", "label": test_row["label"], "orig_split": "train",
-         "patient": test_row["patient"], "sha1": "fresh-bytes"},
-        # the same bytes in train (another patient) and val
-        {"uid": "train/NORMAL/leak_bytes.jpeg", "label": val_row["label"], "orig_split": "train",
-         "patient": "someone-else", "sha1": val_row["sha1"]},
-    ])
+    extra = pd.DataFrame(
+        [
+            # the same patient in train and test
+            {
+                "uid": "train/NORMAL/leak_patient.jpeg",
+                "label": test_row["label"],
+                "orig_split": "train",
+                "patient": test_row["patient"],
+                "sha1": "fresh-bytes",
+            },
+            # the same bytes in train (another patient) and val
+            {
+                "uid": "train/NORMAL/leak_bytes.jpeg",
+                "label": val_row["label"],
+                "orig_split": "train",
+                "patient": "someone-else",
+                "sha1": val_row["sha1"],
+            },
+        ]
+    )
     df, info = assign_splits(pd.concat([src, extra], ignore_index=True), seed=0)
     dropped = {u for leak in info["leakage"] for u in leak["dropped"]}
     assert dropped == {"train/NORMAL/leak_patient.jpeg", "train/NORMAL/leak_bytes.jpeg"}
@@ -148,8 +163,17 @@ def test_info_is_json_serialisable_and_complete():
     _, info = assign_splits(manifest(val=6), seed=4, val_fraction=0.12)
     text = json.dumps(info)
     assert json.loads(text)["seed"] == 4
-    for key in ("method", "seed", "val_fraction", "test_fraction", "counts", "leakage", "duplicate_groups",
-                "patients", "warnings"):
+    for key in (
+        "method",
+        "seed",
+        "val_fraction",
+        "test_fraction",
+        "counts",
+        "leakage",
+        "duplicate_groups",
+        "patients",
+        "warnings",
+    ):
         assert key in info
     assert set(info["counts"]) == {"train", "val", "test", "extra_val"}
     assert set(info["counts"]["train"]) == {"NORMAL", "PNEUMONIA", "total"}
@@ -167,11 +191,14 @@ def test_duplicate_groups_lists_uids():
     assert duplicate_groups(df) == [["a", "c", "d"]]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"val_fraction": 0}, "val_fraction"),
-    ({"test_fraction": 1.5}, "test_fraction"),
-    ({"val_fraction": 0.5, "test_fraction": 0.45}, "at least 10%"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"val_fraction": 0}, "val_fraction"),
+        ({"test_fraction": 1.5}, "test_fraction"),
+        ({"val_fraction": 0.5, "test_fraction": 0.45}, "at least 10%"),
+    ],
+)
 def test_bad_fractions_raise_data_error(kwargs, match):
     with pytest.raises(DataError, match=match):
         assign_splits(manifest(50), seed=0, **kwargs)

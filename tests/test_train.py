@@ -8,15 +8,23 @@ from xray_ray.config import TrialConfig
 from xray_ray.metrics import roc_auc
 from xray_ray.models import build_model
 from xray_ray.phantoms import render
-from xray_ray.train import (array_batches, make_ema, make_loss, make_optimizer, make_scheduler, predict_probs,
-                            to_input, train_one_epoch)
+from xray_ray.train import (
+    array_batches,
+    make_ema,
+    make_loss,
+    make_optimizer,
+    make_scheduler,
+    predict_probs,
+    to_input,
+    train_one_epoch,
+)
 
 
 @pytest.fixture(scope="module")
 def phantoms():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 1200)
-    images = np.stack([render(0, i, int(l), size=48) for i, l in enumerate(labels)])
+    images = np.stack([render(0, i, int(y), size=48) for i, y in enumerate(labels)])
     return images, labels.astype(np.int64)
 
 
@@ -30,8 +38,18 @@ def test_a_few_epochs_learn_the_phantoms(phantoms):
     torch.manual_seed(0)
     images, labels = phantoms
     torch.set_num_threads(1)
-    cfg = TrialConfig(image_size=48, blocks=3, double_conv=False, width=16, head="flatten", fc=(32,), epochs=4,
-                      lr=1e-3, batch_size=32, ema=0.9)
+    cfg = TrialConfig(
+        image_size=48,
+        blocks=3,
+        double_conv=False,
+        width=16,
+        head="flatten",
+        fc=(32,),
+        epochs=4,
+        lr=1e-3,
+        batch_size=32,
+        ema=0.9,
+    )
     model = build_model(image_size=48, blocks=3, double_conv=False, width=16, head="flatten", fc=(32,))
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, steps_per_epoch=32)
@@ -39,8 +57,9 @@ def test_a_few_epochs_learn_the_phantoms(phantoms):
     loss_fn = make_loss(cfg, float(labels[:1000].mean()))
     losses = []
     for _ in range(cfg.epochs):
-        stats = train_one_epoch(model, array_batches(images[:1000], labels[:1000], 32), opt, loss_fn=loss_fn,
-                                scheduler=sched, ema=ema)
+        stats = train_one_epoch(
+            model, array_batches(images[:1000], labels[:1000], 32), opt, loss_fn=loss_fn, scheduler=sched, ema=ema
+        )
         assert stats["images"] == 1000 and stats["images_per_s"] > 0
         losses.append(stats["train_loss"])
     assert losses[-1] < losses[0]
@@ -60,8 +79,9 @@ def test_nan_loss_is_an_error_that_says_what_to_do(phantoms):
             p.fill_(float("nan"))
     cfg = TrialConfig(image_size=48)
     with pytest.raises(FloatingPointError, match="learning rate"):
-        train_one_epoch(model, array_batches(images[:32], labels[:32], 16), make_optimizer(model, cfg),
-                        loss_fn=make_loss(cfg, 0.5))
+        train_one_epoch(
+            model, array_batches(images[:32], labels[:32], 16), make_optimizer(model, cfg), loss_fn=make_loss(cfg, 0.5)
+        )
 
 
 def test_balanced_weighting_and_label_smoothing_change_the_loss():

@@ -20,8 +20,15 @@ from xray_ray.train import array_batches, make_loss, make_optimizer, train_one_e
 from xray_ray.winner import finalize
 
 SIZE = 32
-PICTURES = ["confusion.png", "roc.png", "pr.png", "calibration.png", "learning_curves.png", "search_history.png",
-            "saliency.png"]
+PICTURES = [
+    "confusion.png",
+    "roc.png",
+    "pr.png",
+    "calibration.png",
+    "learning_curves.png",
+    "search_history.png",
+    "saliency.png",
+]
 
 
 def make_split(name: str, n: int, seed: int, labels: np.ndarray | None = None) -> SplitArrays:
@@ -32,12 +39,33 @@ def make_split(name: str, n: int, seed: int, labels: np.ndarray | None = None) -
 
 def search_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
     """Trials and epochs as a search writes them: one completed, one stopped by ASHA, one errored."""
-    trials = pd.DataFrame({"trial_id": ["t_a", "t_b", "t_c"], "status": ["completed", "stopped", "errored"],
-                           "epochs_run": [3, 1, 0], "best_val_auc": [0.9, 0.7, np.nan],
-                           "best_metric": [0.9, 0.7, np.nan], "wall_seconds": [3.5, 1.0, 0.2]})
-    epochs = pd.DataFrame([{"trial_id": t, "epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e,
-                            "val_auc": 0.6 + 0.1 * e, "val_acc": 0.6, "lr": 1e-3, "seconds": 1.0,
-                            "images_per_s": 100.0} for t, n in (("t_a", 3), ("t_b", 1)) for e in range(1, n + 1)])
+    trials = pd.DataFrame(
+        {
+            "trial_id": ["t_a", "t_b", "t_c"],
+            "status": ["completed", "stopped", "errored"],
+            "epochs_run": [3, 1, 0],
+            "best_val_auc": [0.9, 0.7, np.nan],
+            "best_metric": [0.9, 0.7, np.nan],
+            "wall_seconds": [3.5, 1.0, 0.2],
+        }
+    )
+    epochs = pd.DataFrame(
+        [
+            {
+                "trial_id": t,
+                "epoch": e,
+                "train_loss": 1 / e,
+                "val_loss": 1.1 / e,
+                "val_auc": 0.6 + 0.1 * e,
+                "val_acc": 0.6,
+                "lr": 1e-3,
+                "seconds": 1.0,
+                "images_per_s": 100.0,
+            }
+            for t, n in (("t_a", 3), ("t_b", 1))
+            for e in range(1, n + 1)
+        ]
+    )
     return trials, epochs
 
 
@@ -51,24 +79,36 @@ def tiny_model(train: SplitArrays, steps: int = 2):
     return model.eval()
 
 
-RUN_INFO = {"seed": 7, "git_commit": "abc", "winner": {"trial_id": "t_a", "best_epoch": 3,
-                                                       "selection_metric": "val_auc", "selection_value": 0.9},
-            "data": {"spec": "synthetic:200", "source": {"source": "synthetic"}, "skipped": 0,
-                     "splits": {"method": "patient-grouped stratified", "seed": 7, "counts": {}}}}
+RUN_INFO = {
+    "seed": 7,
+    "git_commit": "abc",
+    "winner": {"trial_id": "t_a", "best_epoch": 3, "selection_metric": "val_auc", "selection_value": 0.9},
+    "data": {
+        "spec": "synthetic:200",
+        "source": {"source": "synthetic"},
+        "skipped": 0,
+        "splits": {"method": "patient-grouped stratified", "seed": 7, "counts": {}},
+    },
+}
 
 
 @pytest.fixture(scope="module")
 def splits():
-    return {"train": make_split("train", 64, 1), "val": make_split("val", 40, 2),
-            "test": make_split("test", 40, 3), "extra_val": make_split("extra_val", 8, 4)}
+    return {
+        "train": make_split("train", 64, 1),
+        "val": make_split("val", 40, 2),
+        "test": make_split("test", 40, 3),
+        "extra_val": make_split("extra_val", 8, 4),
+    }
 
 
 @pytest.fixture(scope="module")
 def winner(tmp_path_factory, splits):
     best = tmp_path_factory.mktemp("run") / "best"
     best.mkdir()
-    (best / "config.json").write_text(json.dumps({**TrialConfig(image_size=SIZE).to_dict(), "trial_id": "t_a",
-                                                  "best_epoch": 3}))
+    (best / "config.json").write_text(
+        json.dumps({**TrialConfig(image_size=SIZE).to_dict(), "trial_id": "t_a", "best_epoch": 3})
+    )
     model = tiny_model(splits["train"])
     trials, epochs = search_tables()
     card = finalize(best, model, splits, RUN_INFO, trials, epochs, n_boot=200)
@@ -100,7 +140,12 @@ def test_model_card_has_the_contract_and_the_evidence(winner, splits):
     assert card["trial_id"] == card["trial"]["id"] == "t_a"
     inp = card["input"]
     assert (inp["name"], inp["size"], inp["channels"], inp["dtype"], inp["layout"]) == (
-        "image", SIZE, 1, "float32", "NCHW")
+        "image",
+        SIZE,
+        1,
+        "float32",
+        "NCHW",
+    )
     assert inp["scaling"] == "divide 8-bit grayscale by 255"
     assert inp["resize"] == f"whole image to {SIZE}x{SIZE}, bilinear, no crop"
     assert card["output"]["name"] == "prob_pneumonia"
@@ -159,8 +204,12 @@ def test_threshold_meets_the_sensitivity_target_on_validation(winner, splits):
 def test_threshold_ignores_the_test_split(tmp_path, splits, winner):
     """Flipping every test label changes test metrics, never the threshold: it comes from validation."""
     _, card, model = winner
-    flipped = {**splits, "test": SplitArrays(splits["test"].images, 1 - splits["test"].labels,
-                                             splits["test"].uids, splits["test"].patients)}
+    flipped = {
+        **splits,
+        "test": SplitArrays(
+            splits["test"].images, 1 - splits["test"].labels, splits["test"].uids, splits["test"].patients
+        ),
+    }
     trials, epochs = search_tables()
     again = finalize(tmp_path, model, flipped, RUN_INFO, trials, epochs, n_boot=50)
     assert again["threshold"] == card["threshold"]

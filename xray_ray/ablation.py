@@ -40,18 +40,32 @@ from xray_ray.trial import Runtime, encode_value
 from xray_ray.tuner import ProgressPrinter, fit, restored, result_loggers, trial_trainable
 
 TARGET_SENSITIVITY = 0.95
-REPORTED = ("val_auc", "rob_auc_min", "rob_auc_mean", "rob_loss_mean", "test_auc", "test_accuracy",
-            "test_sensitivity", "test_specificity", "shifted_test_accuracy", "shifted_test_specificity",
-            "shifted_test_sensitivity", "shiftrule_shifted_test_accuracy", "shiftrule_shifted_test_specificity",
-            "shiftrule_shifted_test_sensitivity", "extra_val_accuracy")
+REPORTED = (
+    "val_auc",
+    "rob_auc_min",
+    "rob_auc_mean",
+    "rob_loss_mean",
+    "test_auc",
+    "test_accuracy",
+    "test_sensitivity",
+    "test_specificity",
+    "shifted_test_accuracy",
+    "shifted_test_specificity",
+    "shifted_test_sensitivity",
+    "shiftrule_shifted_test_accuracy",
+    "shiftrule_shifted_test_specificity",
+    "shiftrule_shifted_test_sensitivity",
+    "extra_val_accuracy",
+)
 
 
 def load_arms(path: str | Path) -> dict[str, Any]:
     """An arms file: ``name``, ``base`` (a full trial config), ``arms`` (name -> changed settings)."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"arms file '{path}' does not exist; pass --arms with a YAML file such as "
-                        f"ablations/generalisation.yaml.")
+        raise UserError(
+            f"arms file '{path}' does not exist; pass --arms with a YAML file such as ablations/generalisation.yaml."
+        )
     doc = yaml.safe_load(p.read_text())
     if not isinstance(doc, dict) or not isinstance(doc.get("base"), dict) or not isinstance(doc.get("arms"), dict):
         raise UserError(f"arms file '{path}' needs a 'base' mapping and an 'arms' mapping of name -> settings.")
@@ -64,17 +78,22 @@ def load_arms(path: str | Path) -> dict[str, Any]:
         except UserError as e:
             raise UserError(f"arm '{name}': {e}") from None
     sizes = {a["image_size"] for a in arms.values()}
-    return {"name": str(doc.get("name", p.stem)), "base": base.to_dict(), "arms": arms, "sizes": sorted(sizes),
-            "data": dict(doc.get("data") or {"val_fraction": 0.1, "test_fraction": 0.1}),
-            "split_seed": int(doc.get("split_seed", 0)), "doc": doc}
+    return {
+        "name": str(doc.get("name", p.stem)),
+        "base": base.to_dict(),
+        "arms": arms,
+        "sizes": sorted(sizes),
+        "data": dict(doc.get("data") or {"val_fraction": 0.1, "test_fraction": 0.1}),
+        "split_seed": int(doc.get("split_seed", 0)),
+        "doc": doc,
+    }
 
 
 def _binary(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, float]:
     from xray_ray.metrics import binary_metrics
 
     m = binary_metrics(y, p, t)
-    return {"accuracy": float(m["accuracy"]), "sensitivity": float(m["recall"]),
-            "specificity": float(m["specificity"])}
+    return {"accuracy": float(m["accuracy"]), "sensitivity": float(m["recall"]), "specificity": float(m["specificity"])}
 
 
 def evaluate_probs(preds: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
@@ -103,16 +122,18 @@ def evaluate_probs(preds: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[s
     return out
 
 
-def predictions(model, splits: Mapping[str, Any], batteries: Mapping[str, Mapping[str, np.ndarray]]
-                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def predictions(
+    model, splits: Mapping[str, Any], batteries: Mapping[str, Mapping[str, np.ndarray]]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """A model's predictions on every split and battery that ``evaluate_probs`` reads."""
     from xray_ray.pipeline import rows_for
     from xray_ray.train import array_batches, predict_probs
     from xray_ray.winner import split_probs
 
     def probs(images: np.ndarray) -> np.ndarray:
-        return predict_probs(model, array_batches(images, np.zeros(len(images), np.int64),
-                                                  rows_for(images.shape[-1])))[1]
+        return predict_probs(model, array_batches(images, np.zeros(len(images), np.int64), rows_for(images.shape[-1])))[
+            1
+        ]
 
     out = {s: split_probs(model, splits[s]) for s in ("val", "test", "extra_val") if s in splits and len(splits[s])}
     for split, bat in batteries.items():
@@ -126,8 +147,12 @@ def predictions(model, splits: Mapping[str, Any], batteries: Mapping[str, Mappin
 
 def _spread(values: pd.Series) -> dict[str, float]:
     v = values.dropna().astype(float)
-    return {"mean": float(v.mean()) if len(v) else np.nan, "min": float(v.min()) if len(v) else np.nan,
-            "max": float(v.max()) if len(v) else np.nan, "spread": float(v.max() - v.min()) if len(v) > 1 else np.nan}
+    return {
+        "mean": float(v.mean()) if len(v) else np.nan,
+        "min": float(v.min()) if len(v) else np.nan,
+        "max": float(v.max()) if len(v) else np.nan,
+        "spread": float(v.max() - v.min()) if len(v) > 1 else np.nan,
+    }
 
 
 def summarize_runs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -147,9 +172,17 @@ def summarize_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("val_auc", "rob_auc_min", "test_auc",
-                                                               "test_specificity", "shifted_test_accuracy",
-                                                               "extra_val_accuracy")) -> str:
+def markdown(
+    summary: pd.DataFrame,
+    metrics: Sequence[str] = (
+        "val_auc",
+        "rob_auc_min",
+        "test_auc",
+        "test_specificity",
+        "shifted_test_accuracy",
+        "extra_val_accuracy",
+    ),
+) -> str:
     """The summary as a Markdown table: mean (min-max) over seeds, and the seeds' ensemble."""
     metrics = [m for m in metrics if f"{m}_mean" in summary]
     head = "| arm | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics) + "\n"
@@ -157,7 +190,10 @@ def markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("val_auc", "rob_au
     for _, r in summary.iterrows():
         cells = []
         for m in metrics:
-            cells.append(f"{r[f'{m}_mean']:.4f} ({r[f'{m}_min']:.4f}-{r[f'{m}_max']:.4f}); ens {r.get(f'{m}_ensemble', np.nan):.4f}")
+            cells.append(
+                f"{r[f'{m}_mean']:.4f} ({r[f'{m}_min']:.4f}-{r[f'{m}_max']:.4f}); "
+                f"ens {r.get(f'{m}_ensemble', np.nan):.4f}"
+            )
         lines.append(f"| {r['arm']} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
@@ -184,10 +220,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     grid = _train_arms(args, spec, run_dir, prepared)
     runs = _score_runs(grid, spec, prepared)
     summary = summarize_runs(runs)
-    info = {"name": spec["name"], "arms_file": str(args.arms), "arms": spec["doc"], "seeds": list(args.seeds),
-            "data": {"spec": args.data, "splits": split_info}, "command": R.command_line(),
-            "target_sensitivity": TARGET_SENSITIVITY, "seconds": round(time.time() - t0, 1),
-            "versions": R.versions(), "git_commit": R.git_commit()}
+    info = {
+        "name": spec["name"],
+        "arms_file": str(args.arms),
+        "arms": spec["doc"],
+        "seeds": list(args.seeds),
+        "data": {"spec": args.data, "splits": split_info},
+        "command": R.command_line(),
+        "target_sensitivity": TARGET_SENSITIVITY,
+        "seconds": round(time.time() - t0, 1),
+        "versions": R.versions(),
+        "git_commit": R.git_commit(),
+    }
     meta = {"xray_ray": json.dumps(info, default=str)}
     R.write_parquet(runs, R.join(run_dir, "runs.parquet"), metadata=meta)
     R.write_parquet(summary, R.join(run_dir, "summary.parquet"), metadata=meta)
@@ -205,8 +249,16 @@ def _train_arms(args: argparse.Namespace, spec: dict[str, Any], run_dir: str, pr
         cpus = ray.cluster_resources().get("CPU", 1)
         concurrent = max(1, min(args.max_concurrent or int(cpus), int(cpus)))
         train_labels = next(iter(prepared.values())).splits["train"].labels
-        runtime = Runtime(cpus_per_trial=1.0, gpus_per_trial=0.0, data_cpus=0.0, data_tasks=1, metric="val_auc",
-                          mode="max", pos_fraction=float(np.mean(train_labels)), data_slot=data_slot())
+        runtime = Runtime(
+            cpus_per_trial=1.0,
+            gpus_per_trial=0.0,
+            data_cpus=0.0,
+            data_tasks=1,
+            metric="val_auc",
+            mode="max",
+            pos_fraction=float(np.mean(train_labels)),
+            data_slot=data_slot(),
+        )
         data = trial_data(prepared, spec["split_seed"])
         ray.data.DataContext.get_current().enable_progress_bars = False
         fn = trial_trainable(data, runtime, {"cpu": 1.0})
@@ -218,12 +270,19 @@ def _train_arms(args: argparse.Namespace, spec: dict[str, Any], run_dir: str, pr
                 if key != "seed":
                     params[key] = tune.sample_from(lambda s, k=key: encode_value(arms[s.config["arm"]][k]))
             progress = ProgressPrinter("val_auc", "max", len(arms) * len(args.seeds))
-            tuner = tune.Tuner(fn, param_space=params,
-                               tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
-                               run_config=tune.RunConfig(storage_path=run_dir, name="tune", verbose=0,
-                                                         callbacks=[progress, *result_loggers()]))
-        print(f"[xray_ray] ablation {spec['name']}: {len(spec['arms'])} arms x seeds {args.seeds}, "
-              f"{concurrent} at a time", flush=True)
+            tuner = tune.Tuner(
+                fn,
+                param_space=params,
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
+                run_config=tune.RunConfig(
+                    storage_path=run_dir, name="tune", verbose=0, callbacks=[progress, *result_loggers()]
+                ),
+            )
+        print(
+            f"[xray_ray] ablation {spec['name']}: {len(spec['arms'])} arms x seeds {args.seeds}, "
+            f"{concurrent} at a time",
+            flush=True,
+        )
         return fit(tuner)
     finally:
         ray.shutdown()
@@ -233,16 +292,30 @@ def _score_runs(grid, spec: dict[str, Any], prepared: dict) -> pd.DataFrame:
     """One row per run (its kept weights on val, test and their shift batteries) and one per arm's ensemble."""
     from xray_ray.robustness import battery
 
-    batteries = {s: {split: battery(p.splits[split].images, p.splits[split].labels, seed=spec["split_seed"])
-                     for split in ("val", "test") if split in p.splits} for s, p in prepared.items()}
+    batteries = {
+        s: {
+            split: battery(p.splits[split].images, p.splits[split].labels, seed=spec["split_seed"])
+            for split in ("val", "test")
+            if split in p.splits
+        }
+        for s, p in prepared.items()
+    }
     rows, by_arm = [], {}
     for res, cfg, model in trained_models(grid, lambda c: f"run {c.get('arm')} seed {c.get('seed')}"):
         preds = predictions(model, prepared[cfg.image_size].splits, batteries[cfg.image_size])
         by_arm.setdefault(res.config["arm"], []).append(preds)
         hist = res.metrics_dataframe
-        rows.append({"arm": res.config["arm"], "kind": "seed", "seed": cfg.seed,
-                     "best_epoch": int(res.metrics["best_epoch"]), "seconds": float(hist["seconds"].sum()),
-                     "rob_seconds": float(hist["rob_seconds"].sum()), **evaluate_probs(preds)})
+        rows.append(
+            {
+                "arm": res.config["arm"],
+                "kind": "seed",
+                "seed": cfg.seed,
+                "best_epoch": int(res.metrics["best_epoch"]),
+                "seconds": float(hist["seconds"].sum()),
+                "rob_seconds": float(hist["rob_seconds"].sum()),
+                **evaluate_probs(preds),
+            }
+        )
     for arm, members in by_arm.items():  # the mean of the seeds' probabilities: an ensemble of the arm
         mean = {k: (members[0][k][0], np.mean([m[k][1] for m in members], axis=0)) for k in members[0]}
         rows.append({"arm": arm, "kind": "ensemble", "seed": -1, **evaluate_probs(mean)})

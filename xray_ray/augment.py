@@ -9,7 +9,7 @@ worker runs it: the same seed and epoch give the same images, anywhere.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -39,7 +39,9 @@ def uniform_draws(seed: int, epoch: int, idx: np.ndarray, k: int = _N_DRAWS) -> 
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def augment_batch(batch: dict[str, np.ndarray], *, strengths: Mapping[str, float], seed: int, epoch: int) -> dict[str, np.ndarray]:
+def augment_batch(
+    batch: dict[str, np.ndarray], *, strengths: Mapping[str, float], seed: int, epoch: int
+) -> dict[str, np.ndarray]:
     """Augment ``batch["image"]`` (uint8 [N,S,S]) in a way fixed by (seed, epoch, batch["idx"])."""
     s = {k: float(strengths.get(k, 0.0)) for k in STRENGTHS}
     images = np.asarray(batch["image"])
@@ -52,8 +54,11 @@ def augment_batch(batch: dict[str, np.ndarray], *, strengths: Mapping[str, float
     x = torch.from_numpy(images).float().div_(255.0).unsqueeze(1)  # [N,1,S,S]
     n = x.shape[0]
 
-    v = torch.from_numpy(uniform_draws(seed ^ _EXTRA_KEY, epoch, np.asarray(batch["idx"]), 9)).float() \
-        if s["crop"] or s["erase"] else None
+    v = (
+        torch.from_numpy(uniform_draws(seed ^ _EXTRA_KEY, epoch, np.asarray(batch["idx"]), 9)).float()
+        if s["crop"] or s["erase"]
+        else None
+    )
     if s["zoom"] or s["rotate"] or s["shift"] or s["hflip"] or s["vflip"] or s["crop"]:
         scale = 1.0 + s["zoom"] * (2 * u[:, 0] - 1)
         angle = math.radians(s["rotate"]) * (2 * u[:, 1] - 1)
@@ -62,10 +67,13 @@ def augment_batch(batch: dict[str, np.ndarray], *, strengths: Mapping[str, float
         fx = torch.where(u[:, 4] < s["hflip"], -1.0, 1.0)
         fy = torch.where(u[:, 5] < s["vflip"], -1.0, 1.0)
         cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack([
-            torch.stack([scale * cos * fx, -scale * sin * fy, tx], dim=1),
-            torch.stack([scale * sin * fx, scale * cos * fy, ty], dim=1),
-        ], dim=1)  # [N,2,3]: output coords -> input coords
+        theta = torch.stack(
+            [
+                torch.stack([scale * cos * fx, -scale * sin * fy, tx], dim=1),
+                torch.stack([scale * sin * fx, scale * cos * fy, ty], dim=1),
+            ],
+            dim=1,
+        )  # [N,2,3]: output coords -> input coords
         if s["crop"]:
             theta = _then_crop(theta, s["crop"], v)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -128,8 +136,12 @@ def _erase(x: torch.Tensor, chance: float, v: torch.Tensor) -> torch.Tensor:
     left = (w - ew) * v[:, 7]
     rows = torch.arange(h, dtype=x.dtype).view(1, h, 1)
     cols = torch.arange(w, dtype=x.dtype).view(1, 1, w)
-    inside = ((rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
-              & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1)))
+    inside = (
+        (rows >= top.view(n, 1, 1))
+        & (rows < (top + eh).view(n, 1, 1))
+        & (cols >= left.view(n, 1, 1))
+        & (cols < (left + ew).view(n, 1, 1))
+    )
     on = (v[:, 8] < chance).view(n, 1, 1)
     mean = x.mean(dim=(2, 3), keepdim=True)
     return torch.where((inside & on).unsqueeze(1), mean.expand_as(x), x)

@@ -23,9 +23,10 @@ def every_trial_failed(trials: pd.DataFrame) -> str | None:
         return None
     first = trials.sort_values("trial_id").iloc[0]
     why = " ".join(str(first["error"] or "no error message").split()).rstrip(".")
-    return (f"every trial failed ({len(trials)} of {len(trials)}), so there is no model; the first "
-            f"({first['trial_id']}) with: {why}.")
-
+    return (
+        f"every trial failed ({len(trials)} of {len(trials)}), so there is no model; the first "
+        f"({first['trial_id']}) with: {why}."
+    )
 
 
 def overhead(epochs: pd.DataFrame, wall: float, concurrency: int) -> dict[str, float]:
@@ -47,8 +48,13 @@ def overhead(epochs: pd.DataFrame, wall: float, concurrency: int) -> dict[str, f
         busy = float((end - start.clip(lower=t0)).clip(lower=0).sum())
         idle_tail = min(max(0.0, concurrency * (t1 - t0) - busy), slots)
     busy_slots = max(slots - idle_tail, 1e-9)
-    return {"inside_steps_seconds": inside, "slot_seconds": slots, "share_outside": max(0.0, 1 - inside / slots),
-            "idle_tail_slot_seconds": idle_tail, "share_outside_busy": max(0.0, 1 - inside / busy_slots)}
+    return {
+        "inside_steps_seconds": inside,
+        "slot_seconds": slots,
+        "share_outside": max(0.0, 1 - inside / slots),
+        "idle_tail_slot_seconds": idle_tail,
+        "share_outside_busy": max(0.0, 1 - inside / busy_slots),
+    }
 
 
 def collect(grid, space: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -77,25 +83,29 @@ def collect(grid, space: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
         else:
             status = "running" if epochs_run else "pending"  # interrupted: --resume continues it
         best_row = _best_row(hist, space) if len(hist) else {}
-        trows.append({
-            "trial_id": trial_id, "status": status,
-            "error": (str(res.error).strip().splitlines() or [""])[-1][:500] if res.error is not None else None,
-            "epochs_run": epochs_run, "epochs": epochs_planned,
-            "best_epoch": int(best_row["epoch"]) if len(best_row) else None,
-            "best_metric": float(best_row[space.metric]) if len(best_row) else None,
-            "best_val_auc": float(best_row["val_auc"]) if len(best_row) else None,
-            "best_val_loss": float(best_row["val_loss"]) if len(best_row) else None,
-            "best_val_acc": float(best_row["val_acc"]) if len(best_row) else None,
-            "last_val_auc": float(last["val_auc"]) if len(hist) else None,
-            "wall_seconds": float(hist["seconds"].sum()) if len(hist) else 0.0,
-            "images_per_s": float(hist["images_per_s"].median()) if len(hist) else None,
-            "node_id": last.get("node_id") if len(hist) else None,
-            "data_nodes": last.get("data_nodes") if len(hist) else None,
-            "device": last.get("device") if len(hist) else None,
-            "checkpoint_path": _checkpoint_uri(res.checkpoint),
-            **_robustness_of(hist, best_row),
-            **{f"p_{k}": encode_value(cfg.get(k)) for k in searched},
-        })
+        trows.append(
+            {
+                "trial_id": trial_id,
+                "status": status,
+                "error": (str(res.error).strip().splitlines() or [""])[-1][:500] if res.error is not None else None,
+                "epochs_run": epochs_run,
+                "epochs": epochs_planned,
+                "best_epoch": int(best_row["epoch"]) if len(best_row) else None,
+                "best_metric": float(best_row[space.metric]) if len(best_row) else None,
+                "best_val_auc": float(best_row["val_auc"]) if len(best_row) else None,
+                "best_val_loss": float(best_row["val_loss"]) if len(best_row) else None,
+                "best_val_acc": float(best_row["val_acc"]) if len(best_row) else None,
+                "last_val_auc": float(last["val_auc"]) if len(hist) else None,
+                "wall_seconds": float(hist["seconds"].sum()) if len(hist) else 0.0,
+                "images_per_s": float(hist["images_per_s"].median()) if len(hist) else None,
+                "node_id": last.get("node_id") if len(hist) else None,
+                "data_nodes": last.get("data_nodes") if len(hist) else None,
+                "device": last.get("device") if len(hist) else None,
+                "checkpoint_path": _checkpoint_uri(res.checkpoint),
+                **_robustness_of(hist, best_row),
+                **{f"p_{k}": encode_value(cfg.get(k)) for k in searched},
+            }
+        )
     trials = pd.DataFrame(trows)
     if len(trials):
         trials = trials.sort_values("best_metric", ascending=space.mode == "min", na_position="last")
@@ -150,8 +160,9 @@ def print_leaderboard(trials: pd.DataFrame, space: SearchSpace, top: int = 10) -
     if trials.empty:
         print("[xray_ray] no trials ran", flush=True)
         return
-    cols = ["trial_id", "status", "epochs_run", "best_epoch", "best_val_auc", "best_val_loss"] + \
-           [c for c in trials.columns if c.startswith("p_")]
+    cols = ["trial_id", "status", "epochs_run", "best_epoch", "best_val_auc", "best_val_loss"] + [
+        c for c in trials.columns if c.startswith("p_")
+    ]
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4f}".format):
         print(f"\nLeaderboard (by best {space.metric}, {space.mode}):")
         print(trials[cols].head(top).to_string(index=False), flush=True)

@@ -58,8 +58,14 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None,
-                newline: str | None = None, perms: int = FILE_MODE) -> Iterator[IO]:
+def atomic_file(
+    path: str | os.PathLike,
+    mode: str = "wb",
+    *,
+    encoding: str | None = None,
+    newline: str | None = None,
+    perms: int = FILE_MODE,
+) -> Iterator[IO]:
     """An open file object that becomes `path` only when the block ends without an exception.
 
     The temporary file is made by ``tempfile.mkstemp`` in the target's folder (exclusive, random name,
@@ -113,7 +119,9 @@ def write_bytes_fs(fs: Any, path: str, data: bytes) -> None:
         return
     if parent:
         fs.create_dir(parent, recursive=True)
-    tmp = f"{parent}/{tmp_prefix(name)}{secrets.token_hex(4)}" if parent else f"{tmp_prefix(name)}{secrets.token_hex(4)}"
+    tmp = (
+        f"{parent}/{tmp_prefix(name)}{secrets.token_hex(4)}" if parent else f"{tmp_prefix(name)}{secrets.token_hex(4)}"
+    )
     try:
         with fs.open_output_stream(tmp) as f:
             f.write(data)
@@ -141,8 +149,11 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int | None) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, _kind(info.st_mode))
         if max_bytes is not None and info.st_size > max_bytes:
-            raise OSError(errno.EFBIG, f"file too large ({info.st_size / 2**20:.0f} MB, the limit is "
-                                       f"{max_bytes / 2**20:g} MB; raise it with --max-file-mb)")
+            raise OSError(
+                errno.EFBIG,
+                f"file too large ({info.st_size / 2**20:.0f} MB, the limit is "
+                f"{max_bytes / 2**20:g} MB; raise it with --max-file-mb)",
+            )
         limit = math.inf if max_bytes is None else max_bytes + 1
         os.set_blocking(fd, True)
         chunks, got = [], 0
@@ -153,17 +164,22 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int | None) -> bytes:
             chunks.append(chunk)
             got += len(chunk)
         if max_bytes is not None and got > max_bytes:  # it grew after the check
-            raise OSError(errno.EFBIG, f"file too large (over the {max_bytes / 2**20:g} MB limit; raise it with "
-                                       "--max-file-mb)")
+            raise OSError(
+                errno.EFBIG, f"file too large (over the {max_bytes / 2**20:g} MB limit; raise it with --max-file-mb)"
+            )
         return b"".join(chunks)
     finally:
         os.close(fd)
 
 
 def _kind(mode: int) -> str:
-    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
+    for test, what in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return f"not a regular file ({what})"
     return "not a regular file"

@@ -13,8 +13,9 @@ import json
 import math
 import numbers
 import re
-from functools import lru_cache
-from typing import Annotated, Any, ClassVar, Literal, Mapping
+from collections.abc import Mapping
+from functools import cache
+from typing import Annotated, Any, ClassVar, Literal
 
 import annotated_types as at
 import numpy as np
@@ -42,6 +43,7 @@ def max_blocks(image_size: int) -> int:
 
 
 # --------------------------------------------------------------------------- values as Tune, Optuna and YAML give them
+
 
 class _WrongType(ValueError):
     """A value of the wrong kind (its sentence names the key in quotes, as the type errors always did)."""
@@ -144,11 +146,11 @@ def _range_text(info) -> str:
     return f"below {_num(hi)}" if hi_open else f"at most {_num(hi)}"
 
 
-def _sentence(err: Mapping[str, Any], name: str | None, model: type["_Config"]) -> str:
+def _sentence(err: Mapping[str, Any], name: str | None, model: type[_Config]) -> str:
     """One pydantic error as the one sentence a user reads: what is wrong with which key, and what is allowed."""
     kind, ctx = err["type"], err.get("ctx") or {}
     if kind == "extra_forbidden":
-        return (f"unknown {model.what} '{name}'; known settings are: {', '.join(sorted(model.field_names()))}.")
+        return f"unknown {model.what} '{name}'; known settings are: {', '.join(sorted(model.field_names()))}."
     if kind in ("value_error", "assertion_error") and "error" in ctx:
         exc = ctx["error"]
         text = str(exc)
@@ -170,7 +172,7 @@ def _sentence(err: Mapping[str, Any], name: str | None, model: type["_Config"]) 
     return out if out.endswith(".") else out + "."
 
 
-def _refusal(e: ValidationError, model: type["_Config"], name: str | None = None) -> UserError:
+def _refusal(e: ValidationError, model: type[_Config], name: str | None = None) -> UserError:
     err = e.errors(include_url=False)[0]
     loc = err.get("loc") or ()
     return UserError(_sentence(err, name if name is not None else (str(loc[0]) if loc else None), model))
@@ -223,13 +225,13 @@ class _Config(BaseModel):
         return d
 
 
-@lru_cache(maxsize=None)
+@cache
 def _adapter(model: type[_Config], name: str) -> TypeAdapter:
     info = model.model_fields[name]
     return TypeAdapter(Annotated[(info.annotation, *info.metadata)])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _defaults_json(model: type[_Config]) -> str:
     return json.dumps(model().to_dict())
 
@@ -256,8 +258,10 @@ class _Sizes(_Config):
     def _blocks_fit_the_image(self):
         limit = max_blocks(self.image_size)
         if self.blocks > limit:
-            raise ValueError(f"blocks={self.blocks} does not fit image_size={self.image_size}: each block halves "
-                             f"the image, so use 1 to {limit} blocks or a larger image_size.")
+            raise ValueError(
+                f"blocks={self.blocks} does not fit image_size={self.image_size}: each block halves "
+                f"the image, so use 1 to {limit} blocks or a larger image_size."
+            )
         return self
 
 

@@ -18,8 +18,9 @@ from xray_ray.sources import Manifest, load_source
 from xray_ray.splits import assign_splits, duplicate_groups
 
 
-def inspect(spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1,
-            min_val_images: int = 100) -> dict:
+def inspect(
+    spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1, min_val_images: int = 100
+) -> dict:
     """JSON-able summary of a data source and the split it would get (raises UserError/DataError).
 
     Data without train images (say, only a test/ folder, to score with evaluate) is summarised too; its
@@ -30,8 +31,9 @@ def inspect(spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fractio
     df = manifest.df
     split_info = None  # a folder with test/ (or val/) but no train/ can be looked at, though not searched
     if (df["orig_split"] == "train").any():
-        _, split_info = assign_splits(df, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-                                      min_val_images=min_val_images)
+        _, split_info = assign_splits(
+            df, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, min_val_images=min_val_images
+        )
     dups = duplicate_groups(df)
     return {
         "data": spec,
@@ -49,11 +51,14 @@ def inspect(spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fractio
 def format_report(r: dict) -> str:
     """The human-readable version of `inspect`'s summary."""
     cols = [*CLASSES, "total"]
-    lines = [f"data: {r['data']} ({r['source']['source']}, {r['seconds']:.1f} s)", "",
-             "images as given:", _table(r["by_split"], cols),
-             f"patients: {r['patients']}",
-             f"byte-identical duplicate groups: {r['duplicates']['groups']} "
-             f"({r['duplicates']['images']} images)"]
+    lines = [
+        f"data: {r['data']} ({r['source']['source']}, {r['seconds']:.1f} s)",
+        "",
+        "images as given:",
+        _table(r["by_split"], cols),
+        f"patients: {r['patients']}",
+        f"byte-identical duplicate groups: {r['duplicates']['groups']} ({r['duplicates']['images']} images)",
+    ]
     skipped = r["skipped"]
     lines.append(f"skipped files: {len(skipped)}")
     for reason, n in Counter(s["reason"] for s in skipped).most_common():
@@ -61,19 +66,27 @@ def format_report(r: dict) -> str:
         lines.append(f"  {n:6d}  {reason}  (e.g. {example})")
     s = r["split"]
     if s is None:
-        lines += ["", "split: none; the data has no train images, so a search cannot use it (evaluate can "
-                      "score its splits with --split)."]
+        lines += [
+            "",
+            "split: none; the data has no train images, so a search cannot use it (evaluate can "
+            "score its splits with --split).",
+        ]
         lines += [f"warning: {w}" for w in r["source"].get("warnings", [])]
         return "\n".join(lines)
-    lines += ["", f"split (seed {s['seed']}, {s['method']}; val: {s['val_source']}, test: {s['test_source']}):",
-              _table({k: {**v, "patients": s["patients"][k]} for k, v in s["counts"].items()},
-                     [*cols, "patients"])]
+    lines += [
+        "",
+        f"split (seed {s['seed']}, {s['method']}; val: {s['val_source']}, test: {s['test_source']}):",
+        _table({k: {**v, "patients": s["patients"][k]} for k, v in s["counts"].items()}, [*cols, "patients"]),
+    ]
     if s["leakage"]:
-        lines.append(f"leakage: {len(s['leakage'])} groups in train and in the given val/test; "
-                     f"{s['dropped']} train images dropped")
+        lines.append(
+            f"leakage: {len(s['leakage'])} groups in train and in the given val/test; "
+            f"{s['dropped']} train images dropped"
+        )
         for leak in s["leakage"][:10]:
-            lines.append(f"  {', '.join(leak['patients'])}: kept {leak['kept_split']}, "
-                         f"dropped {', '.join(leak['dropped'])}")
+            lines.append(
+                f"  {', '.join(leak['patients'])}: kept {leak['kept_split']}, dropped {', '.join(leak['dropped'])}"
+            )
     for w in [*r["source"].get("warnings", []), *s["warnings"]]:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
@@ -100,8 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        report = inspect(args.data, seed=args.seed, val_fraction=args.val_fraction,
-                         test_fraction=args.test_fraction, min_val_images=args.min_val_images)
+        report = inspect(
+            args.data,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            min_val_images=args.min_val_images,
+        )
         print(json.dumps(report, indent=1) if args.json else format_report(report))
         return 0
 

@@ -36,17 +36,26 @@ class EnsembleConfig:
     in_channels: int = 1
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "ensemble", "image_size": self.image_size, "in_channels": self.in_channels,
-                "members": [{"trial_id": t, "weight": w, "config": dict(m)}
-                            for t, w, m in zip(self.trial_ids, self.weights, self.members)]}
+        return {
+            "kind": "ensemble",
+            "image_size": self.image_size,
+            "in_channels": self.in_channels,
+            "members": [
+                {"trial_id": t, "weight": w, "config": dict(m)}
+                for t, w, m in zip(self.trial_ids, self.weights, self.members)
+            ],
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "EnsembleConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> EnsembleConfig:
         members = d["members"]
-        return cls(members=tuple(dict(m["config"]) for m in members),
-                   weights=tuple(float(m["weight"]) for m in members),
-                   trial_ids=tuple(str(m["trial_id"]) for m in members),
-                   image_size=int(d["image_size"]), in_channels=int(d.get("in_channels", 1)))
+        return cls(
+            members=tuple(dict(m["config"]) for m in members),
+            weights=tuple(float(m["weight"]) for m in members),
+            trial_ids=tuple(str(m["trial_id"]) for m in members),
+            image_size=int(d["image_size"]),
+            in_channels=int(d.get("in_channels", 1)),
+        )
 
 
 class Ensemble(nn.Module):
@@ -62,9 +71,13 @@ class Ensemble(nn.Module):
         w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
         w = w / w.sum()
         size = max(m.config.image_size for m in members)
-        self.config = EnsembleConfig(members=tuple(m.config.to_dict() for m in members),
-                                     weights=tuple(float(x) for x in w), trial_ids=tuple(map(str, trial_ids)),
-                                     image_size=size, in_channels=members[0].config.in_channels)
+        self.config = EnsembleConfig(
+            members=tuple(m.config.to_dict() for m in members),
+            weights=tuple(float(x) for x in w),
+            trial_ids=tuple(map(str, trial_ids)),
+            image_size=size,
+            in_channels=members[0].config.in_channels,
+        )
         self.members = nn.ModuleList(members)
         self.register_buffer("weights", w)
         self.sizes: list[int] = [int(m.config.image_size) for m in members]
@@ -101,8 +114,9 @@ def from_config(d: Mapping[str, Any]) -> Ensemble:
     return Ensemble([CNN(CNNConfig(**m)) for m in cfg.members], cfg.weights, cfg.trial_ids)
 
 
-def greedy_select(candidates: Mapping[str, Preds], score: Callable[[Preds], float], rounds: int,
-                  mode: str = "max") -> Counter:
+def greedy_select(
+    candidates: Mapping[str, Preds], score: Callable[[Preds], float], rounds: int, mode: str = "max"
+) -> Counter:
     """Caruana's greedy selection with replacement: ``rounds`` picks, each the candidate whose addition
     gives the best ``score`` of the averaged predictions; returns trial id -> times picked.
 
@@ -142,8 +156,13 @@ def metric_fn(metric: str, y: np.ndarray, y_shifted: np.ndarray | None = None) -
     def clean(p: Preds) -> float:
         v = p["val"]
         auc, brier = roc_auc(y, v), float(np.mean((v - y) ** 2))
-        return {"val_auc": auc, "val_loss": log_loss(y, v), "val_acc": float(np.mean((v >= 0.5) == y)),
-                "val_brier": brier, "val_score": auc - brier}[metric]
+        return {
+            "val_auc": auc,
+            "val_loss": log_loss(y, v),
+            "val_acc": float(np.mean((v >= 0.5) == y)),
+            "val_brier": brier,
+            "val_score": auc - brier,
+        }[metric]
 
     def shifted(p: Preds) -> float:
         per = {k: (roc_auc(y_shifted, v), log_loss(y_shifted, v)) for k, v in p.items() if k != "val"}
@@ -159,8 +178,9 @@ def candidate_preds(model: nn.Module, val_images: np.ndarray, shifted: Mapping[s
 
     def probs(images: np.ndarray) -> np.ndarray:
         images = images if images.flags.writeable else images.copy()
-        return predict_probs(model, array_batches(images, np.zeros(len(images), np.int64),
-                                                  rows_for(images.shape[-1])))[1].astype(np.float64)
+        return predict_probs(model, array_batches(images, np.zeros(len(images), np.int64), rows_for(images.shape[-1])))[
+            1
+        ].astype(np.float64)
 
     out = {"val": probs(val_images)}
     for name, images in (shifted or {}).items():
@@ -169,9 +189,14 @@ def candidate_preds(model: nn.Module, val_images: np.ndarray, shifted: Mapping[s
     return out
 
 
-def select(members: Mapping[str, CNN], val: Mapping[int, tuple[np.ndarray, np.ndarray]],
-           batteries: Mapping[int, Mapping[str, np.ndarray]] | None, metric: str, mode: str, rounds: int
-           ) -> tuple[nn.Module, dict[str, Any]]:
+def select(
+    members: Mapping[str, CNN],
+    val: Mapping[int, tuple[np.ndarray, np.ndarray]],
+    batteries: Mapping[int, Mapping[str, np.ndarray]] | None,
+    metric: str,
+    mode: str,
+    rounds: int,
+) -> tuple[nn.Module, dict[str, Any]]:
     """Greedy ensemble selection over ``members`` (trial id -> CNN, best first) on validation.
 
     ``val``: image size -> (images, labels); ``batteries``: image size -> shift battery (needed for the
@@ -189,11 +214,20 @@ def select(members: Mapping[str, CNN], val: Mapping[int, tuple[np.ndarray, np.nd
     chosen = greedy_select(preds, metric_fn(metric, y, y_shifted), rounds, mode)
     ids = [t for t in members if t in chosen]
     single_score = metric_fn(metric, y, y_shifted)(preds[next(iter(members))])
-    info = {"method": "greedy selection with replacement (Caruana et al., ICML 2004)", "metric": metric,
-            "rounds": rounds, "candidates": list(members), "picked": {t: int(chosen[t]) for t in ids},
-            "score": metric_fn(metric, y, y_shifted)({k: np.mean([preds[t][k] * chosen[t] for t in ids], axis=0)
-                                                      * len(ids) / sum(chosen.values()) for k in preds[ids[0]]}),
-            "best_single_score": single_score}
+    info = {
+        "method": "greedy selection with replacement (Caruana et al., ICML 2004)",
+        "metric": metric,
+        "rounds": rounds,
+        "candidates": list(members),
+        "picked": {t: int(chosen[t]) for t in ids},
+        "score": metric_fn(metric, y, y_shifted)(
+            {
+                k: np.mean([preds[t][k] * chosen[t] for t in ids], axis=0) * len(ids) / sum(chosen.values())
+                for k in preds[ids[0]]
+            }
+        ),
+        "best_single_score": single_score,
+    }
     if len(ids) == 1:
         return members[ids[0]], info
     return Ensemble([members[t] for t in ids], [chosen[t] for t in ids], ids).eval(), info

@@ -29,12 +29,32 @@ from xray_ray.errors import DataError, UserError
 from xray_ray.metrics import binary_metrics, bootstrap_ci
 
 SPLITS = ("test", "val", "train", "extra_val", "all")
-TABLE_METRICS = ["roc_auc", "pr_auc", "recall", "specificity", "precision", "accuracy", "f1", "brier", "ece",
-                 "tp", "fp", "tn", "fn"]
+TABLE_METRICS = [
+    "roc_auc",
+    "pr_auc",
+    "recall",
+    "specificity",
+    "precision",
+    "accuracy",
+    "f1",
+    "brier",
+    "ece",
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+]
 
 
-def summarize(y: np.ndarray, p: np.ndarray, threshold: float, *, groups: Sequence[str] | None = None,
-              n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def summarize(
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    *,
+    groups: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Counts, prevalence and metrics with bootstrap CIs at `threshold` and at 0.5 for one split."""
     y = np.asarray(y, dtype=np.int64)
     p = np.asarray(p, dtype=np.float64)
@@ -54,11 +74,11 @@ def summarize(y: np.ndarray, p: np.ndarray, threshold: float, *, groups: Sequenc
 
 
 def _digest(uid: str, image: np.ndarray) -> tuple[str, str]:
-    return str(uid), hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+    return str(uid), hashlib.sha1(np.ascontiguousarray(image).tobytes(), usedforsecurity=False).hexdigest()
 
 
 def _combine(digests: list[tuple[str, str]]) -> str:
-    return hashlib.sha1(repr(sorted(digests)).encode()).hexdigest()[:16]
+    return hashlib.sha1(repr(sorted(digests)).encode(), usedforsecurity=False).hexdigest()[:16]
 
 
 def fingerprint(uids: Sequence[str], images: np.ndarray) -> str:
@@ -83,8 +103,10 @@ def format_table(summary: Mapping[str, Any], threshold: float) -> str:
         return f"{_fmt(block.get(name))} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
 
     heads = (f"threshold {threshold:.4f}", "threshold 0.5")
-    rows = [(("recall (sens.)" if m == "recall" else m), cell(summary["at_threshold"], m), cell(summary["at_0.5"], m))
-            for m in TABLE_METRICS]
+    rows = [
+        (("recall (sens.)" if m == "recall" else m), cell(summary["at_threshold"], m), cell(summary["at_0.5"], m))
+        for m in TABLE_METRICS
+    ]
     w1 = max(len(r[0]) for r in rows)
     w2 = max(len(heads[0]), *(len(r[1]) for r in rows))
     lines = [f"{'metric':<{w1}}  {heads[0]:<{w2}}  {heads[1]}"]
@@ -123,9 +145,18 @@ def _search_split(df: pd.DataFrame, card: Mapping[str, Any]) -> pd.DataFrame:
     return df
 
 
-def evaluate(model_dir: str, data: str, *, split: str = "test", seed: int | None = None, resplit: bool = False,
-             batch_size: int = 64, n_boot: int = 1000, max_file_mb: float = DEFAULT_MAX_FILE_MB,
-             allow_modified_model: bool = False) -> dict[str, Any]:
+def evaluate(
+    model_dir: str,
+    data: str,
+    *,
+    split: str = "test",
+    seed: int | None = None,
+    resplit: bool = False,
+    batch_size: int = 64,
+    n_boot: int = 1000,
+    max_file_mb: float = DEFAULT_MAX_FILE_MB,
+    allow_modified_model: bool = False,
+) -> dict[str, Any]:
     """Score one split of a data source with an exported model; returns a JSON-able result.
 
     Without `resplit`, splits are the source's own (a folder's train/val/test folders); with it, the
@@ -149,8 +180,10 @@ def evaluate(model_dir: str, data: str, *, split: str = "test", seed: int | None
         have = sorted(df[column].astype(str).unique())
         if split not in have:
             hint = "" if resplit else " (--resplit splits it as the search did)"
-            raise UserError(f"the data has no '{split}' split, only {', '.join(have) or 'no images'}; "
-                            f"choose one of those or all{hint}.")
+            raise UserError(
+                f"the data has no '{split}' split, only {', '.join(have) or 'no images'}; "
+                f"choose one of those or all{hint}."
+            )
         df = df[df[column] == split]
     if not len(df):
         raise UserError(f"the data at {data} holds no usable images; check the path.")
@@ -158,7 +191,7 @@ def evaluate(model_dir: str, data: str, *, split: str = "test", seed: int | None
     threads = min(8, os.cpu_count() or 1)
     labels, probs, patients, unreadable, digests = [], [], [], [], []
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         kept, pixels, bad = _read_rows(chunk, model.image_size, threads)
         unreadable += bad
         if kept:
@@ -171,18 +204,26 @@ def evaluate(model_dir: str, data: str, *, split: str = "test", seed: int | None
     y, p = np.asarray(labels, np.int64), np.concatenate(probs)
     summary = summarize(y, p, model.threshold, groups=patients, n_boot=n_boot, seed=seed)
     searched = ((model.card.get("data") or {}).get("fingerprints") or {}).get(split) if resplit else None
-    return json_safe({
-        "model": str(model_dir), "data": data, "split": split, "split_column": column, "seed": seed,
-        "threshold": model.threshold, "trial_id": model.card.get("trial_id"),
-        "skipped": int(len(manifest.skipped)) + len(unreadable),
-        "skipped_files": [{"path": str(r["path"]), "reason": str(r["reason"])}
-                          for r in manifest.skipped.to_dict(orient="records")]
-                         + [{"path": str(u), "reason": r} for u, r in unreadable],
-        "unreadable": [{"uid": u, "reason": r} for u, r in unreadable],
-        "fingerprint": _combine(digests),
-        "same_images_as_search": None if searched is None else searched == _combine(digests),
-        "metrics": summary,
-    })
+    return json_safe(
+        {
+            "model": str(model_dir),
+            "data": data,
+            "split": split,
+            "split_column": column,
+            "seed": seed,
+            "threshold": model.threshold,
+            "trial_id": model.card.get("trial_id"),
+            "skipped": int(len(manifest.skipped)) + len(unreadable),
+            "skipped_files": [
+                {"path": str(r["path"]), "reason": str(r["reason"])} for r in manifest.skipped.to_dict(orient="records")
+            ]
+            + [{"path": str(u), "reason": r} for u, r in unreadable],
+            "unreadable": [{"uid": u, "reason": r} for u, r in unreadable],
+            "fingerprint": _combine(digests),
+            "same_images_as_search": None if searched is None else searched == _combine(digests),
+            "metrics": summary,
+        }
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,16 +233,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="a Kaggle-layout folder, a .npz, 'synthetic' or 'synthetic:N'")
     ap.add_argument("--split", default="test", choices=SPLITS, help="which of the source's splits (default test)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    ap.add_argument("--resplit", action="store_true",
-                    help="split the data as the search did (patient-grouped; seed and fractions from the card)")
-    ap.add_argument("--seed", type=int, default=None,
-                    help="seed of synthetic data and of the bootstrap (default: the search's seed)")
+    ap.add_argument(
+        "--resplit",
+        action="store_true",
+        help="split the data as the search did (patient-grouped; seed and fractions from the card)",
+    )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of synthetic data and of the bootstrap (default: the search's seed)",
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the 95%% intervals")
-    ap.add_argument("--max-file-mb", type=float, default=DEFAULT_MAX_FILE_MB,
-                    help=f"skip image files larger than this, before reading them (default {DEFAULT_MAX_FILE_MB})")
-    ap.add_argument("--allow-modified-model", action="store_true",
-                    help="run a model.onnx whose sha256 differs from the one its model card records")
+    ap.add_argument(
+        "--max-file-mb",
+        type=float,
+        default=DEFAULT_MAX_FILE_MB,
+        help=f"skip image files larger than this, before reading them (default {DEFAULT_MAX_FILE_MB})",
+    )
+    ap.add_argument(
+        "--allow-modified-model",
+        action="store_true",
+        help="run a model.onnx whose sha256 differs from the one its model card records",
+    )
     args = ap.parse_args(argv)
     return cli(lambda: _main(args))
 
@@ -209,19 +264,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.n_boot < 1:
         raise UserError("--batch-size and --n-boot must be at least 1.")
-    result = evaluate(args.model, args.data, split=args.split, seed=args.seed, resplit=args.resplit,
-                      batch_size=args.batch_size, n_boot=args.n_boot, max_file_mb=args.max_file_mb,
-                      allow_modified_model=args.allow_modified_model)
+    result = evaluate(
+        args.model,
+        args.data,
+        split=args.split,
+        seed=args.seed,
+        resplit=args.resplit,
+        batch_size=args.batch_size,
+        n_boot=args.n_boot,
+        max_file_mb=args.max_file_mb,
+        allow_modified_model=args.allow_modified_model,
+    )
     if result["same_images_as_search"] is False:
-        print(f"warning: these are not the images the search scored as '{args.split}' (the data or its "
-              "decoding changed since), so the numbers differ from the model card's.", file=sys.stderr)
+        print(
+            f"warning: these are not the images the search scored as '{args.split}' (the data or its "
+            "decoding changed since), so the numbers differ from the model card's.",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(result, allow_nan=False))
         return 0
     m = result["metrics"]
     print(f"model {result['model']} (trial {result['trial_id']}), data {result['data']}, split '{result['split']}'")
-    print(f"{m['n']} images ({m['counts']['PNEUMONIA']} PNEUMONIA, {m['counts']['NORMAL']} NORMAL, "
-          f"prevalence {_fmt(m['prevalence'])}) from {m['patients']} patients; {result['skipped']} skipped")
+    print(
+        f"{m['n']} images ({m['counts']['PNEUMONIA']} PNEUMONIA, {m['counts']['NORMAL']} NORMAL, "
+        f"prevalence {_fmt(m['prevalence'])}) from {m['patients']} patients; {result['skipped']} skipped"
+    )
     for f in result["skipped_files"]:  # names quoted as JSON strings: a newline in a name stays on its line
         print(f"skipped {json.dumps(f['path'], ensure_ascii=False)}: {one_line(f['reason'])}")
     print(format_table(m, result["threshold"]))

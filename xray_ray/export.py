@@ -159,13 +159,21 @@ def export_onnx(model: CNN, path: str | os.PathLike, opset: int = 17) -> None:
         warnings.simplefilter("ignore", DeprecationWarning)
         raw = os.path.join(scratch, "raw.onnx")
         torch.onnx.export(
-            wrapped, (_example(model),), raw, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            opset_version=opset, dynamo=False, dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
+            wrapped,
+            (_example(model),),
+            raw,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
         )
         proto = onnx.load(raw)
     proto.doc_string = "xray_ray CNN: P(PNEUMONIA) for grayscale chest X-rays"
-    for key, value in {"xray_ray": json.dumps(contract(model), sort_keys=True),
-                       "contract_version": str(CONTRACT_VERSION)}.items():
+    for key, value in {
+        "xray_ray": json.dumps(contract(model), sort_keys=True),
+        "contract_version": str(CONTRACT_VERSION),
+    }.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=True)
@@ -181,8 +189,9 @@ def _paths(model_dir_or_onnx: str | os.PathLike, torchscript: str | os.PathLike 
     return first, Path(torchscript)
 
 
-def check_agreement(model_dir_or_onnx: str | os.PathLike, torchscript: str | os.PathLike | None = None,
-                    *, n: int = 8, seed: int = 0) -> float:
+def check_agreement(
+    model_dir_or_onnx: str | os.PathLike, torchscript: str | os.PathLike | None = None, *, n: int = 8, seed: int = 0
+) -> float:
     """Max |ONNX (onnxruntime) - TorchScript| over `n` random uint8/255 images; a folder means its
     model.onnx and model.pt."""
     import onnxruntime as ort

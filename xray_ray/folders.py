@@ -69,11 +69,14 @@ def _open_root(spec: str) -> tuple[pafs.FileSystem, str, SplitResult | None]:
     path = unquote(urlsplit(spec).path) if spec.startswith("file://") else spec
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"data folder {spec} does not exist; give a Kaggle-layout folder, a .npz file, "
-                        "'synthetic[:N]' or 'medmnist[:SIZE]'.")
+        raise DataError(
+            f"data folder {spec} does not exist; give a Kaggle-layout folder, a .npz file, "
+            "'synthetic[:N]' or 'medmnist[:SIZE]'."
+        )
     if not p.is_dir():
-        raise DataError(f"{spec} is a file, not a folder; give a folder laid out as <split>/<CLASS>/<image> "
-                        "or a .npz file.")
+        raise DataError(
+            f"{spec} is a file, not a folder; give a folder laid out as <split>/<CLASS>/<image> or a .npz file."
+        )
     return LOCAL_FS, os.path.realpath(p), None
 
 
@@ -122,7 +125,7 @@ def _symlink_reason(root: str, path: str) -> str:
 def _walk_remote(fs: pafs.FileSystem, root: str) -> tuple[list[tuple[str, int]], list[str], list]:
     files, dirs = [], []
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        rel = info.path[len(root):].lstrip("/")
+        rel = info.path[len(root) :].lstrip("/")
         if info.type == pafs.FileType.Directory:
             dirs.append(rel)
         elif info.type == pafs.FileType.File:
@@ -142,9 +145,9 @@ def _junk_reason(parts: tuple[str, ...]) -> str | None:
 
 def _find_base(dirs: set[tuple[str, ...]]) -> tuple[str, ...] | None:
     """The folder that holds the split folders: the root, or its chest_xray/ (how the Kaggle zip unpacks)."""
+
     def has_splits(prefix: tuple[str, ...]) -> bool:
-        return any(len(d) == len(prefix) + 1 and d[:-1] == prefix and d[-1].lower() in _SPLIT_NAMES
-                   for d in dirs)
+        return any(len(d) == len(prefix) + 1 and d[:-1] == prefix and d[-1].lower() in _SPLIT_NAMES for d in dirs)
 
     if has_splits(()):
         return ()
@@ -172,8 +175,10 @@ def load_folder(spec: str, max_file_bytes: int | None = None) -> Manifest:
     dirs |= {tuple(f.split("/"))[:k] for f, _ in files for k in range(1, f.count("/") + 1)}
     base = _find_base({d for d in dirs if not any(p.startswith(".") or p == "__MACOSX" for p in d)})
     if base is None:
-        raise DataError(f"{spec} has no train/, val/ or test/ folder (looked in it and in chest_xray/); "
-                        "arrange images as <split>/<CLASS>/<image>.")
+        raise DataError(
+            f"{spec} has no train/, val/ or test/ folder (looked in it and in chest_xray/); "
+            "arrange images as <split>/<CLASS>/<image>."
+        )
     candidates = []
     for rel, size, target, reason in _classify(files, base):
         if reason is not None:
@@ -189,24 +194,38 @@ def load_folder(spec: str, max_file_bytes: int | None = None) -> Manifest:
         if isinstance(res, str):
             skipped.append((rel, res))
             continue
-        uid = "/".join(rel.split("/")[len(base):])
+        uid = "/".join(rel.split("/")[len(base) :])
         name = PurePosixPath(rel).name
         patient = patient_from_name(name)
-        rows.append({
-            "uid": uid, "location": location, "index": -1, "label": label, "class_name": CLASSES[label],
-            "orig_split": split, "patient": uid if patient == PurePosixPath(name).stem else patient,
-            "sha1": res[0], "width": res[1], "height": res[2],
-        })
+        rows.append(
+            {
+                "uid": uid,
+                "location": location,
+                "index": -1,
+                "label": label,
+                "class_name": CLASSES[label],
+                "orig_split": split,
+                "patient": uid if patient == PurePosixPath(name).stem else patient,
+                "sha1": res[0],
+                "width": res[1],
+                "height": res[2],
+            }
+        )
     df = frame(rows)
     skipped_df = pd.DataFrame(sorted(skipped), columns=["path", "reason"])
     if df.empty:
         example = f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise DataError(f"found no usable images in {spec} ({len(skipped)} files skipped{example}).")
-    split_dirs = {d[len(base)].lower() for d in dirs if len(d) > len(base) and d[:len(base)] == base}
+    split_dirs = {d[len(base)].lower() for d in dirs if len(d) > len(base) and d[: len(base)] == base}
     info = {
-        "source": "folder", "location": spec if uri else root, "data_root": "/".join(base) or ".",
-        "files_seen": len(df) + len(skipped_df), "images": len(df), "skipped": len(skipped_df),
-        "counts": orig_counts(df), "warnings": check_structure(df, split_dirs),
+        "source": "folder",
+        "location": spec if uri else root,
+        "data_root": "/".join(base) or ".",
+        "files_seen": len(df) + len(skipped_df),
+        "images": len(df),
+        "skipped": len(skipped_df),
+        "counts": orig_counts(df),
+        "warnings": check_structure(df, split_dirs),
     }
     return Manifest(df, skipped_df, info)
 
@@ -221,13 +240,15 @@ def _classify(files: list[tuple[str, int]], base: tuple[str, ...]) -> list[tuple
         if reason is None:
             reason, target = _place(parts, base)
             if target == "unknown-class":
-                unknown["/".join(parts[len(base):len(base) + 2])] += 1
+                unknown["/".join(parts[len(base) : len(base) + 2])] += 1
                 continue
         out.append((rel, size, target, reason))
     if unknown:
         folder, n = sorted(unknown.items())[0]
-        raise DataError(f"unknown class folder {folder} ({n} images); class folders must be NORMAL or "
-                        "PNEUMONIA, so move or delete it.")
+        raise DataError(
+            f"unknown class folder {folder} ({n} images); class folders must be NORMAL or "
+            "PNEUMONIA, so move or delete it."
+        )
     return out
 
 
@@ -245,14 +266,14 @@ def _verify(size: int, location: str, max_bytes: int | None = None) -> tuple[str
         return str(e)
     except OSError as e:
         return f"unreadable file ({e.strerror or e})"
-    return hashlib.sha1(data).hexdigest(), int(img.shape[1]), int(img.shape[0])
+    return hashlib.sha1(data, usedforsecurity=False).hexdigest(), int(img.shape[1]), int(img.shape[0])
 
 
 def _place(parts: tuple[str, ...], base: tuple[str, ...]) -> tuple[str | None, object]:
     """(skip reason or None, (split, label) | "unknown-class") for an image file's path parts."""
-    if parts[:len(base)] != base:
+    if parts[: len(base)] != base:
         return "outside the data folder's train/val/test tree", None
-    p = parts[len(base):]
+    p = parts[len(base) :]
     if len(p) == 1:
         return "not inside a <split>/<CLASS>/ folder", None
     if len(p) == 3 and p[0].lower() in _SPLIT_NAMES:
@@ -263,4 +284,3 @@ def _place(parts: tuple[str, ...], base: tuple[str, ...]) -> tuple[str | None, o
     if p[0].lower() in _SPLIT_NAMES:
         return "not directly inside a <split>/<CLASS>/ folder", None
     return f"folder {p[0]} is not train, val or test", None
-

@@ -45,8 +45,9 @@ def _images(z, key: str, location: str) -> np.ndarray:
     try:
         a = z[key]
     except ValueError:
-        raise DataError(f"{location}: {key} holds pickled objects, which are never loaded; save plain "
-                        "uint8 arrays.") from None
+        raise DataError(
+            f"{location}: {key} holds pickled objects, which are never loaded; save plain uint8 arrays."
+        ) from None
     if a.ndim == 4 and a.shape[-1] == 1:
         a = a[..., 0]
     if a.ndim != 3 or a.dtype != np.uint8:
@@ -60,8 +61,10 @@ def load_npz(location: str) -> Manifest:
         keys = set(z.files)
         if "train_images" not in keys or "train_labels" not in keys:
             missing = "train_images" if "train_images" not in keys else "train_labels"
-            raise DataError(f"{location} has no {missing} array; expected the PneumoniaMNIST keys "
-                            "train_images, train_labels, val_images, val_labels, test_images, test_labels.")
+            raise DataError(
+                f"{location} has no {missing} array; expected the PneumoniaMNIST keys "
+                "train_images, train_labels, val_images, val_labels, test_images, test_labels."
+            )
         for split in ORIG_SPLITS:
             ik, lk = f"{split}_images", f"{split}_labels"
             if ik not in keys and lk not in keys:
@@ -74,18 +77,33 @@ def load_npz(location: str) -> Manifest:
             h, w = images.shape[1:]
             for i in range(len(images)):
                 uid = f"{split}/{i:06d}"
-                rows.append({
-                    "uid": uid, "location": location, "index": i, "label": int(labels[i]),
-                    "class_name": CLASSES[labels[i]], "orig_split": split, "patient": uid,
-                    "sha1": hashlib.sha1(images[i].tobytes()).hexdigest(), "width": w, "height": h,
-                })
+                rows.append(
+                    {
+                        "uid": uid,
+                        "location": location,
+                        "index": i,
+                        "label": int(labels[i]),
+                        "class_name": CLASSES[labels[i]],
+                        "orig_split": split,
+                        "patient": uid,
+                        "sha1": hashlib.sha1(images[i].tobytes(), usedforsecurity=False).hexdigest(),
+                        "width": w,
+                        "height": h,
+                    }
+                )
     df = frame(rows)
     if not (df["orig_split"] == "train").any():
         raise DataError(f"{location} has an empty train split.")
     warnings = check_structure(df, set())
-    info = {"source": "npz", "location": location, "image_size": int(df["width"].iat[0]),
-            "images": len(df), "counts": orig_counts(df), "warnings": warnings,
-            "patients_known": False}
+    info = {
+        "source": "npz",
+        "location": location,
+        "image_size": int(df["width"].iat[0]),
+        "images": len(df),
+        "counts": orig_counts(df),
+        "warnings": warnings,
+        "patients_known": False,
+    }
     return Manifest(df, pd.DataFrame(columns=["path", "reason"]), info)
 
 
@@ -118,13 +136,15 @@ def medmnist_file(arg: str) -> str:
     try:
         import medmnist  # optional: only this spec needs it
     except ImportError:
-        raise DataError("the medmnist data spec needs the optional medmnist package: pip install medmnist "
-                        "(or pass a downloaded PneumoniaMNIST .npz file).") from None
+        raise DataError(
+            "the medmnist data spec needs the optional medmnist package: pip install medmnist "
+            "(or pass a downloaded PneumoniaMNIST .npz file)."
+        ) from None
     cache.mkdir(parents=True, exist_ok=True)
     try:
         medmnist.PneumoniaMNIST(split="train", download=True, root=str(cache), size=size)
     except Exception as e:  # network, disk, or API trouble inside a third-party package
-        raise DataError(f"could not download PneumoniaMNIST ({e}); check the network or pass a .npz file.")
+        raise DataError(f"could not download PneumoniaMNIST ({e}); check the network or pass a .npz file.") from None
     if not path.exists():
         raise DataError(f"medmnist did not create {path}; download pneumoniamnist and pass the .npz file.")
     return str(path)
@@ -157,12 +177,27 @@ def load_synthetic(n: int, seed: int) -> Manifest:
     rows = []
     for i, (label, patient_id) in enumerate(plan):
         img = render(seed, i, label)
-        rows.append({
-            "uid": f"synthetic/{i:06d}", "location": location, "index": i, "label": label,
-            "class_name": CLASSES[label], "orig_split": "train", "patient": patient_id,
-            "sha1": hashlib.sha1(img.tobytes()).hexdigest(), "width": NATIVE_SIZE, "height": NATIVE_SIZE,
-        })
+        rows.append(
+            {
+                "uid": f"synthetic/{i:06d}",
+                "location": location,
+                "index": i,
+                "label": label,
+                "class_name": CLASSES[label],
+                "orig_split": "train",
+                "patient": patient_id,
+                "sha1": hashlib.sha1(img.tobytes(), usedforsecurity=False).hexdigest(),
+                "width": NATIVE_SIZE,
+                "height": NATIVE_SIZE,
+            }
+        )
     df = frame(rows)
-    info = {"source": "synthetic", "location": location, "seed": int(seed), "images": n,
-            "counts": orig_counts(df), "warnings": []}
+    info = {
+        "source": "synthetic",
+        "location": location,
+        "seed": int(seed),
+        "images": n,
+        "counts": orig_counts(df),
+        "warnings": [],
+    }
     return Manifest(df, pd.DataFrame(columns=["path", "reason"]), info)

@@ -18,8 +18,7 @@ from xray_ray import CLASSES
 from xray_ray.common import read_regular_file
 from xray_ray.errors import DataError
 
-COLUMNS = ("uid", "location", "index", "label", "class_name", "orig_split", "patient", "sha1",
-           "width", "height")
+COLUMNS = ("uid", "location", "index", "label", "class_name", "orig_split", "patient", "sha1", "width", "height")
 ORIG_SPLITS = ("train", "val", "test")
 BUCKET_SCHEMES = ("s3", "gs", "gcs")  # URIs whose first component is a bucket, part of the fs path
 LOCAL_FS = pafs.LocalFileSystem()
@@ -66,8 +65,20 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
 def frame(rows: list[dict]) -> pd.DataFrame:
     """The manifest table of some rows: COLUMNS with their types, sorted by uid."""
     df = pd.DataFrame(rows, columns=list(COLUMNS))
-    df = df.astype({"uid": str, "location": str, "index": "int64", "label": "int64", "class_name": str,
-                    "orig_split": str, "patient": str, "sha1": str, "width": "int64", "height": "int64"})
+    df = df.astype(
+        {
+            "uid": str,
+            "location": str,
+            "index": "int64",
+            "label": "int64",
+            "class_name": str,
+            "orig_split": str,
+            "patient": str,
+            "sha1": str,
+            "width": "int64",
+            "height": "int64",
+        }
+    )
     return df.sort_values("uid", kind="stable").reset_index(drop=True)
 
 
@@ -95,9 +106,9 @@ def check_structure(df: pd.DataFrame, split_dirs: set[str]) -> list[str]:
             if split in split_dirs:
                 warnings.append(f"{split}/ has no usable images; it is ignored.")
         elif missing and split == "train":
-            raise DataError(f"train/ has no {missing[0]} images; a classifier needs both NORMAL and "
-                            "PNEUMONIA examples to train on.")
+            raise DataError(
+                f"train/ has no {missing[0]} images; a classifier needs both NORMAL and PNEUMONIA examples to train on."
+            )
         elif missing:
             warnings.append(f"{split}/ has no {missing[0]} images.")
     return warnings
-

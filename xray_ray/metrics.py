@@ -15,8 +15,18 @@ import numpy as np
 from xray_ray.errors import UserError
 
 ECE_BINS = 15
-CI_METRICS = ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1",
-              "roc_auc", "pr_auc", "brier", "ece")
+CI_METRICS = (
+    "accuracy",
+    "precision",
+    "recall",
+    "sensitivity",
+    "specificity",
+    "f1",
+    "roc_auc",
+    "pr_auc",
+    "brier",
+    "ece",
+)
 _CHUNK_CELLS = 2_000_000  # resamples x images per matrix: bounds memory to ~16 MB per array
 
 
@@ -74,10 +84,22 @@ def _weighted_metrics(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndar
     auc, ap = _rank_metrics(y, p, w)
     recall = _ratio(tp, tp + fn)
     return {
-        "accuracy": _ratio(tp + tn, n), "precision": _ratio(tp, tp + fp), "recall": recall,
-        "sensitivity": recall, "specificity": _ratio(tn, tn + fp), "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-        "roc_auc": auc, "pr_auc": ap, "brier": _ratio(w @ (p - y) ** 2, n), "ece": _ratio(gap, n),
-        "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": n, "prevalence": _ratio(tp + fn, n),
+        "accuracy": _ratio(tp + tn, n),
+        "precision": _ratio(tp, tp + fp),
+        "recall": recall,
+        "sensitivity": recall,
+        "specificity": _ratio(tn, tn + fp),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "roc_auc": auc,
+        "pr_auc": ap,
+        "brier": _ratio(w @ (p - y) ** 2, n),
+        "ece": _ratio(gap, n),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "n": n,
+        "prevalence": _ratio(tp + fn, n),
     }
 
 
@@ -97,14 +119,16 @@ def binary_metrics(y: Any, p: Any, threshold: float = 0.5) -> dict[str, float | 
     """Metrics of calling PNEUMONIA when p >= threshold, plus threshold-free ROC/PR AUC, Brier and ECE."""
     y, p = _check(y, p, probabilities=True)
     row = {k: v[0] for k, v in _weighted_metrics(y, p, float(threshold), np.ones((1, y.size))).items()}
-    out: dict[str, float | int] = {k: (int(v) if k in ("tp", "fp", "tn", "fn", "n") else float(v))
-                                   for k, v in row.items()}
+    out: dict[str, float | int] = {
+        k: (int(v) if k in ("tp", "fp", "tn", "fn", "n") else float(v)) for k, v in row.items()
+    }
     out["threshold"] = float(threshold)
     return out
 
 
-def bootstrap_ci(y: Any, p: Any, threshold: float, groups: Any = None, n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05) -> dict[str, tuple[float, float]]:
+def bootstrap_ci(
+    y: Any, p: Any, threshold: float, groups: Any = None, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap (1 - alpha) intervals of the CI_METRICS.
 
     Resamples whole groups (patients) with replacement when `groups` is given, else images; resamples

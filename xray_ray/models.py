@@ -9,7 +9,8 @@ so the pipeline and every exported graph agree on what a pixel means.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -97,22 +98,26 @@ class CNN(nn.Module):
             "resize": f"whole image to {s}x{s}, bilinear, no crop",
             "color": "grayscale 8-bit",
             "layout": "NCHW float32 in [0, 1]",
-            "normalization": ("inside the model: per image, (x - mean(x)) / (std(x) + 0.001)"
-                              if self.standardize else f"inside the model: (x - {NORM_MEAN}) / {NORM_STD}"),
+            "normalization": (
+                "inside the model: per image, (x - mean(x)) / (std(x) + 0.001)"
+                if self.standardize
+                else f"inside the model: (x - {NORM_MEAN}) / {NORM_STD}"
+            ),
         }
 
 
 PRESETS: dict[str, CNNConfig] = {
     # The seed Keras notebook: 5 double-conv blocks 16..256, dropout 0.2, flatten, dense 512-128-64.
     # It was trained at 150 px; here the size is a parameter (build_model("seed", image_size=150)).
-    "seed": CNNConfig(blocks=5, double_conv=True, width=16, growth=2.0, max_width=256, dropout=0.2,
-                      head="flatten", fc=(512, 128, 64)),
+    "seed": CNNConfig(
+        blocks=5, double_conv=True, width=16, growth=2.0, max_width=256, dropout=0.2, head="flatten", fc=(512, 128, 64)
+    ),
     # A CPU-friendly model: few parameters thanks to global average pooling.
-    "small": CNNConfig(blocks=4, double_conv=True, width=16, growth=2.0, max_width=128, dropout=0.1,
-                       head="gap", fc=(64,)),
+    "small": CNNConfig(
+        blocks=4, double_conv=True, width=16, growth=2.0, max_width=128, dropout=0.1, head="gap", fc=(64,)
+    ),
     # For tests: a few hundred parameters, milliseconds per batch.
-    "tiny": CNNConfig(blocks=2, double_conv=False, width=4, growth=2.0, max_width=8, dropout=0.0,
-                      head="gap", fc=()),
+    "tiny": CNNConfig(blocks=2, double_conv=False, width=4, growth=2.0, max_width=8, dropout=0.0, head="gap", fc=()),
 }
 
 
@@ -128,9 +133,7 @@ def build_model(preset: str | None = None, **sizes: Any) -> CNN:
         raise UserError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     extra = sorted(set(sizes) - {"image_size"})
     if extra:
-        raise UserError(
-            f"give a preset or explicit sizes, not both: preset {preset!r} was combined with {extra[0]!r}."
-        )
+        raise UserError(f"give a preset or explicit sizes, not both: preset {preset!r} was combined with {extra[0]!r}.")
     return CNN(PRESETS[preset].replace(**sizes))
 
 

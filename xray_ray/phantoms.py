@@ -40,8 +40,9 @@ def _smooth_noise(rng: np.random.Generator, k: int, size: int) -> np.ndarray:
     return u @ rng.standard_normal((k, k)).astype(np.float32) @ u.T
 
 
-def _ellipse(x: np.ndarray, y: np.ndarray, cx: float | np.ndarray, cy: float, ax: float, ay: float,
-             edge: float = 0.08) -> np.ndarray:
+def _ellipse(
+    x: np.ndarray, y: np.ndarray, cx: float | np.ndarray, cy: float, ax: float, ay: float, edge: float = 0.08
+) -> np.ndarray:
     """Soft mask: 1 inside, 0 outside, a smooth edge about `edge` of the radius wide."""
     r = np.sqrt(((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2)
     return np.clip((1 - r) / edge + 0.5, 0, 1)
@@ -71,8 +72,7 @@ def render(seed: int, index: int, label: int, size: int = NATIVE_SIZE) -> np.nda
     lung_ax, lung_ay, lung_x, lung_y = u(0.25, 0.3), u(0.52, 0.62), u(0.36, 0.42), u(-0.12, -0.02)
     # lungs narrow towards the apex: widen the ellipse with depth
     taper = 0.8 + 0.2 * np.clip((y - lung_y) / lung_ay + 1, 0, 2)
-    lungs = [_ellipse(x / taper, y, side * lung_x / taper, lung_y, lung_ax, lung_ay, edge=0.2)
-             for side in (-1, 1)]
+    lungs = [_ellipse(x / taper, y, side * lung_x / taper, lung_y, lung_ax, lung_ay, edge=0.2) for side in (-1, 1)]
     lung = np.maximum(*lungs)
     heart = _ellipse(x, y, u(0.1, 0.17), lung_y + lung_ay * 0.55, u(0.28, 0.34), u(0.22, 0.28), edge=0.4)
     spine_w = u(0.07, 0.09)
@@ -85,8 +85,12 @@ def render(seed: int, index: int, label: int, size: int = NATIVE_SIZE) -> np.nda
     air = u(0.3, 0.36) * lung * (1 - 0.8 * heart)
     if label == 1:
         # consolidation replaces air with fluid: the lung turns towards soft-tissue brightness
-        air = air * (1 - _consolidation(np.random.default_rng([seed, index, 1]), x, y, lungs,
-                                        (lung_x, lung_y, lung_ax, lung_ay), size))
+        air = air * (
+            1
+            - _consolidation(
+                np.random.default_rng([seed, index, 1]), x, y, lungs, (lung_x, lung_y, lung_ax, lung_ay), size
+            )
+        )
     img = 0.05 + 0.5 * body - air + 0.04 * heart * body + 0.12 * spine + u(0.06, 0.1) * ribs
     img += 0.03 * _smooth_noise(rng, 12, size) * body  # vessel markings / soft-tissue texture
 
@@ -98,8 +102,14 @@ def render(seed: int, index: int, label: int, size: int = NATIVE_SIZE) -> np.nda
     return np.rint(img * 255).astype(np.uint8)
 
 
-def _consolidation(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, lungs: list[np.ndarray],
-                   geom: tuple[float, float, float, float], size: int) -> np.ndarray:
+def _consolidation(
+    rng: np.random.Generator,
+    x: np.ndarray,
+    y: np.ndarray,
+    lungs: list[np.ndarray],
+    geom: tuple[float, float, float, float],
+    size: int,
+) -> np.ndarray:
     """Patchy consolidation in [0, 0.9]: textured blobs of random size and place inside the lungs."""
     lung_x, lung_y, ax, ay = geom
     out = np.zeros((size, size), np.float32)

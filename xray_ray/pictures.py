@@ -29,11 +29,11 @@ PICTURES = {
     "roc.png": "ROC curves; the filled marker is the chosen operating point, the hollow one is 0.5.",
     "pr.png": "Precision-recall curves with the same operating points.",
     "calibration.png": "Reliability: observed PNEUMONIA fraction against predicted probability, and the spread "
-                       "of predictions.",
+    "of predictions.",
     "learning_curves.png": "Learning curves of the best trials (by best validation AUC).",
     "search_history.png": "Validation AUC of every trial by epoch; crosses mark trials that ASHA stopped early.",
     "saliency.png": "Grad-CAM of the last conv block on test images, correct and wrong (red: evidence for the "
-                    "predicted class).",
+    "predicted class).",
 }
 
 
@@ -96,8 +96,15 @@ def plot_confusion(path: Path, preds: Mapping[str, tuple[np.ndarray, np.ndarray]
         ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
         for (r, c), v in np.ndenumerate(cm):
             row = max(int(cm[r].sum()), 1)
-            ax.text(c, r, f"{v}\n{v / row:.0%}", ha="center", va="center",
-                    color="white" if v > cm.max() / 2 else "black", fontsize=9)
+            ax.text(
+                c,
+                r,
+                f"{v}\n{v / row:.0%}",
+                ha="center",
+                va="center",
+                color="white" if v > cm.max() / 2 else "black",
+                fontsize=9,
+            )
         ax.set_xticks([0, 1], CLASSES, fontsize=8)
         ax.set_yticks([0, 1], CLASSES, fontsize=8, rotation=90, va="center")
         ax.set_xlabel("predicted")
@@ -106,8 +113,13 @@ def plot_confusion(path: Path, preds: Mapping[str, tuple[np.ndarray, np.ndarray]
     _save(fig, path)
 
 
-def plot_roc_pr(roc_path: Path, pr_path: Path, preds: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                threshold: float, auc: Mapping[str, float]) -> None:
+def plot_roc_pr(
+    roc_path: Path,
+    pr_path: Path,
+    preds: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    threshold: float,
+    auc: Mapping[str, float],
+) -> None:
     """ROC and precision-recall curves per split, chosen threshold and 0.5 marked."""
     roc_fig, pr_fig = Figure(figsize=(4.6, 4.2)), Figure(figsize=(4.6, 4.2))
     rax, pax = roc_fig.add_subplot(), pr_fig.add_subplot()
@@ -127,8 +139,10 @@ def plot_roc_pr(roc_path: Path, pr_path: Path, preds: Mapping[str, tuple[np.ndar
             rax.plot([f], [s], "o", mfc=face, mec=color, ms=7)
             if not math.isnan(pr):
                 pax.plot([s], [pr], "o", mfc=face, mec=color, ms=7)
-    for ax, xl, yl, title in ((rax, "1 - specificity", "sensitivity", "ROC"),
-                              (pax, "recall (sensitivity)", "precision", "Precision-recall")):
+    for ax, xl, yl, title in (
+        (rax, "1 - specificity", "sensitivity", "ROC"),
+        (pax, "recall (sensitivity)", "precision", "Precision-recall"),
+    ):
         ax.set_xlim(-0.02, 1.02)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel(xl)
@@ -154,8 +168,9 @@ def plot_calibration(path: Path, preds: Mapping[str, tuple[np.ndarray, np.ndarra
         color = SPLIT_COLORS.get(name, "tab:purple")
         idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
         full = [b for b in range(bins) if np.any(idx == b)]
-        ax.plot([p[idx == b].mean() for b in full], [y[idx == b].mean() for b in full], "o-", color=color,
-                ms=4, label=name)
+        ax.plot(
+            [p[idx == b].mean() for b in full], [y[idx == b].mean() for b in full], "o-", color=color, ms=4, label=name
+        )
         hx.hist(p, bins=edges, histtype="step", color=color, lw=1.5)
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.02)
@@ -176,8 +191,9 @@ def top_trials(trials: pd.DataFrame, k: int) -> list[str]:
     return [str(t) for t in order["trial_id"].head(k)]
 
 
-def plot_learning_curves(path: Path, epochs: pd.DataFrame, trials: pd.DataFrame, k: int = 5,
-                         winner: str | None = None) -> None:
+def plot_learning_curves(
+    path: Path, epochs: pd.DataFrame, trials: pd.DataFrame, k: int = 5, winner: str | None = None
+) -> None:
     """Losses and validation AUC per epoch of the top-k trials."""
     fig = Figure(figsize=(9.5, 3.8))
     lax, aax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -220,8 +236,15 @@ def plot_search_history(path: Path, epochs: pd.DataFrame, trials: pd.DataFrame, 
             rows = rows.sort_values("epoch")
             marker, color = STATUS_STYLE.get(status.get(tid, "completed"), ("o", "0.4"))
             winning = tid == winner
-            ax.plot(rows["epoch"], rows["val_auc"], "-", color="black" if winning else "0.55",
-                    lw=2 if winning else 0.8, alpha=1 if winning else 0.7, zorder=3 if winning else 2)
+            ax.plot(
+                rows["epoch"],
+                rows["val_auc"],
+                "-",
+                color="black" if winning else "0.55",
+                lw=2 if winning else 0.8,
+                alpha=1 if winning else 0.7,
+                zorder=3 if winning else 2,
+            )
             ax.plot(rows["epoch"].iloc[-1:], rows["val_auc"].iloc[-1:], marker, color=color, ms=6, zorder=4)
     else:
         _note(ax, "no epochs recorded")
@@ -300,8 +323,9 @@ def pick_examples(y: np.ndarray, p: np.ndarray, threshold: float, k: int = 4) ->
     return out
 
 
-def plot_saliency(path: Path, model: nn.Module, images: np.ndarray, y: np.ndarray, p: np.ndarray,
-                  threshold: float, k: int = 4) -> None:
+def plot_saliency(
+    path: Path, model: nn.Module, images: np.ndarray, y: np.ndarray, p: np.ndarray, threshold: float, k: int = 4
+) -> None:
     """Grad-CAM overlays for a few correct and wrong test images."""
     picks = pick_examples(y, p, threshold, k)
     cols = max(k, 1)
@@ -319,15 +343,27 @@ def plot_saliency(path: Path, model: nn.Module, images: np.ndarray, y: np.ndarra
         slots[correct] += 1
         ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
         ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1)
-        ax.set_title(f"{'ok' if correct else 'WRONG'} true {CLASSES[int(y[i])]}\np={p[i]:.3f}", fontsize=7,
-                     color="black" if correct else "tab:red")
+        ax.set_title(
+            f"{'ok' if correct else 'WRONG'} true {CLASSES[int(y[i])]}\np={p[i]:.3f}",
+            fontsize=7,
+            color="black" if correct else "tab:red",
+        )
         ax.axis("off")
     _save(fig, path)
 
 
-def write_pictures(out_dir: Path, *, model: nn.Module, preds: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                   auc: Mapping[str, float], threshold: float, test_images: np.ndarray | None,
-                   trials: pd.DataFrame, epochs: pd.DataFrame, winner: str | None) -> list[str]:
+def write_pictures(
+    out_dir: Path,
+    *,
+    model: nn.Module,
+    preds: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    auc: Mapping[str, float],
+    threshold: float,
+    test_images: np.ndarray | None,
+    trials: pd.DataFrame,
+    epochs: pd.DataFrame,
+    winner: str | None,
+) -> list[str]:
     """Draw every picture into out_dir; return the file names in report order."""
     plot_confusion(out_dir / "confusion.png", preds, threshold)
     plot_roc_pr(out_dir / "roc.png", out_dir / "pr.png", preds, threshold, auc)

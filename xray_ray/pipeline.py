@@ -17,11 +17,12 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -79,13 +80,19 @@ def default_cache_dir() -> Path:
 
 def cache_key(df: pd.DataFrame, size: int) -> str:
     """Key of the pixel cache: every source file (uid and content hash) and the size."""
-    h = hashlib.sha1(f"v{PREP_VERSION}|{size}|".encode())
+    h = hashlib.sha1(f"v{PREP_VERSION}|{size}|".encode(), usedforsecurity=False)
     h.update("".join(f"{uid}\0{sha}\n" for uid, sha in zip(df["uid"], df["sha1"])).encode())  # one update: faster
     return h.hexdigest()[:20]
 
 
-def prepare(df: pd.DataFrame, size: int, cache_dir: str | Path | None = None, *, workers: int | None = None,
-            processes: bool | None = None) -> Prepared:
+def prepare(
+    df: pd.DataFrame,
+    size: int,
+    cache_dir: str | Path | None = None,
+    *,
+    workers: int | None = None,
+    processes: bool | None = None,
+) -> Prepared:
     """Decode + grayscale + resize every manifest row to ``size`` once; return arrays per ``split``.
 
     ``workers`` decode in parallel (default: every core): forked processes where that is safe (see
@@ -112,10 +119,20 @@ def prepare(df: pd.DataFrame, size: int, cache_dir: str | Path | None = None, *,
     splits = {}
     for name, mask in masks.items():
         sub = df[mask]
-        splits[name] = SplitArrays(images=images[name], labels=sub["label"].to_numpy(dtype=np.int64),
-                                   uids=sub["uid"].tolist(), patients=sub["patient"].tolist())
-    return Prepared(size=size, splits=splits, cache_path=str(path), cache_hit=hit,
-                    seconds=time.perf_counter() - t0, stats={"images": int(len(df)), "decoded_by": how})
+        splits[name] = SplitArrays(
+            images=images[name],
+            labels=sub["label"].to_numpy(dtype=np.int64),
+            uids=sub["uid"].tolist(),
+            patients=sub["patient"].tolist(),
+        )
+    return Prepared(
+        size=size,
+        splits=splits,
+        cache_path=str(path),
+        cache_hit=hit,
+        seconds=time.perf_counter() - t0,
+        stats={"images": int(len(df)), "decoded_by": how},
+    )
 
 
 def _read_cache(path: Path, uids: list[str], size: int, masks: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
@@ -129,18 +146,23 @@ def _read_cache(path: Path, uids: list[str], size: int, masks: dict[str, np.ndar
             return {name: pixels[mask] for name, mask in masks.items()}  # copies: the map can close
     except (pa.ArrowException, OSError, ValueError) as e:
         # a cache cut short (disk full, killed writer of an old version) or from elsewhere: prepare again
-        warnings.warn(f"ignoring the unreadable pixel cache {path} ({type(e).__name__}: {e}); preparing again",
-                      stacklevel=3)
+        warnings.warn(
+            f"ignoring the unreadable pixel cache {path} ({type(e).__name__}: {e}); preparing again", stacklevel=3
+        )
         return None
 
 
 def _write_cache(path: Path, uids: list[str], pixels: np.ndarray) -> None:
     """An Arrow IPC file, uncompressed: a later run memory-maps it in about a millisecond (Parquet: 15-70 ms)."""
     n, width = len(uids), pixels.shape[1] * pixels.shape[2]
-    table = pa.table({
-        "uid": pa.array(uids, pa.string()),
-        "image": pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(pixels.reshape(-1))]),
-    })
+    table = pa.table(
+        {
+            "uid": pa.array(uids, pa.string()),
+            "image": pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(width), n, [None, pa.py_buffer(pixels.reshape(-1))]
+            ),
+        }
+    )
     with atomic_file(path) as f:  # a crash never leaves a half-written cache behind
         with pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table)
@@ -178,8 +200,12 @@ def decode_all(rows: list[Mapping], size: int, workers: int, forked: bool) -> np
     shared = mmap.mmap(-1, max(1, n * size * size))  # anonymous and shared: the children write into it
     pixels = np.frombuffer(shared, dtype=np.uint8, count=n * size * size).reshape(n, size, size)
     _FORK_JOB = (rows, size, pixels)  # the children inherit it: nothing about the rows is pickled
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=signal.signal,
+        initargs=(signal.SIGINT, signal.SIG_IGN),
+    )
     try:
         list(pool.map(_decode_span, spans))
     except BrokenProcessPool:  # a worker died (killed, out of memory): finish with threads instead
@@ -222,6 +248,7 @@ def _fixed_binary_pixels(column: pa.ChunkedArray, n: int, size: int) -> np.ndarr
 
 # --------------------------------------------------------------------------- Ray Data
 
+
 def train_dataset(arr: SplitArrays, *, block_rows: int = 512, seed: int = 0):
     """A Ray Dataset of one split: columns image (uint8 S x S tensor), label, idx; several blocks.
 
@@ -236,19 +263,34 @@ def train_dataset(arr: SplitArrays, *, block_rows: int = 512, seed: int = 0):
     order = np.random.default_rng(seed).permutation(n)
     tables = []
     for start in range(0, n, block_rows):
-        rows = order[start:start + block_rows]
-        tables.append(pa.table({
-            "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(arr.images[rows])),
-            "label": pa.array(np.asarray(arr.labels)[rows], pa.int64()),
-            "idx": pa.array(rows.astype(np.int64)),
-        }))
+        rows = order[start : start + block_rows]
+        tables.append(
+            pa.table(
+                {
+                    "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(arr.images[rows])),
+                    "label": pa.array(np.asarray(arr.labels)[rows], pa.int64()),
+                    "idx": pa.array(rows.astype(np.int64)),
+                }
+            )
+        )
     return ray.data.from_arrow(tables)
 
 
-def epoch_batches(ds, *, strengths: Mapping[str, float], seed: int, epoch: int, batch_size: int,
-                  shuffle_buffer: int = 1024, data_cpus: float = 0.0, data_tasks: int = 1, device: str = "cpu",
-                  map_batch_rows: int = 256, data_slot: str | None = None,
-                  repeats: Mapping[int, float] | None = None) -> Iterator[dict]:
+def epoch_batches(
+    ds,
+    *,
+    strengths: Mapping[str, float],
+    seed: int,
+    epoch: int,
+    batch_size: int,
+    shuffle_buffer: int = 1024,
+    data_cpus: float = 0.0,
+    data_tasks: int = 1,
+    device: str = "cpu",
+    map_batch_rows: int = 256,
+    data_slot: str | None = None,
+    repeats: Mapping[int, float] | None = None,
+) -> Iterator[dict]:
     """One augmented epoch as torch batches ``{"image": uint8 [B,S,S], "label": int64 [B], "idx": ...}``.
 
     ``data_tasks`` caps the augmentation tasks in flight for this epoch: with ``data_cpus=0`` nothing else
@@ -262,8 +304,12 @@ def epoch_batches(ds, *, strengths: Mapping[str, float], seed: int, epoch: int, 
     # each epoch visits the blocks in its own order; the local buffer then shuffles rows across blocks
     aug = ds.randomize_block_order(seed=(seed * 1000003 + epoch) % (2**31)).map_batches(
         _augment_with_node,
-        fn_kwargs={"strengths": dict(strengths), "seed": seed, "epoch": epoch,
-                   "repeats": dict(repeats) if repeats else None},
+        fn_kwargs={
+            "strengths": dict(strengths),
+            "seed": seed,
+            "epoch": epoch,
+            "repeats": dict(repeats) if repeats else None,
+        },
         batch_size=map_batch_rows,
         batch_format="numpy",
         num_cpus=data_cpus,
@@ -325,7 +371,9 @@ def balanced_repeats(labels: np.ndarray) -> dict[int, float]:
 COPY_STRIDE = 1 << 32  # a repeated row's k-th copy gets idx + k * COPY_STRIDE: its own augmentation draws
 
 
-def resample(batch: dict[str, np.ndarray], repeats: Mapping[int, float], seed: int, epoch: int) -> dict[str, np.ndarray]:
+def resample(
+    batch: dict[str, np.ndarray], repeats: Mapping[int, float], seed: int, epoch: int
+) -> dict[str, np.ndarray]:
     """Each row repeated floor(r) or ceil(r) times (r = repeats[label]), fixed by (seed, epoch, idx)."""
     from xray_ray.augment import uniform_draws
 
@@ -340,8 +388,13 @@ def resample(batch: dict[str, np.ndarray], repeats: Mapping[int, float], seed: i
     return out
 
 
-def _augment_with_node(batch: dict[str, np.ndarray], strengths: Mapping[str, float], seed: int, epoch: int,
-                       repeats: Mapping[int, float] | None = None) -> dict:
+def _augment_with_node(
+    batch: dict[str, np.ndarray],
+    strengths: Mapping[str, float],
+    seed: int,
+    epoch: int,
+    repeats: Mapping[int, float] | None = None,
+) -> dict:
     """augment_batch plus the id of the node that ran it (so a search can show where Data work ran)."""
     import ray
 
@@ -357,4 +410,4 @@ def _augment_with_node(batch: dict[str, np.ndarray], strengths: Mapping[str, flo
 
 def node_code(node_id: str) -> int:
     """A stable integer for a node id (tensors cannot carry strings)."""
-    return int(hashlib.sha1(node_id.encode()).hexdigest()[:12], 16)
+    return int(hashlib.sha1(node_id.encode(), usedforsecurity=False).hexdigest()[:12], 16)

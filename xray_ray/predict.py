@@ -36,8 +36,9 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
         found = []
         for root, dirs, files in os.walk(given):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
-            found += [Path(root, f) for f in files
-                      if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+            found += [
+                Path(root, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+            ]
         if not found:
             print(f"warning: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {given}", file=sys.stderr)
         out += sorted(found)
@@ -66,8 +67,9 @@ def _write_parquet(results: Iterator[dict], out: Path, rows_per_group: int = 409
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("path", pa.string()), ("prob_pneumonia", pa.float64()), ("label", pa.string()),
-                        ("error", pa.string())])
+    schema = pa.schema(
+        [("path", pa.string()), ("prob_pneumonia", pa.float64()), ("label", pa.string()), ("error", pa.string())]
+    )
     with atomic_file(out) as f, pq.ParquetWriter(f, schema) as writer:
         buffer: list[dict] = []
         for r in results:
@@ -78,9 +80,16 @@ def _write_parquet(results: Iterator[dict], out: Path, rows_per_group: int = 409
         writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
 
 
-def run(model_dir: str, paths: Sequence[str], *, batch_size: int = 64, csv_path: str | None = None,
-        parquet_path: str | None = None, max_file_mb: float = DEFAULT_MAX_FILE_MB,
-        allow_modified_model: bool = False) -> int:
+def run(
+    model_dir: str,
+    paths: Sequence[str],
+    *,
+    batch_size: int = 64,
+    csv_path: str | None = None,
+    parquet_path: str | None = None,
+    max_file_mb: float = DEFAULT_MAX_FILE_MB,
+    allow_modified_model: bool = False,
+) -> int:
     """Predict every image; print JSON lines or write a table. Returns the exit status (0 or 1)."""
     from xray_ray.runtime import load_exported
 
@@ -112,10 +121,13 @@ def run(model_dir: str, paths: Sequence[str], *, batch_size: int = 64, csv_path:
         try:
             (_write_csv if csv_path else _write_parquet)(counted(), out)
         except OSError as e:  # read-only place, no permission, disk full: the old file, if any, is untouched
-            raise UserError(f"cannot write {out} ({e.strerror or type(e).__name__}); choose a writable place "
-                            "for the table.") from None
-        print(f"wrote {counts['ok'] + counts['failed']} rows to {target}: {counts['ok']} predicted "
-              f"({counts['PNEUMONIA']} PNEUMONIA at threshold {model.threshold:.4f}), {counts['failed']} failed")
+            raise UserError(
+                f"cannot write {out} ({e.strerror or type(e).__name__}); choose a writable place for the table."
+            ) from None
+        print(
+            f"wrote {counts['ok'] + counts['failed']} rows to {target}: {counts['ok']} predicted "
+            f"({counts['PNEUMONIA']} PNEUMONIA at threshold {model.threshold:.4f}), {counts['failed']} failed"
+        )
     return 1 if counts["failed"] else 0
 
 
@@ -128,14 +140,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = ap.add_mutually_exclusive_group()
     out.add_argument("--csv", metavar="OUT", help="write a CSV table instead of JSON lines")
     out.add_argument("--parquet", metavar="OUT", help="write a Parquet table instead of JSON lines")
-    ap.add_argument("--max-file-mb", type=float, default=DEFAULT_MAX_FILE_MB,
-                    help=f"skip image files larger than this, before reading them (default {DEFAULT_MAX_FILE_MB})")
-    ap.add_argument("--allow-modified-model", action="store_true",
-                    help="run a model.onnx whose sha256 differs from the one its model card records")
+    ap.add_argument(
+        "--max-file-mb",
+        type=float,
+        default=DEFAULT_MAX_FILE_MB,
+        help=f"skip image files larger than this, before reading them (default {DEFAULT_MAX_FILE_MB})",
+    )
+    ap.add_argument(
+        "--allow-modified-model",
+        action="store_true",
+        help="run a model.onnx whose sha256 differs from the one its model card records",
+    )
     args = ap.parse_args(argv)
-    return cli(lambda: run(args.model, args.paths, batch_size=args.batch_size, csv_path=args.csv,
-                           parquet_path=args.parquet, max_file_mb=args.max_file_mb,
-                           allow_modified_model=args.allow_modified_model))
+    return cli(
+        lambda: run(
+            args.model,
+            args.paths,
+            batch_size=args.batch_size,
+            csv_path=args.csv,
+            parquet_path=args.parquet,
+            max_file_mb=args.max_file_mb,
+            allow_modified_model=args.allow_modified_model,
+        )
+    )
 
 
 if __name__ == "__main__":

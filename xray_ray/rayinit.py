@@ -43,8 +43,10 @@ def init_ray(opts: RayOptions) -> None:
         try:
             ray.init(address=address, runtime_env=env, log_to_driver=False)
         except ConnectionError as e:
-            raise UserError(f"cannot reach the Ray cluster at {address} ({e}); check the address, and that "
-                            f"RAY_AUTH_MODE=token and the cluster's token are set here.") from None
+            raise UserError(
+                f"cannot reach the Ray cluster at {address} ({e}); check the address, and that "
+                f"RAY_AUTH_MODE=token and the cluster's token are set here."
+            ) from None
     else:
         # Keep idle data workers alive between trials: a new trial then reuses a warm worker (torch imported)
         # for its augmentation tasks instead of spawning one (seconds per trial). Ray's default soft limit
@@ -57,8 +59,15 @@ def init_ray(opts: RayOptions) -> None:
         os.environ.setdefault("RAY_enable_worker_prestart", "0")
         cpus = opts.num_cpus or os.cpu_count() or 1
         slots = data_slots(opts, cpus)
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=False,
-                 configure_logging=True, logging_level="WARNING", resources={DATA_SLOT: slots} if slots else None)
+        ray.init(
+            num_cpus=cpus,
+            include_dashboard=False,
+            runtime_env=env,
+            log_to_driver=False,
+            configure_logging=True,
+            logging_level="WARNING",
+            resources={DATA_SLOT: slots} if slots else None,
+        )
         private_token_file()
 
 
@@ -86,11 +95,15 @@ def check_local_resources(opts: RayOptions) -> None:
         return
     cpus = opts.num_cpus or os.cpu_count() or 1
     gpus = local_gpus() if opts.gpus_per_trial > 0 else 0
-    for flag, what, asked, have in (("--gpus-per-trial", "GPUs", opts.gpus_per_trial, gpus),
-                                    ("--cpus-per-trial", "CPUs", opts.cpus_per_trial, cpus)):
+    for flag, what, asked, have in (
+        ("--gpus-per-trial", "GPUs", opts.gpus_per_trial, gpus),
+        ("--cpus-per-trial", "CPUs", opts.cpus_per_trial, cpus),
+    ):
         if asked > have:
-            raise UserError(f"{flag} {asked:g} asks for more {what} than this machine has ({have:g}); "
-                            f"lower it, or run on a cluster with --address.")
+            raise UserError(
+                f"{flag} {asked:g} asks for more {what} than this machine has ({have:g}); "
+                f"lower it, or run on a cluster with --address."
+            )
 
 
 def local_gpus() -> int:
@@ -137,11 +150,16 @@ def trial_slots(opts: RayOptions, wanted: int | None, num_samples: int) -> int:
     total_gpus = ray.cluster_resources().get("GPU", 0)
     for what, asked, have in (("GPUs", opts.gpus_per_trial, total_gpus), ("CPUs", opts.cpus_per_trial, total_cpus)):
         if asked > have and not opts.joined:
-            raise UserError(f"--{what[:3].lower()}s-per-trial {asked:g} asks for more {what} than this machine "
-                            f"has ({have:g}); lower it, or run on a cluster with --address.")
+            raise UserError(
+                f"--{what[:3].lower()}s-per-trial {asked:g} asks for more {what} than this machine "
+                f"has ({have:g}); lower it, or run on a cluster with --address."
+            )
         if asked > have:  # an autoscaling cluster adds nodes once trials ask for them
-            print(f"[xray_ray] the cluster has {have:g} {what} now; trials wait for the autoscaler to add "
-                  f"nodes with {asked:g} {what} each", flush=True)
+            print(
+                f"[xray_ray] the cluster has {have:g} {what} now; trials wait for the autoscaler to add "
+                f"nodes with {asked:g} {what} each",
+                flush=True,
+            )
     by_cpu = int(total_cpus // opts.cpus_per_trial)
     by_gpu = int(total_gpus // opts.gpus_per_trial) if opts.gpus_per_trial else by_cpu
     # joined to a cluster that may autoscale: what is up now is no limit, the space's setting is

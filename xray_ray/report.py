@@ -32,9 +32,23 @@ from xray_ray.pictures import (
     write_pictures,
 )
 
-__all__ = ["PICTURES", "REPORT_METRICS", "grad_cam", "pick_examples", "plot_calibration", "plot_confusion",
-           "plot_learning_curves", "plot_roc_pr", "plot_saliency", "plot_search_history", "pr_curve", "roc_curve",
-           "top_trials", "write_html", "write_pictures"]
+__all__ = [
+    "PICTURES",
+    "REPORT_METRICS",
+    "grad_cam",
+    "pick_examples",
+    "plot_calibration",
+    "plot_confusion",
+    "plot_learning_curves",
+    "plot_roc_pr",
+    "plot_saliency",
+    "plot_search_history",
+    "pr_curve",
+    "roc_curve",
+    "top_trials",
+    "write_html",
+    "write_pictures",
+]
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -58,31 +72,63 @@ def _metric_cell(block: Mapping[str, Any], name: str) -> str:
     return value
 
 
-REPORT_METRICS = ["roc_auc", "pr_auc", "recall", "specificity", "precision", "accuracy", "f1", "brier", "ece",
-                  "tp", "fp", "tn", "fn"]
+REPORT_METRICS = [
+    "roc_auc",
+    "pr_auc",
+    "recall",
+    "specificity",
+    "precision",
+    "accuracy",
+    "f1",
+    "brier",
+    "ece",
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+]
 
 
 def _metrics_table(metrics: Mapping[str, Any]) -> str:
     cols = [(split, key) for key in ("at_threshold", "at_0.5") for split in metrics]
-    head = "".join(f"<th>{html.escape(s)}<br><small>{'chosen t' if k == 'at_threshold' else 't = 0.5'}</small></th>"
-                   for s, k in cols)
+    head = "".join(
+        f"<th>{html.escape(s)}<br><small>{'chosen t' if k == 'at_threshold' else 't = 0.5'}</small></th>"
+        for s, k in cols
+    )
     rows = [
         "<tr><th>images / patients</th>"
-        + "".join(f"<td>{metrics[s]['n']} / {metrics[s].get('patients', 'n/a')}</td>" for s, _ in cols) + "</tr>",
+        + "".join(f"<td>{metrics[s]['n']} / {metrics[s].get('patients', 'n/a')}</td>" for s, _ in cols)
+        + "</tr>",
         "<tr><th>prevalence</th>" + "".join(f"<td>{_fmt(metrics[s]['prevalence'])}</td>" for s, _ in cols) + "</tr>",
     ]
     for name in REPORT_METRICS:
         label = "recall (sensitivity)" if name == "recall" else name
-        rows.append(f"<tr><th>{label}</th>" + "".join(f"<td>{_metric_cell(metrics[s][k], name)}</td>"
-                                                      for s, k in cols) + "</tr>")
+        rows.append(
+            f"<tr><th>{label}</th>"
+            + "".join(f"<td>{_metric_cell(metrics[s][k], name)}</td>" for s, k in cols)
+            + "</tr>"
+        )
     return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
 
 
 def _leaderboard(trials: pd.DataFrame, winner: str | None, k: int = 10) -> str:
     if trials is None or trials.empty:
         return "<p>No trials recorded.</p>"
-    cols = [c for c in ("trial_id", "status", "epochs_run", "best_epoch", "best_val_auc", "best_val_loss",
-                        "best_val_acc", "wall_seconds", "images_per_s") if c in trials]
+    cols = [
+        c
+        for c in (
+            "trial_id",
+            "status",
+            "epochs_run",
+            "best_epoch",
+            "best_val_auc",
+            "best_val_loss",
+            "best_val_acc",
+            "wall_seconds",
+            "images_per_s",
+        )
+        if c in trials
+    ]
     cols += [c for c in trials.columns if str(c).startswith("p_")]  # the searched parameters
     ids = top_trials(trials, k)
     table = trials.set_index(trials["trial_id"].astype(str))
@@ -90,8 +136,11 @@ def _leaderboard(trials: pd.DataFrame, winner: str | None, k: int = 10) -> str:
     for tid in ids:
         r = table.loc[tid]
         cls = ' class="winner"' if tid == winner else ""
-        rows.append(f"<tr{cls}>" + "".join(f"<td>{_fmt_g(r[c]) if c.startswith('p_') else _fmt(r[c])}</td>"
-                                           for c in cols) + "</tr>")
+        rows.append(
+            f"<tr{cls}>"
+            + "".join(f"<td>{_fmt_g(r[c]) if c.startswith('p_') else _fmt(r[c])}</td>" for c in cols)
+            + "</tr>"
+        )
     head = "".join(f"<th>{c}</th>" for c in cols)
     return f"<table><tr>{head}</tr>{''.join(rows)}</table><p>{len(trials)} trials in all; top {len(ids)} shown.</p>"
 
@@ -116,50 +165,58 @@ def write_html(out_dir: Path, card: Mapping[str, Any], trials: pd.DataFrame, pic
     data = card.get("data", {})
     counts = "".join(
         f"<tr><th>{html.escape(s)}</th><td>{c.get('n')}</td><td>{c.get('NORMAL')}</td><td>{c.get('PNEUMONIA')}</td>"
-        f"<td>{c.get('patients', 'n/a')}</td></tr>" for s, c in data.get("counts", {}).items())
+        f"<td>{c.get('patients', 'n/a')}</td></tr>"
+        for s, c in data.get("counts", {}).items()
+    )
     figures = []
     for name in pictures:
         png = (out_dir / name).read_bytes()
         caption = f"{html.escape(PICTURES.get(name, name))} <small>({name})</small>"
-        figures.append(f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-                       f"<figcaption>{caption}</figcaption></figure>")
+        figures.append(
+            f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
     check = card.get("export", {})
     body = f"""
-<h1>xray_ray winner: trial {html.escape(str(trial.get('id')))}</h1>
-<p>Created {html.escape(card.get('created', ''))}. Classes: 0 = NORMAL, 1 = PNEUMONIA. The winner was chosen on
+<h1>xray_ray winner: trial {html.escape(str(trial.get("id")))}</h1>
+<p>Created {html.escape(card.get("created", ""))}. Classes: 0 = NORMAL, 1 = PNEUMONIA. The winner was chosen on
 validation AUC only; the threshold was then fixed on validation, and the test split was scored once, after that.</p>
 <h2>Threshold</h2>
-<p><b>{_fmt(th['value'], 4)}</b>: {html.escape(th['method'])} (target sensitivity {_fmt(th.get('target_sensitivity'))});
-on validation it gives sensitivity {_fmt(th.get('val_sensitivity'))} and specificity {_fmt(th.get('val_specificity'))}.
+<p><b>{_fmt(th["value"], 4)}</b>: {html.escape(th["method"])} (target sensitivity {_fmt(th.get("target_sensitivity"))});
+on validation it gives sensitivity {_fmt(th.get("val_sensitivity"))} and specificity {_fmt(th.get("val_specificity"))}.
 An image is called PNEUMONIA when its probability is at or above the threshold.</p>
 <h2>Metrics</h2>
-<p>95% bootstrap intervals in brackets, resampling patients ({card.get('bootstrap', {}).get('n_boot', '?')} draws).</p>
-{_metrics_table(card['metrics'])}
+<p>95% bootstrap intervals in brackets, resampling patients ({card.get("bootstrap", {}).get("n_boot", "?")} draws).</p>
+{_metrics_table(card["metrics"])}
 <h2>Pictures</h2>
-{''.join(figures)}
+{"".join(figures)}
 <h2>Data</h2>
 <table><tr><th>split</th><th>images</th><th>NORMAL</th><th>PNEUMONIA</th><th>patients</th></tr>{counts}</table>
-{_kv_table({k: v for k, v in data.items() if k != 'counts'})}
+{_kv_table({k: v for k, v in data.items() if k != "counts"})}
 <h2>Leaderboard</h2>
-{_leaderboard(trials, str(trial.get('id')))}
+{_leaderboard(trials, str(trial.get("id")))}
 <h2>Model</h2>
-{_kv_table(card.get('model', {}))}
+{_kv_table(card.get("model", {}))}
 <h3>Input contract</h3>
-{_kv_table(card['input'])}
-<p>Export: {html.escape(str(check.get('onnx')))} and {html.escape(str(check.get('torchscript')))} output
-{html.escape(str(card.get('output', {}).get('name')))}; they differ by at most {check.get('max_abs_diff', math.nan):.1e}
-on {check.get('images')} images (tolerance {check.get('tolerance')}).</p>
+{_kv_table(card["input"])}
+<p>Export: {html.escape(str(check.get("onnx")))} and {html.escape(str(check.get("torchscript")))} output
+{html.escape(str(card.get("output", {}).get("name")))}; they differ by at most {check.get("max_abs_diff", math.nan):.1e}
+on {check.get("images")} images (tolerance {check.get("tolerance")}).</p>
 <h2>Trial configuration</h2>
-{_kv_table(trial.get('config', {}))}
+{_kv_table(trial.get("config", {}))}
 <h2>Versions</h2>
-{_kv_table(card.get('versions', {}))}
+{_kv_table(card.get("versions", {}))}
 """
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
-             "font-size:13px;text-align:left}tr.winner{background:#fff3c4}figure{margin:1em 0}"
-             "img{max-width:100%}figcaption{font-size:13px;color:#444}")
-    doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>xray_ray report</title>"
-           f"<style>{style}</style></head><body>{body}</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
+        "font-size:13px;text-align:left}tr.winner{background:#fff3c4}figure{margin:1em 0}"
+        "img{max-width:100%}figcaption{font-size:13px;color:#444}"
+    )
+    doc = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>xray_ray report</title>"
+        f"<style>{style}</style></head><body>{body}</body></html>\n"
+    )
     path = out_dir / "report.html"
     write_text(path, doc)
     return path

@@ -12,8 +12,9 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -23,18 +24,55 @@ import pyarrow.parquet as pq
 from xray_ray.common import json_safe, write_bytes_fs
 from xray_ray.robustness import COMPOSITES, SHIFTS
 
-TRIAL_COLUMNS = ["trial_id", "status", "error", "epochs_run", "epochs", "best_epoch", "best_metric",
-                 "best_val_auc", "best_val_loss", "best_val_acc", "last_val_auc", "wall_seconds",
-                 "images_per_s", "node_id", "data_nodes", "device", "checkpoint_path",  # device: cpu or cuda:<card>
-                 # robustness of the best epoch when it was scored, else of the last scored epoch (rob_epoch)
-                 "rob_epoch", *COMPOSITES, "rob_worst_shift",
-                 *[f"shift_{m}__{name}" for name in SHIFTS for m in ("auc", "loss")]]
-EPOCH_COLUMNS = ["trial_id", "epoch", "train_loss", "val_loss", "val_auc", "val_acc", "val_brier", "val_score",
-                 "lr", "seconds", "step_seconds", "eval_seconds", "images", "images_per_s", "node_id",
-                 "ended_at",  # ended_at: unix seconds of the report, orders epochs across trials
-                 # robustness on the shift battery (NaN on epochs not scored): composites, then each shift
-                 "rob_seconds", "rob_auc_min", "rob_auc_mean", "rob_loss_mean", "rob_worst_shift",
-                 *[f"shift_{m}__{name}" for name in SHIFTS for m in ("auc", "loss")]]
+TRIAL_COLUMNS = [
+    "trial_id",
+    "status",
+    "error",
+    "epochs_run",
+    "epochs",
+    "best_epoch",
+    "best_metric",
+    "best_val_auc",
+    "best_val_loss",
+    "best_val_acc",
+    "last_val_auc",
+    "wall_seconds",
+    "images_per_s",
+    "node_id",
+    "data_nodes",
+    "device",
+    "checkpoint_path",  # device: cpu or cuda:<card>
+    # robustness of the best epoch when it was scored, else of the last scored epoch (rob_epoch)
+    "rob_epoch",
+    *COMPOSITES,
+    "rob_worst_shift",
+    *[f"shift_{m}__{name}" for name in SHIFTS for m in ("auc", "loss")],
+]
+EPOCH_COLUMNS = [
+    "trial_id",
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_auc",
+    "val_acc",
+    "val_brier",
+    "val_score",
+    "lr",
+    "seconds",
+    "step_seconds",
+    "eval_seconds",
+    "images",
+    "images_per_s",
+    "node_id",
+    "ended_at",  # ended_at: unix seconds of the report, orders epochs across trials
+    # robustness on the shift battery (NaN on epochs not scored): composites, then each shift
+    "rob_seconds",
+    "rob_auc_min",
+    "rob_auc_mean",
+    "rob_loss_mean",
+    "rob_worst_shift",
+    *[f"shift_{m}__{name}" for name in SHIFTS for m in ("auc", "loss")],
+]
 
 
 def is_uri(path: str) -> bool:
@@ -113,8 +151,19 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("xray_ray", "torch", "torchvision", "ray", "optuna", "numpy", "pandas", "pyarrow", "pillow",
-                "onnx", "onnxruntime"):
+    for pkg in (
+        "xray_ray",
+        "torch",
+        "torchvision",
+        "ray",
+        "optuna",
+        "numpy",
+        "pandas",
+        "pyarrow",
+        "pillow",
+        "onnx",
+        "onnxruntime",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -126,10 +175,19 @@ def git_commit() -> str | None:
     """The commit of the checkout the package runs from, with '+dirty' when it has changes."""
     root = Path(__file__).resolve().parents[1]
     try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(  # noqa: S603  (a fixed argv; git from PATH, as a user runs it)
+            ["git", "-C", str(root), "rev-parse", "HEAD"],  # noqa: S607
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(  # noqa: S603  (a fixed argv; git from PATH, as a user runs it)
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],  # noqa: S607
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None

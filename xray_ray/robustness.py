@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
@@ -51,7 +51,9 @@ def _pil_each(images: np.ndarray, fn: Callable[[Image.Image], Image.Image]) -> n
     return np.stack([np.asarray(fn(Image.fromarray(im)), dtype=np.uint8) for im in images])
 
 
-def _affine(images: np.ndarray, scale: float, angle: float = 0.0, offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+def _affine(
+    images: np.ndarray, scale: float, angle: float = 0.0, offset: tuple[float, float] = (0.0, 0.0)
+) -> np.ndarray:
     """Zoom by ``scale`` (> 1 zooms in) and rotate by ``angle`` degrees about the centre; black outside."""
     s = images.shape[-1]
 
@@ -124,8 +126,9 @@ def apply_shift(name: str, images: np.ndarray, seed: int = 0) -> np.ndarray:
         return _point(images, lambda x: x + noise)
     if name.startswith("lowres_"):
         k = max(2, int(round(s * float(name.split("_")[1]))))
-        return _pil_each(images, lambda im: im.resize((k, k), Image.Resampling.BILINEAR)
-                         .resize((s, s), Image.Resampling.BILINEAR))
+        return _pil_each(
+            images, lambda im: im.resize((k, k), Image.Resampling.BILINEAR).resize((s, s), Image.Resampling.BILINEAR)
+        )
     if name.startswith("jpeg_"):
         q = int(name.split("_")[1])
         return _pil_each(images, lambda im: _jpeg(im, q))
@@ -159,8 +162,9 @@ def subset(labels: np.ndarray, most: int = MAX_IMAGES, seed: int = 0) -> np.ndar
     return np.sort(np.concatenate(keep))
 
 
-def battery(images: np.ndarray, labels: np.ndarray, seed: int = 0, shifts: Mapping[str, str] = SHIFTS,
-            most: int = MAX_IMAGES) -> dict[str, np.ndarray]:
+def battery(
+    images: np.ndarray, labels: np.ndarray, seed: int = 0, shifts: Mapping[str, str] = SHIFTS, most: int = MAX_IMAGES
+) -> dict[str, np.ndarray]:
     """The battery on (a fixed subset of) validation: ``{"labels": [M], "<shift>": uint8 [M,S,S], ...}``."""
     idx = subset(labels, most, seed)
     base = np.ascontiguousarray(np.asarray(images)[idx])
@@ -183,10 +187,12 @@ def summarize(per_shift: Mapping[str, tuple[float, float]]) -> dict[str, float |
     losses = np.array([per_shift[n][1] for n in names], dtype=float)
     finite = np.isfinite(aucs)
     worst = names[int(np.nanargmin(np.where(finite, aucs, np.inf)))] if finite.any() else ""
-    return {"rob_auc_min": float(np.nanmin(aucs)) if finite.any() else float("nan"),
-            "rob_auc_mean": float(np.nanmean(aucs)) if finite.any() else float("nan"),
-            "rob_loss_mean": float(np.nanmean(losses)) if np.isfinite(losses).any() else float("nan"),
-            "rob_worst_shift": worst}
+    return {
+        "rob_auc_min": float(np.nanmin(aucs)) if finite.any() else float("nan"),
+        "rob_auc_mean": float(np.nanmean(aucs)) if finite.any() else float("nan"),
+        "rob_loss_mean": float(np.nanmean(losses)) if np.isfinite(losses).any() else float("nan"),
+        "rob_worst_shift": worst,
+    }
 
 
 def score(predict: Callable[[np.ndarray], np.ndarray], shifted: Mapping[str, np.ndarray]) -> dict[str, float | str]:

@@ -65,8 +65,13 @@ class ExportedModel:
         """Class name for one probability at the card's threshold."""
         return CLASSES[int(prob >= self.threshold)]
 
-    def predict_files(self, paths: Iterable[str | Path], batch_size: int = 64, threads: int | None = None,
-                      max_bytes: int | None = DEFAULT_MAX_FILE_MB << 20) -> Iterator[dict]:
+    def predict_files(
+        self,
+        paths: Iterable[str | Path],
+        batch_size: int = 64,
+        threads: int | None = None,
+        max_bytes: int | None = DEFAULT_MAX_FILE_MB << 20,
+    ) -> Iterator[dict]:
         """Yield, in input order, {path, prob_pneumonia, label} or {path, error} for each image file.
 
         Files are read and decoded one batch at a time (on a few threads: PIL releases the GIL), so any
@@ -127,8 +132,10 @@ def _why_not_a_folder(path: Path) -> str:
         head = b""
     # Pickle protocol 2+ starts with 0x80; torch.save writes a zip ("PK") of pickles.
     if path.suffix.lower() in PICKLE_SUFFIXES or head[:1] == b"\x80" or head == b"PK":
-        return (f"{path} looks like a pickle or checkpoint file, which is never loaded because unpickling "
-                "runs code; pass an exported model folder holding model.json and model.onnx.")
+        return (
+            f"{path} looks like a pickle or checkpoint file, which is never loaded because unpickling "
+            "runs code; pass an exported model folder holding model.json and model.onnx."
+        )
     return f"{path} is a file, not a model folder; pass the folder that holds model.json and model.onnx."
 
 
@@ -157,8 +164,10 @@ def check_card(card: object, where: str | Path = CARD_FILE) -> dict:
         raise UserError(f"{where} is not a JSON model card; {_FIX}.")
     version = card.get("contract_version")
     if not _is_int(version) or version != CONTRACT_VERSION:
-        raise UserError(f"model contract version {version!r} is not supported (this xray_ray reads version "
-                        f"{CONTRACT_VERSION}); re-export the model with this version.")
+        raise UserError(
+            f"model contract version {version!r} is not supported (this xray_ray reads version "
+            f"{CONTRACT_VERSION}); re-export the model with this version."
+        )
     _check_contract(card, where)
     if card.get("data") is not None:
         _check_data(card["data"], where)
@@ -207,8 +216,7 @@ def _check_data(data: object, where: str | Path) -> None:
     if data.get("split") is not None:
         _check_split(data["split"], where)
     prints = data.get("fingerprints")
-    if prints is not None and (not isinstance(prints, dict)
-                               or not all(isinstance(v, str) for v in prints.values())):
+    if prints is not None and (not isinstance(prints, dict) or not all(isinstance(v, str) for v in prints.values())):
         raise _bad(where, "data.fingerprints", "an object of strings", prints)
 
 
@@ -230,17 +238,22 @@ def _check_split(split: object, where: str | Path) -> None:
 def _check_files(files: object, where: str | Path) -> None:
     """The card's file hashes: model.onnx's, when given, is a sha256 in hex."""
     digest = files.get(ONNX_FILE) if isinstance(files, dict) else files
-    if not isinstance(files, dict) or (digest is not None and not (
-            isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest))):
+    if not isinstance(files, dict) or (
+        digest is not None
+        and not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest))
+    ):
         raise _bad(where, f"files.{ONNX_FILE}", "a sha256 in hex", digest)
 
 
 def check_graph(session: ort.InferenceSession, size: int, where: str | Path = ONNX_FILE) -> None:
     """The ONNX graph's inputs and outputs against the contract: one input 'image', float32 [N, 1, S, S]
     with S the card's size, and one output 'prob_pneumonia', float32 [N]. UserError otherwise."""
+
     def refuse(what: str) -> UserError:
-        return UserError(f"{where} {what}, but the contract is input '{INPUT_NAME}' float32 [N, 1, {size}, {size}] "
-                         f"and output '{OUTPUT_NAME}' float32 [N]; re-export the model.")
+        return UserError(
+            f"{where} {what}, but the contract is input '{INPUT_NAME}' float32 [N, 1, {size}, {size}] "
+            f"and output '{OUTPUT_NAME}' float32 [N]; re-export the model."
+        )
 
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
@@ -249,8 +262,9 @@ def check_graph(session: ort.InferenceSession, size: int, where: str | Path = ON
         raise refuse(f"takes {inputs[0].type}")
     shape = list(inputs[0].shape)
     if len(shape) != 4 or shape[1:] != [1, size, size] or (_is_int(shape[0]) and shape[0] < 1):
-        raise UserError(f"{where} takes input {shape}, not the [N, 1, {size}, {size}] its card promises; "
-                        "re-export the model.")
+        raise UserError(
+            f"{where} takes input {shape}, not the [N, 1, {size}, {size}] its card promises; re-export the model."
+        )
     if len(outputs) != 1 or outputs[0].name != OUTPUT_NAME:
         raise refuse(f"has outputs {[o.name for o in outputs]}")
     if outputs[0].type != "tensor(float)":
@@ -276,8 +290,9 @@ def load_exported(model_dir: str | Path, *, allow_modified: bool = False) -> Exp
     """
     model_dir = Path(model_dir)
     if not model_dir.exists():
-        raise UserError(f"model folder {model_dir} does not exist; pass the folder that holds model.json and "
-                        "model.onnx.")
+        raise UserError(
+            f"model folder {model_dir} does not exist; pass the folder that holds model.json and model.onnx."
+        )
     if not model_dir.is_dir():
         raise UserError(_why_not_a_folder(model_dir))
     card_path, onnx_path = model_dir / CARD_FILE, model_dir / ONNX_FILE
@@ -297,10 +312,11 @@ def load_exported(model_dir: str | Path, *, allow_modified: bool = False) -> Exp
     check_graph(session, size, onnx_path)
     recorded = (card.get("files") or {}).get(ONNX_FILE)
     if recorded is not None and not allow_modified and sha256_file(onnx_path) != recorded:
-        raise UserError(f"{onnx_path} is not the file its model card records (sha256 differs); re-export the "
-                        "model, or pass --allow-modified-model if you changed it on purpose.")
+        raise UserError(
+            f"{onnx_path} is not the file its model card records (sha256 differs); re-export the "
+            "model, or pass --allow-modified-model if you changed it on purpose."
+        )
     return ExportedModel(model_dir=model_dir, card=card, session=session)
 
 
 MAX_CARD_BYTES = 16 << 20  # a card is a few tens of kB
-

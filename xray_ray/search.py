@@ -79,8 +79,13 @@ class SearchOptions:
 
     @property
     def ray(self) -> RayOptions:
-        return RayOptions(address=self.address, num_cpus=self.num_cpus, cpus_per_trial=self.cpus_per_trial,
-                          gpus_per_trial=self.gpus_per_trial, data_tasks=self.data_tasks)
+        return RayOptions(
+            address=self.address,
+            num_cpus=self.num_cpus,
+            cpus_per_trial=self.cpus_per_trial,
+            gpus_per_trial=self.gpus_per_trial,
+            data_tasks=self.data_tasks,
+        )
 
 
 @dataclass
@@ -102,10 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what resources allow)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
-    p.add_argument("--data-cpus", type=float, default=0.0,
-                   help="CPUs each augmentation task reserves (0: never starved by trials holding every CPU)")
-    p.add_argument("--data-tasks", type=int, default=1,
-                   help="augmentation tasks each trial keeps in flight (more on a cluster with CPU workers)")
+    p.add_argument(
+        "--data-cpus",
+        type=float,
+        default=0.0,
+        help="CPUs each augmentation task reserves (0: never starved by trials holding every CPU)",
+    )
+    p.add_argument(
+        "--data-tasks",
+        type=int,
+        default=1,
+        help="augmentation tasks each trial keeps in flight (more on a cluster with CPU workers)",
+    )
     p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. 'auto' or host:port)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its storage")
@@ -113,18 +126,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial from its checkpoint")
     p.add_argument("--cache", default=None, help="pixel cache folder (default: ~/.cache/xray_ray)")
     p.add_argument("--no-export", action="store_true", help="skip evaluating and exporting the winner")
-    p.add_argument("--ensemble", type=int, default=DEFAULT_ENSEMBLE,
-                   help="ship a greedy ensemble chosen in this many rounds among the best trials (1: the single "
-                        "winner); works with --resume --export-only too")
-    p.add_argument("--threshold-rule", choices=("clean", "shifted"), default=DEFAULT_THRESHOLD_RULE,
-                   help="meet the target sensitivity on clean validation, or on clean and shifted validation pooled")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="also write TensorBoard event files per trial (loads torch into the driver: ~300 MB)")
-    p.add_argument("--export-only", action="store_true",
-                   help="with --resume: run no more trials; write the tables and export the best trial so far")
-    p.add_argument("--allow-local-results", action="store_true",
-                   help="accept a local path or file:// URI as results on a multi-node cluster (only for a "
-                        "mount shared by every node, such as NFS)")
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        default=DEFAULT_ENSEMBLE,
+        help="ship a greedy ensemble chosen in this many rounds among the best trials (1: the single "
+        "winner); works with --resume --export-only too",
+    )
+    p.add_argument(
+        "--threshold-rule",
+        choices=("clean", "shifted"),
+        default=DEFAULT_THRESHOLD_RULE,
+        help="meet the target sensitivity on clean validation, or on clean and shifted validation pooled",
+    )
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files per trial (loads torch into the driver: ~300 MB)",
+    )
+    p.add_argument(
+        "--export-only",
+        action="store_true",
+        help="with --resume: run no more trials; write the tables and export the best trial so far",
+    )
+    p.add_argument(
+        "--allow-local-results",
+        action="store_true",
+        help="accept a local path or file:// URI as results on a multi-node cluster (only for a "
+        "mount shared by every node, such as NFS)",
+    )
     return p
 
 
@@ -140,8 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(e, "run_started", False):  # set by run() once the run can be resumed
             print(f"\ninterrupted. Resume with: {resume_command(opts)}", file=sys.stderr)
         else:
-            print("\ninterrupted before the search started; nothing to resume, run the same command again.",
-                  file=sys.stderr)
+            print(
+                "\ninterrupted before the search started; nothing to resume, run the same command again.",
+                file=sys.stderr,
+            )
         return 130
     return 0
 
@@ -153,10 +185,16 @@ def resume_command(opts: SearchOptions) -> str:
 
 
 # (flag's option, the rule its value must meet, the rule in words); None is a flag left at its default
-FLAG_RULES = (("cpus_per_trial", lambda v: v > 0, "positive"), ("gpus_per_trial", lambda v: v >= 0, "0 or more"),
-              ("data_tasks", lambda v: v >= 1, "at least 1"), ("data_cpus", lambda v: v >= 0, "0 or more"),
-              ("num_samples", lambda v: v >= 1, "at least 1"), ("max_concurrent", lambda v: v >= 1, "at least 1"),
-              ("max_failures", lambda v: v >= 0, "0 or more"), ("seed", lambda v: v >= 0, "0 or more"))
+FLAG_RULES = (
+    ("cpus_per_trial", lambda v: v > 0, "positive"),
+    ("gpus_per_trial", lambda v: v >= 0, "0 or more"),
+    ("data_tasks", lambda v: v >= 1, "at least 1"),
+    ("data_cpus", lambda v: v >= 0, "0 or more"),
+    ("num_samples", lambda v: v >= 1, "at least 1"),
+    ("max_concurrent", lambda v: v >= 1, "at least 1"),
+    ("max_failures", lambda v: v >= 0, "0 or more"),
+    ("seed", lambda v: v >= 0, "0 or more"),
+)
 
 
 def check_flags(opts: SearchOptions, space: SearchSpace) -> None:
@@ -177,12 +215,19 @@ def run(opts: SearchOptions) -> str:
     space = load_space(opts.space)
     check_flags(opts, space)
     check_local_resources(opts.ray)
-    space = replace(space,
-                    num_samples=opts.num_samples or space.num_samples,
-                    seed=space.seed if opts.seed is None else opts.seed)
+    space = replace(
+        space, num_samples=opts.num_samples or space.num_samples, seed=space.seed if opts.seed is None else opts.seed
+    )
     name = check_run_name(opts.name or space.name, "--name" if opts.name else f"the space file {opts.space}")
-    folder = open_run(opts.results, name, data=opts.data, space=space, resume=opts.resume,
-                      export_only=opts.export_only, export=not opts.no_export)
+    folder = open_run(
+        opts.results,
+        name,
+        data=opts.data,
+        space=space,
+        resume=opts.resume,
+        export_only=opts.export_only,
+        export=not opts.no_export,
+    )
     try:
         return search(opts, space, folder)
     except KeyboardInterrupt as e:
@@ -194,8 +239,9 @@ def load_data(opts: SearchOptions, space: SearchSpace) -> RunData:
     """Read the source, split it by patient, prepare each image size once (or find it in the cache)."""
     print(f"[xray_ray] loading data from {opts.data} ...", flush=True)
     manifest = load_source(opts.data, seed=space.seed)
-    df, split_info = assign_splits(manifest.df, seed=space.seed, val_fraction=space.val_fraction,
-                                   test_fraction=space.test_fraction)
+    df, split_info = assign_splits(
+        manifest.df, seed=space.seed, val_fraction=space.val_fraction, test_fraction=space.test_fraction
+    )
     print_data_problems(manifest, split_info)
     prepared = {s: prepare(df, s, opts.cache) for s in space.image_sizes}
     for s, p in prepared.items():
@@ -208,21 +254,36 @@ def load_data(opts: SearchOptions, space: SearchSpace) -> RunData:
     return RunData(manifest=manifest, split_info=split_info, prepared=prepared)
 
 
-def run_info_of(opts: SearchOptions, space: SearchSpace, folder: RunFolder, started: str,
-                loaded: RunData) -> dict[str, Any]:
+def run_info_of(
+    opts: SearchOptions, space: SearchSpace, folder: RunFolder, started: str, loaded: RunData
+) -> dict[str, Any]:
     """run.json's facts known before the search: what was asked, of which data, with what resources."""
     manifest = loaded.manifest
     return {
-        "name": folder.name, "started": started, "command": R.command_line(), "seed": space.seed,
-        "space": space.to_dict(), "space_file": str(opts.space),
-        "data": {"spec": opts.data, "source": manifest.info, "skipped": int(len(manifest.skipped)),
-                 "skipped_files": manifest.skipped.head(MAX_LISTED_SKIPS).to_dict(orient="records"),
-                 "splits": loaded.split_info, "image_sizes": space.image_sizes},
-        "resources": {"cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial,
-                      "data_cpus": opts.data_cpus, "data_tasks": opts.data_tasks,
-                      "address": opts.address},
+        "name": folder.name,
+        "started": started,
+        "command": R.command_line(),
+        "seed": space.seed,
+        "space": space.to_dict(),
+        "space_file": str(opts.space),
+        "data": {
+            "spec": opts.data,
+            "source": manifest.info,
+            "skipped": int(len(manifest.skipped)),
+            "skipped_files": manifest.skipped.head(MAX_LISTED_SKIPS).to_dict(orient="records"),
+            "splits": loaded.split_info,
+            "image_sizes": space.image_sizes,
+        },
+        "resources": {
+            "cpus_per_trial": opts.cpus_per_trial,
+            "gpus_per_trial": opts.gpus_per_trial,
+            "data_cpus": opts.data_cpus,
+            "data_tasks": opts.data_tasks,
+            "address": opts.address,
+        },
         "export": {"ensemble": opts.ensemble, "threshold_rule": opts.threshold_rule},
-        "versions": R.versions(), "git_commit": R.git_commit(),
+        "versions": R.versions(),
+        "git_commit": R.git_commit(),
     }
 
 
@@ -249,13 +310,21 @@ def check_results_shared(opts: SearchOptions) -> None:
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1 and R.node_local(opts.results) and not opts.allow_local_results:
-        raise UserError(f"this cluster has {len(nodes)} nodes but --results {opts.results} is a node-local "
-                        f"path; use shared storage such as s3://bucket/path (or --allow-local-results for an "
-                        f"NFS mount present on every node).")
+        raise UserError(
+            f"this cluster has {len(nodes)} nodes but --results {opts.results} is a node-local "
+            f"path; use shared storage such as s3://bucket/path (or --allow-local-results for an "
+            f"NFS mount present on every node)."
+        )
 
 
-def search_on_ray(opts: SearchOptions, space: SearchSpace, folder: RunFolder, loaded: RunData,
-                  run_info: dict[str, Any], t_start: float) -> str:
+def search_on_ray(
+    opts: SearchOptions,
+    space: SearchSpace,
+    folder: RunFolder,
+    loaded: RunData,
+    run_info: dict[str, Any],
+    t_start: float,
+) -> str:
     """Accept the cluster, write run.json, run (or resume) the Tuner, write the tables, then finish."""
     import ray
 
@@ -269,30 +338,47 @@ def search_on_ray(opts: SearchOptions, space: SearchSpace, folder: RunFolder, lo
     R.write_json({**run_info, "status": "running"}, R.join(run_dir, "run.json"))
     folder.started = True  # from here on an interrupted run can be resumed
     train_labels = next(iter(loaded.prepared.values())).splits["train"].labels
-    runtime = Runtime(cpus_per_trial=opts.cpus_per_trial, gpus_per_trial=opts.gpus_per_trial,
-                      data_cpus=opts.data_cpus, data_tasks=opts.data_tasks, metric=space.metric, mode=space.mode,
-                      pos_fraction=float(np.mean(train_labels)) if len(train_labels) else 0.5, data_slot=slot,
-                      score_epochs=rungs(space),
-                      fault_dir=None if R.is_uri(run_dir) else str(Path(run_dir) / "tune" / ".faults"))
+    runtime = Runtime(
+        cpus_per_trial=opts.cpus_per_trial,
+        gpus_per_trial=opts.gpus_per_trial,
+        data_cpus=opts.data_cpus,
+        data_tasks=opts.data_tasks,
+        metric=space.metric,
+        mode=space.mode,
+        pos_fraction=float(np.mean(train_labels)) if len(train_labels) else 0.5,
+        data_slot=slot,
+        score_epochs=rungs(space),
+        fault_dir=None if R.is_uri(run_dir) else str(Path(run_dir) / "tune" / ".faults"),
+    )
     data = trial_data(loaded.prepared, space.seed)
     ray.data.DataContext.get_current().enable_progress_bars = False
     fn = trial_trainable(data, runtime, {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})
     tune_dir = R.join(run_dir, "tune")
     tuner = restored(tune_dir, fn) if opts.resume else None
     if tuner is None:
-        tuner = search_tuner(fn, space, TunerSettings(tune_dir=tune_dir, concurrent=concurrent,
-                                                      max_failures=opts.max_failures, tensorboard=opts.tensorboard))
-    print("[xray_ray] --export-only: no more trials; exporting the best so far" if opts.export_only else
-          f"[xray_ray] searching: {space.num_samples} trials, {concurrent} at a time, "
-          f"{space.searcher} + {space.scheduler} on {space.metric} ({space.mode}), "
-          f"up to {space.max_epochs} epochs each", flush=True)
+        tuner = search_tuner(
+            fn,
+            space,
+            TunerSettings(
+                tune_dir=tune_dir, concurrent=concurrent, max_failures=opts.max_failures, tensorboard=opts.tensorboard
+            ),
+        )
+    print(
+        "[xray_ray] --export-only: no more trials; exporting the best so far"
+        if opts.export_only
+        else f"[xray_ray] searching: {space.num_samples} trials, {concurrent} at a time, "
+        f"{space.searcher} + {space.scheduler} on {space.metric} ({space.mode}), "
+        f"up to {space.max_epochs} epochs each",
+        flush=True,
+    )
     grid = fit(tuner, results_only=opts.export_only)
     trials, epochs = collect(grid, space)
     meta = {"run": folder.name, "space": space.to_dict(), "seed": space.seed, "versions": run_info["versions"]}
     R.write_parquet(trials, R.join(run_dir, "trials.parquet"), meta)
     R.write_parquet(epochs, R.join(run_dir, "epochs.parquet"), meta)
-    outcome = Outcome(grid=grid, trials=trials, epochs=epochs, data=data, concurrent=concurrent,
-                      wall=time.time() - t_start)
+    outcome = Outcome(
+        grid=grid, trials=trials, epochs=epochs, data=data, concurrent=concurrent, wall=time.time() - t_start
+    )
     return finish(opts, space, folder, loaded, run_info, outcome)
 
 
@@ -308,8 +394,9 @@ class Outcome:
     wall: float
 
 
-def finish(opts: SearchOptions, space: SearchSpace, folder: RunFolder, loaded: RunData,
-           run_info: dict[str, Any], out: Outcome) -> str:
+def finish(
+    opts: SearchOptions, space: SearchSpace, folder: RunFolder, loaded: RunData, run_info: dict[str, Any], out: Outcome
+) -> str:
     """Record how the run ended, print the leaderboard, export the winner; an unfinished run leaves as a
     KeyboardInterrupt (resumable), a run whose every trial failed as a UserError."""
     trials, epochs, run_dir = out.trials, out.epochs, folder.path
@@ -317,22 +404,35 @@ def finish(opts: SearchOptions, space: SearchSpace, folder: RunFolder, loaded: R
     incomplete = bool(len(trials) < space.num_samples or trials["status"].isin(["running", "pending"]).any())
     unfinished = incomplete and not opts.export_only  # --export-only exports what there is, and says so
     wall_total = out.wall + (folder.previous or {}).get("wall_seconds", 0.0)  # summed over resumed parts
-    run_info.update({
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "status": "interrupted" if incomplete else "finished",
-        "wall_seconds": wall_total, "concurrency": out.concurrent, "trial_epochs": int(len(epochs)),
-        "overhead": overhead(epochs, wall_total, out.concurrent),
-        "trials": trials["status"].value_counts().to_dict() if len(trials) else {},
-    })
+    run_info.update(
+        {
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "status": "interrupted" if incomplete else "finished",
+            "wall_seconds": wall_total,
+            "concurrency": out.concurrent,
+            "trial_epochs": int(len(epochs)),
+            "overhead": overhead(epochs, wall_total, out.concurrent),
+            "trials": trials["status"].value_counts().to_dict() if len(trials) else {},
+        }
+    )
     print_leaderboard(trials, space)
     run_json = R.join(run_dir, "run.json")
     if unfinished:
         R.write_json(run_info, run_json)
         raise KeyboardInterrupt  # main() prints the resume command and exits 130
     if not opts.no_export and trials["best_metric"].notna().any():
-        card = export_best(out.grid, trials, epochs, loaded.prepared, run_info, run_dir, space,
-                           batteries={sz: d["shifted"] for sz, d in out.data.items()}, ensemble=opts.ensemble,
-                           threshold_rule=opts.threshold_rule)
+        card = export_best(
+            out.grid,
+            trials,
+            epochs,
+            loaded.prepared,
+            run_info,
+            run_dir,
+            space,
+            batteries={sz: d["shifted"] for sz, d in out.data.items()},
+            ensemble=opts.ensemble,
+            threshold_rule=opts.threshold_rule,
+        )
         run_info["best"] = {"trial_id": card.get("trial_id"), "threshold": card.get("threshold", {}).get("value")}
     failure = every_trial_failed(trials)
     if failure:  # the tables and run.json still say what happened to each trial
@@ -351,13 +451,19 @@ def trial_data(prepared: dict, seed: int) -> dict[int, dict[str, Any]]:
     for s, p in prepared.items():
         t0 = time.perf_counter()
         val = p.splits["val"]
-        out[s] = {"train": train_dataset(p.splits["train"]), "val": val, "n_train": len(p.splits["train"]),
-                  "repeats": balanced_repeats(p.splits["train"].labels),
-                  "shifted": battery(val.images, val.labels, seed=seed)}
-        print(f"[xray_ray] {s}px: shift battery of {len(SHIFTS)} shifts x {len(out[s]['shifted']['labels'])} "
-              f"val images in {time.perf_counter() - t0:.1f}s", flush=True)
+        out[s] = {
+            "train": train_dataset(p.splits["train"]),
+            "val": val,
+            "n_train": len(p.splits["train"]),
+            "repeats": balanced_repeats(p.splits["train"].labels),
+            "shifted": battery(val.images, val.labels, seed=seed),
+        }
+        print(
+            f"[xray_ray] {s}px: shift battery of {len(SHIFTS)} shifts x {len(out[s]['shifted']['labels'])} "
+            f"val images in {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
     return out
-
 
 
 MAX_LISTED_SKIPS = 1000  # run.json lists this many skipped files (path, reason); the count is always whole
@@ -367,16 +473,20 @@ def print_data_problems(manifest, split_info: dict) -> None:
     """Say which files were skipped (by reason), the data's warnings, and train images dropped as leakage."""
     skipped = manifest.skipped
     if len(skipped):
-        print(f"[xray_ray] {len(skipped)} files skipped (each with its reason in run.json's data.skipped_files):",
-              flush=True)
+        print(
+            f"[xray_ray] {len(skipped)} files skipped (each with its reason in run.json's data.skipped_files):",
+            flush=True,
+        )
         for reason, n in skipped["reason"].value_counts().head(10).items():
             print(f"[xray_ray]   {n} x {reason}", flush=True)
     for w in [*manifest.info.get("warnings", []), *split_info.get("warnings", [])]:
         print(f"[xray_ray] warning: {w}", flush=True)
     if split_info.get("dropped"):
-        print(f"[xray_ray] leakage: {split_info['dropped']} train images share a patient or identical bytes with "
-              f"val/test and were dropped from train (listed in run.json's data.splits.leakage)", flush=True)
-
+        print(
+            f"[xray_ray] leakage: {split_info['dropped']} train images share a patient or identical bytes with "
+            f"val/test and were dropped from train (listed in run.json's data.splits.leakage)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -28,17 +28,33 @@ from xray_ray.trial import decode_config, model_sizes
 
 RUN_NAME = r"[A-Za-z0-9._-]{1,200}"
 # what the export writes into best/ (report.PICTURES are the pictures; a test keeps the two lists equal)
-EXPORT_FILES = frozenset({"weights.safetensors", "config.json", "model.onnx", "model.pt", "model.json",
-                          "report.html", "confusion.png", "roc.png", "pr.png", "calibration.png",
-                          "learning_curves.png", "search_history.png", "saliency.png"})
+EXPORT_FILES = frozenset(
+    {
+        "weights.safetensors",
+        "config.json",
+        "model.onnx",
+        "model.pt",
+        "model.json",
+        "report.html",
+        "confusion.png",
+        "roc.png",
+        "pr.png",
+        "calibration.png",
+        "learning_curves.png",
+        "search_history.png",
+        "saliency.png",
+    }
+)
 
 
 def check_run_name(name: str, source: str) -> str:
     """`name` if it is one plain path component (letters, digits, '-', '_', '.'; not '.' or '..')."""
     if not isinstance(name, str) or not re.fullmatch(RUN_NAME, name) or name in (".", ".."):
         fix = "choose another --name" if source == "--name" else "change its name: or pass --name"
-        raise UserError(f"the run name {name!r} (from {source}) must be one plain folder name of letters, digits, "
-                        f"'-', '_' and '.' (not '.' or '..'), at most 200 characters; {fix}.")
+        raise UserError(
+            f"the run name {name!r} (from {source}) must be one plain folder name of letters, digits, "
+            f"'-', '_' and '.' (not '.' or '..'), at most 200 characters; {fix}."
+        )
     return name
 
 
@@ -60,9 +76,11 @@ def check_not_foreign(run_dir: str) -> None:
         return
     foreign = sorted(n for n in names if n != ".write-probe" and not is_temp_name(n))
     if foreign:
-        raise UserError(f"{run_dir} is not empty and holds no run of xray_ray (no run.json; it has "
-                        f"{', '.join(map(repr, foreign[:3]))}{', ...' if len(foreign) > 3 else ''}); choose "
-                        "another --name or --results.")
+        raise UserError(
+            f"{run_dir} is not empty and holds no run of xray_ray (no run.json; it has "
+            f"{', '.join(map(repr, foreign[:3]))}{', ...' if len(foreign) > 3 else ''}); choose "
+            "another --name or --results."
+        )
 
 
 def _ours_in_best(name: str) -> bool:
@@ -76,12 +94,13 @@ def check_best_is_ours(best: Path) -> None:
         return
     if best.is_symlink() or not best.is_dir():
         raise UserError(f"{best} is not a folder the export wrote; move it away, or choose another --name.")
-    foreign = sorted(p.name for p in best.iterdir() if not _ours_in_best(p.name) or not p.is_file()
-                     or p.is_symlink())
+    foreign = sorted(p.name for p in best.iterdir() if not _ours_in_best(p.name) or not p.is_file() or p.is_symlink())
     if foreign:
-        raise UserError(f"{best} holds files the export did not write ({', '.join(map(repr, foreign[:3]))}"
-                        f"{', ...' if len(foreign) > 3 else ''}); move them out, since a new export replaces "
-                        "best/, or choose another --name.")
+        raise UserError(
+            f"{best} holds files the export did not write ({', '.join(map(repr, foreign[:3]))}"
+            f"{', ...' if len(foreign) > 3 else ''}); move them out, since a new export replaces "
+            "best/, or choose another --name."
+        )
 
 
 def _whole_model(folder: Path) -> bool:
@@ -98,8 +117,10 @@ def clean_leftovers(run_dir: Path) -> list[Path]:
     """Remove what a killed run left (--resume): temporary files beside the tables and in best/, and
     unfinished or replaced best.new-*/best.old-* folders, after putting a whole best/ back if it is missing."""
     removed = restore_dir(run_dir / "best", _whole_model)
-    for folder, ours in ((run_dir, is_temp_name), (run_dir / "best", lambda n: n not in EXPORT_FILES
-                                                   and _ours_in_best(n))):
+    for folder, ours in (
+        (run_dir, is_temp_name),
+        (run_dir / "best", lambda n: n not in EXPORT_FILES and _ours_in_best(n)),
+    ):
         if folder.is_dir() and not folder.is_symlink():
             for p in folder.iterdir():
                 if ours(p.name) and p.is_file() and not p.is_symlink():
@@ -124,8 +145,9 @@ class RunFolder:
     started: bool  # run.json is written: an interrupted run can be resumed
 
 
-def open_run(results: str, name: str, *, data: str, space: SearchSpace, resume: bool, export_only: bool,
-             export: bool) -> RunFolder:
+def open_run(
+    results: str, name: str, *, data: str, space: SearchSpace, resume: bool, export_only: bool, export: bool
+) -> RunFolder:
     """The run `name`'s folder under `results`, checked: a new run's is not foreign, a resumed one is the same
     run (data, space, seed); best/ is ours when the run exports; leftovers of a killed run cleaned; writable."""
     run_dir = R.join(str(results), name) if R.is_uri(results) else str(Path(results).resolve() / name)
@@ -140,27 +162,37 @@ def open_run(results: str, name: str, *, data: str, space: SearchSpace, resume: 
         try:
             clean_leftovers(Path(run_dir))
         except OSError as e:
-            raise UserError(f"cannot clean up the results folder {run_dir} ({e.__class__.__name__}: {e}); "
-                            f"choose a writable --results.") from None
+            raise UserError(
+                f"cannot clean up the results folder {run_dir} ({e.__class__.__name__}: {e}); "
+                f"choose a writable --results."
+            ) from None
     try:
         R.probe_writable(run_dir)
     except OSError as e:
-        raise UserError(f"cannot write to the results folder {run_dir} ({e.__class__.__name__}: {e}); "
-                        f"choose a writable --results.") from None
+        raise UserError(
+            f"cannot write to the results folder {run_dir} ({e.__class__.__name__}: {e}); choose a writable --results."
+        ) from None
     return RunFolder(name=name, path=run_dir, previous=previous, started=previous is not None)
 
 
-def check_resumable(run_dir: str, previous: dict[str, Any] | None, *, data: str, space: SearchSpace, resume: bool,
-                    export_only: bool) -> None:
+def check_resumable(
+    run_dir: str, previous: dict[str, Any] | None, *, data: str, space: SearchSpace, resume: bool, export_only: bool
+) -> None:
     """Refuse a new run over an old one, a resume of another run, and --resume or --export-only with no run."""
     if previous is not None and not resume:
-        raise UserError(f"the results folder {run_dir} already holds a run; pass --resume to continue it, "
-                        f"or choose another --name or --results.")
-    if previous is not None and (previous.get("data", {}).get("spec") != data
-                                 or previous.get("space") != json_safe(space.to_dict())
-                                 or previous.get("seed") != space.seed):
-        raise UserError(f"the results folder {run_dir} holds a different run (data, space or seed differ); "
-                        f"resume it with the same --data, --space and --seed, or choose another --name.")
+        raise UserError(
+            f"the results folder {run_dir} already holds a run; pass --resume to continue it, "
+            f"or choose another --name or --results."
+        )
+    if previous is not None and (
+        previous.get("data", {}).get("spec") != data
+        or previous.get("space") != json_safe(space.to_dict())
+        or previous.get("seed") != space.seed
+    ):
+        raise UserError(
+            f"the results folder {run_dir} holds a different run (data, space or seed differ); "
+            f"resume it with the same --data, --space and --seed, or choose another --name."
+        )
     if export_only and not resume:
         raise UserError("--export-only works on an existing run; add --resume.")
     if resume and previous is None:
@@ -190,8 +222,9 @@ def trained_models(grid, describe: Callable[[dict[str, Any]], str]) -> Iterator[
         yield res, cfg, model
 
 
-def winner_model(grid, trials: pd.DataFrame, space: SearchSpace, prepared: dict,
-                 batteries: dict[int, dict] | None, ensemble: int):
+def winner_model(
+    grid, trials: pd.DataFrame, space: SearchSpace, prepared: dict, batteries: dict[int, dict] | None, ensemble: int
+):
     """The model to ship: the best trial's kept weights, or a greedy ensemble over the best trials' weights
     (``ensemble`` selection rounds, on the space's metric over validation and, for ``rob_*``, its battery).
 
@@ -202,8 +235,12 @@ def winner_model(grid, trials: pd.DataFrame, space: SearchSpace, prepared: dict,
     ranked = trials.dropna(subset=["best_metric", "checkpoint_path"])
     winner = ranked.iloc[0]
     by_id = {(r.metrics or {}).get("trial_id"): r for r in grid}
-    facts = {"trial_id": winner["trial_id"], "best_epoch": int(winner["best_epoch"]),
-             "selection_metric": space.metric, "selection_value": float(winner["best_metric"])}
+    facts = {
+        "trial_id": winner["trial_id"],
+        "best_epoch": int(winner["best_epoch"]),
+        "selection_metric": space.metric,
+        "selection_value": float(winner["best_metric"]),
+    }
 
     cfg, model = trial_model(by_id[winner["trial_id"]])
     config = {**cfg.to_dict(), "trial_id": winner["trial_id"], "best_epoch": int(winner["best_epoch"])}
@@ -214,16 +251,28 @@ def winner_model(grid, trials: pd.DataFrame, space: SearchSpace, prepared: dict,
         members[tid] = trial_model(by_id[tid])[1]
     val = {s: (p.splits["val"].images, p.splits["val"].labels) for s, p in prepared.items()}
     chosen, info = select(members, val, batteries, space.metric, space.mode, ensemble)
-    print(f"[xray_ray] ensemble: {info['picked']} of {len(members)} candidates, {space.metric} "
-          f"{info['score']:.4f} (best single {info['best_single_score']:.4f})", flush=True)
+    print(
+        f"[xray_ray] ensemble: {info['picked']} of {len(members)} candidates, {space.metric} "
+        f"{info['score']:.4f} (best single {info['best_single_score']:.4f})",
+        flush=True,
+    )
     if chosen is model:
         return model, config, facts, info
     return chosen, chosen.config.to_dict(), {**facts, "trial_id": "ensemble"}, info
 
 
-def export_best(grid, trials: pd.DataFrame, epochs: pd.DataFrame, prepared: dict, run_info: dict, run_dir: str,
-                space: SearchSpace, batteries: dict[int, dict] | None = None, ensemble: int = 1,
-                threshold_rule: str = "clean") -> dict:
+def export_best(
+    grid,
+    trials: pd.DataFrame,
+    epochs: pd.DataFrame,
+    prepared: dict,
+    run_info: dict,
+    run_dir: str,
+    space: SearchSpace,
+    batteries: dict[int, dict] | None = None,
+    ensemble: int = 1,
+    threshold_rule: str = "clean",
+) -> dict:
     """Write the model to ship (the winner, or an ensemble) into best/, then evaluate and export it there."""
     from xray_ray.export import save_weights
     from xray_ray.winner import finalize
@@ -240,8 +289,17 @@ def export_best(grid, trials: pd.DataFrame, epochs: pd.DataFrame, prepared: dict
         save_weights(model, best_dir / "weights.safetensors")
         write_text(best_dir / "config.json", json.dumps(config, indent=2))
         size = model.config.image_size
-        card = finalize(best_dir, model, prepared[size].splits, {**run_info, "winner": facts}, trials, epochs,
-                        battery=(batteries or {}).get(size), threshold_rule=threshold_rule, ensemble=ens)
+        card = finalize(
+            best_dir,
+            model,
+            prepared[size].splits,
+            {**run_info, "winner": facts},
+            trials,
+            epochs,
+            battery=(batteries or {}).get(size),
+            threshold_rule=threshold_rule,
+            ensemble=ens,
+        )
         if remote:  # object stores have no folder rename: each file is overwritten whole, nothing deleted
             fs, path = R.resolve(R.join(run_dir, "best"))
             pafs.copy_files(str(best_dir), path, destination_filesystem=fs)

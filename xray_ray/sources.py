@@ -29,8 +29,17 @@ from xray_ray.loaders import (
 from xray_ray.manifest import COLUMNS, ORIG_SPLITS, Manifest, read_bytes
 from xray_ray.phantoms import render
 
-__all__ = ["COLUMNS", "DEFAULT_SYNTHETIC", "MEDMNIST_SIZES", "ORIG_SPLITS", "SYNTHETIC_PREVALENCE", "Manifest",
-           "load_source", "read_bytes", "read_pixels"]
+__all__ = [
+    "COLUMNS",
+    "DEFAULT_SYNTHETIC",
+    "MEDMNIST_SIZES",
+    "ORIG_SPLITS",
+    "SYNTHETIC_PREVALENCE",
+    "Manifest",
+    "load_source",
+    "read_bytes",
+    "read_pixels",
+]
 
 
 def load_source(spec: str, *, seed: int = 0, max_file_bytes: int | None = None) -> Manifest:

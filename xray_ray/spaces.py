@@ -9,9 +9,10 @@ This module imports no torch.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import yaml
@@ -69,19 +70,37 @@ class SearchSpace:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "space": {p.name: _param_to_dict(p) for p in self.params} | {k: _jsonable(v) for k, v in self.constants.items()},
-            "searcher": {"algorithm": self.searcher, "num_samples": self.num_samples,
-                         "max_concurrent": self.max_concurrent, "seed": self.seed},
-            "scheduler": {"algorithm": self.scheduler, "metric": self.metric, "mode": self.mode,
-                          "grace_period": self.grace_period, "reduction_factor": self.reduction_factor,
-                          "max_t": self.max_epochs},
+            "space": {p.name: _param_to_dict(p) for p in self.params}
+            | {k: _jsonable(v) for k, v in self.constants.items()},
+            "searcher": {
+                "algorithm": self.searcher,
+                "num_samples": self.num_samples,
+                "max_concurrent": self.max_concurrent,
+                "seed": self.seed,
+            },
+            "scheduler": {
+                "algorithm": self.scheduler,
+                "metric": self.metric,
+                "mode": self.mode,
+                "grace_period": self.grace_period,
+                "reduction_factor": self.reduction_factor,
+                "max_t": self.max_epochs,
+            },
             "data": {"val_fraction": self.val_fraction, "test_fraction": self.test_fraction},
         }
 
 
-METRICS = {"val_auc": "max", "val_loss": "min", "val_acc": "max", "val_score": "max", "val_brier": "min",
-           # robustness composites over the shift battery (xray_ray.robustness): worst and mean AUC, mean log-loss
-           "rob_auc_min": "max", "rob_auc_mean": "max", "rob_loss_mean": "min"}
+METRICS = {
+    "val_auc": "max",
+    "val_loss": "min",
+    "val_acc": "max",
+    "val_score": "max",
+    "val_brier": "min",
+    # robustness composites over the shift battery (xray_ray.robustness): worst and mean AUC, mean log-loss
+    "rob_auc_min": "max",
+    "rob_auc_mean": "max",
+    "rob_loss_mean": "min",
+}
 _TOP_KEYS = {"name", "space", "searcher", "scheduler", "data"}
 _SEARCHER_KEYS = {"algorithm", "num_samples", "max_concurrent", "seed"}
 _SCHEDULER_KEYS = {"algorithm", "metric", "mode", "grace_period", "reduction_factor"}
@@ -93,11 +112,16 @@ def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space YAML file."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"search space file '{path}' does not exist; pass --space with a YAML file such as search_spaces/smoke.yaml.")
+        raise UserError(
+            f"search space file '{path}' does not exist; pass --space with a YAML file such as "
+            "search_spaces/smoke.yaml."
+        )
     try:
         doc = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise UserError(f"search space file '{path}' is not valid YAML ({str(e).splitlines()[0]}); fix the syntax.") from None
+        raise UserError(
+            f"search space file '{path}' is not valid YAML ({str(e).splitlines()[0]}); fix the syntax."
+        ) from None
     return parse_space(doc, default_name=p.stem)
 
 
@@ -108,7 +132,9 @@ def parse_space(doc: Any, default_name: str = "space") -> SearchSpace:
     _reject_unknown(doc, _TOP_KEYS, "")
     space = doc.get("space")
     if not isinstance(space, dict) or not space:
-        raise UserError("the search space needs a non-empty 'space' section mapping settings to values or distributions.")
+        raise UserError(
+            "the search space needs a non-empty 'space' section mapping settings to values or distributions."
+        )
     params: list[Param] = []
     constants: dict[str, Any] = {}
     names = TrialConfig.field_names()
@@ -148,7 +174,10 @@ def parse_space(doc: Any, default_name: str = "space") -> SearchSpace:
         test_fraction=_frac_at(data, "test_fraction", 0.1),
     )
     if out.grace_period > out.max_epochs:
-        raise UserError(f"scheduler.grace_period ({out.grace_period}) is larger than the most epochs a trial runs ({out.max_epochs}); lower it.")
+        raise UserError(
+            f"scheduler.grace_period ({out.grace_period}) is larger than the most epochs a trial runs "
+            f"({out.max_epochs}); lower it."
+        )
     return out
 
 
@@ -164,7 +193,9 @@ def _parse_param(name: str, spec: dict) -> Param:
     if kind not in ("int", "float"):
         raise UserError(f"space.{name}.type must be int, float or categorical, got {kind!r}.")
     if name == "image_size":
-        raise UserError("space.image_size must be a constant or categorical (each size is prepared once before the search).")
+        raise UserError(
+            "space.image_size must be a constant or categorical (each size is prepared once before the search)."
+        )
     if ftype not in ("int", "float") or (kind == "float" and ftype == "int"):
         raise UserError(f"space.{name} is a {ftype} setting and cannot have type {kind}.")
     for k in ("low", "high"):
@@ -226,8 +257,11 @@ def check_corners(constants: Mapping[str, Any], params: tuple[Param, ...] | list
         except UserError as e:
             if not corner:
                 raise
-            where = (f"space.{next(iter(corner))}" if len(corner) == 1 else
-                     "space (at " + ", ".join(f"{k}={_jsonable(v)}" for k, v in corner.items()) + ")")
+            where = (
+                f"space.{next(iter(corner))}"
+                if len(corner) == 1
+                else "space (at " + ", ".join(f"{k}={_jsonable(v)}" for k, v in corner.items()) + ")"
+            )
             raise UserError(f"{where}: {e}") from None
 
 

@@ -71,8 +71,9 @@ def duplicate_groups(df: pd.DataFrame) -> list[list[str]]:
     return sorted(groups)
 
 
-def assign_splits(df: pd.DataFrame, *, seed: int, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                  min_val_images: int = 100) -> tuple[pd.DataFrame, dict]:
+def assign_splits(
+    df: pd.DataFrame, *, seed: int, val_fraction: float = 0.1, test_fraction: float = 0.1, min_val_images: int = 100
+) -> tuple[pd.DataFrame, dict]:
     """Add a `split` column ("train" | "val" | "test" | "extra_val") and describe how it was made.
 
     Validation is the source's val split when it has at least `min_val_images` images; otherwise a
@@ -116,8 +117,10 @@ def assign_splits(df: pd.DataFrame, *, seed: int, val_fraction: float = 0.1, tes
         **_describe(df, kept, leakage, drop),
     }
     if drop:
-        info["dropped_reason"] = ("train images whose patient or bytes also appear in the given "
-                                  "val/test were dropped; the val/test copies were kept")
+        info["dropped_reason"] = (
+            "train images whose patient or bytes also appear in the given "
+            "val/test were dropped; the val/test copies were kept"
+        )
     return kept.reset_index(drop=True), info
 
 
@@ -175,21 +178,22 @@ def _leakage(df: pd.DataFrame) -> tuple[list[dict], list[int]]:
         lost = g[g["orig_split"] != keep_split]
         kept = g[g["orig_split"] == keep_split]
         same_bytes = set(lost["sha1"]) & set(kept["sha1"])
-        leakage.append({
-            "patients": sorted(set(g["patient"])),
-            "kept_split": keep_split,
-            "dropped_splits": sorted(set(lost["orig_split"])),
-            "kept": sorted(kept["uid"]),
-            "dropped": sorted(lost["uid"]),
-            "identical_bytes": bool(same_bytes),
-        })
+        leakage.append(
+            {
+                "patients": sorted(set(g["patient"])),
+                "kept_split": keep_split,
+                "dropped_splits": sorted(set(lost["orig_split"])),
+                "kept": sorted(kept["uid"]),
+                "dropped": sorted(lost["uid"]),
+                "identical_bytes": bool(same_bytes),
+            }
+        )
         drop.extend(lost.index.tolist())
     leakage.sort(key=lambda d: d["kept"][0])
     return leakage, sorted(drop)
 
 
-def _grouped_holdout(train: pd.DataFrame, fractions: dict[str, float],
-                     rng: np.random.Generator) -> pd.Series:
+def _grouped_holdout(train: pd.DataFrame, fractions: dict[str, float], rng: np.random.Generator) -> pd.Series:
     """Split label per train row: whole groups go to test/val until each class reaches its share."""
     groups = train.groupby("_group").agg(uid=("uid", "min"), n=("uid", "size"), label=("label", "mean"))
     # a group's stratum is its majority class; order groups by uid first so row order cannot matter

@@ -40,9 +40,11 @@ METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
 
 def _read_run(run_dir: str) -> tuple[dict, dict, dict]:
     """run.json, best/config.json and best/model.json of an exported run (UserError when missing)."""
-    need = {"run.json": "is it a search's results folder?",
-            "best/config.json": "export its winner first (python -m xray_ray.search ... --resume --export-only).",
-            "best/model.json": "export its winner first (python -m xray_ray.search ... --resume --export-only)."}
+    need = {
+        "run.json": "is it a search's results folder?",
+        "best/config.json": "export its winner first (python -m xray_ray.search ... --resume --export-only).",
+        "best/model.json": "export its winner first (python -m xray_ray.search ... --resume --export-only).",
+    }
     out = []
     for name, hint in need.items():
         loc = R.join(run_dir, name)
@@ -77,8 +79,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = TrialConfig.from_dict({k: v for k, v in best_cfg.items() if k in TrialConfig.field_names()})
     if cfg.seed in args.seeds:
         raise UserError(f"seed {cfg.seed} is the search's own (its winner is already scored); choose other --seeds.")
-    print(f"[xray_ray] stability of trial {best_cfg.get('trial_id')} in {run_dir}: seeds {args.seeds}, "
-          f"{cfg.epochs} epochs each", flush=True)
+    print(
+        f"[xray_ray] stability of trial {best_cfg.get('trial_id')} in {run_dir}: seeds {args.seeds}, "
+        f"{cfg.epochs} epochs each",
+        flush=True,
+    )
     prepared = _the_runs_splits(args, run_info, card, cfg)
     rows = _replicas(args, run_dir, run_info, best_cfg, card, cfg, prepared)
     return _write_summary(args, run_dir, best_cfg, cfg, rows, t0)
@@ -99,29 +104,39 @@ def _the_runs_splits(args: argparse.Namespace, run_info: dict, card: dict, cfg: 
     expected = (card.get("data") or {}).get("fingerprints") or {}
     for name, fp in expected.items():
         if name in splits and fingerprint(splits[name].uids, splits[name].images) != fp:
-            raise UserError(f"the '{name}' images of {spec} are not the ones the search used (the data or its "
-                            f"decoding changed since); stability needs the run's own splits.")
+            raise UserError(
+                f"the '{name}' images of {spec} are not the ones the search used (the data or its "
+                f"decoding changed since); stability needs the run's own splits."
+            )
     return prepared
 
 
-def _replicas(args: argparse.Namespace, run_dir: str, run_info: dict, best_cfg: dict, card: dict,
-              cfg: TrialConfig, prepared) -> list[dict[str, Any]]:
+def _replicas(
+    args: argparse.Namespace, run_dir: str, run_info: dict, best_cfg: dict, card: dict, cfg: TrialConfig, prepared
+) -> list[dict[str, Any]]:
     """Train the replicas on a Ray of their own (or resume them) and score each; the search's winner first."""
     import ray
 
     init_ray(RayOptions(address=args.address, num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial))
     try:
         grid = _train_replicas(args, run_dir, run_info, best_cfg, cfg, prepared)
-        rows = [_row("search", cfg.seed, card["metrics"], card["threshold"]["value"],
-                     trial_id=card.get("trial_id"), best_epoch=(card.get("trial") or {}).get("best_epoch"),
-                     best_metric=(card.get("trial") or {}).get("best_metric"))]
+        rows = [
+            _row(
+                "search",
+                cfg.seed,
+                card["metrics"],
+                card["threshold"]["value"],
+                trial_id=card.get("trial_id"),
+                best_epoch=(card.get("trial") or {}).get("best_epoch"),
+                best_metric=(card.get("trial") or {}).get("best_metric"),
+            )
+        ]
         return rows + _score_replicas(args, grid, card, prepared.splits)
     finally:
         ray.shutdown()
 
 
-def _train_replicas(args: argparse.Namespace, run_dir: str, run_info: dict, best_cfg: dict, cfg: TrialConfig,
-                    prepared):
+def _train_replicas(args: argparse.Namespace, run_dir: str, run_info: dict, best_cfg: dict, cfg: TrialConfig, prepared):
     """Tune's ResultGrid of the replicas: the winner's config under each seed, FIFO, every epoch."""
     import ray
     from ray import tune
@@ -131,9 +146,16 @@ def _train_replicas(args: argparse.Namespace, run_dir: str, run_info: dict, best
     cpus = ray.cluster_resources().get("CPU", 1)
     concurrent = max(1, min(len(args.seeds), args.max_concurrent or int(cpus // args.cpus_per_trial) or 1))
     slot = data_slot()  # as search.run
-    runtime = Runtime(cpus_per_trial=args.cpus_per_trial, gpus_per_trial=0.0, data_cpus=0.0, data_tasks=1,
-                      metric=metric, mode=mode, pos_fraction=float(np.mean(prepared.splits["train"].labels)),
-                      data_slot=slot)
+    runtime = Runtime(
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=0.0,
+        data_cpus=0.0,
+        data_tasks=1,
+        metric=metric,
+        mode=mode,
+        pos_fraction=float(np.mean(prepared.splits["train"].labels)),
+        data_slot=slot,
+    )
     data = trial_data({cfg.image_size: prepared}, int(run_info["seed"]))
     ray.data.DataContext.get_current().enable_progress_bars = False
     fn = trial_trainable(data, runtime, {"cpu": args.cpus_per_trial})
@@ -141,17 +163,21 @@ def _train_replicas(args: argparse.Namespace, run_dir: str, run_info: dict, best
     request = {"trial_id": best_cfg.get("trial_id"), "seeds": list(args.seeds)}
     request_loc = R.join(run_dir, "stability", "request.json")
     if R.exists(request_loc) and R.read_json(request_loc) != request:
-        raise UserError(f"{R.join(run_dir, 'stability')} holds replicas of {R.read_json(request_loc)}; "
-                        f"repeat that call to finish it, or delete that folder to start another.")
+        raise UserError(
+            f"{R.join(run_dir, 'stability')} holds replicas of {R.read_json(request_loc)}; "
+            f"repeat that call to finish it, or delete that folder to start another."
+        )
     R.write_json(request, request_loc)
     tuner = restored(tune_dir, fn)
     if tuner is None:
         params = {k: encode_value(v) for k, v in cfg.to_dict().items()}
         params["seed"] = tune.grid_search(list(args.seeds))
-        tuner = tune.Tuner(fn, param_space=params,
-                           tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-                           run_config=tune.RunConfig(storage_path=tune_dir.rsplit("/", 1)[0], name="tune",
-                                                     verbose=0))
+        tuner = tune.Tuner(
+            fn,
+            param_space=params,
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(storage_path=tune_dir.rsplit("/", 1)[0], name="tune", verbose=0),
+        )
     return tuner.fit()
 
 
@@ -165,27 +191,45 @@ def _score_replicas(args: argparse.Namespace, grid, card: dict, splits) -> list[
     for res, rcfg, model in trained_models(grid, lambda c: f"replica with seed {c.get('seed')}"):
         preds = {s: split_probs(model, splits[s]) for s in SPLITS if s in splits and len(splits[s])}
         threshold, _ = pick_threshold(*preds["val"], target)
-        metrics = {s: summarize(y, p, threshold, groups=splits[s].patients, n_boot=args.n_boot)
-                   for s, (y, p) in preds.items()}
+        metrics = {
+            s: summarize(y, p, threshold, groups=splits[s].patients, n_boot=args.n_boot) for s, (y, p) in preds.items()
+        }
         hist = res.metrics_dataframe
-        rows.append(_row("replica", rcfg.seed, metrics, threshold, trial_id=res.metrics.get("trial_id"),
-                         best_epoch=int(res.metrics["best_epoch"]), best_metric=float(res.metrics["best_metric"]),
-                         epochs_run=int(hist["epoch"].max()), wall_seconds=float(hist["seconds"].sum())))
+        rows.append(
+            _row(
+                "replica",
+                rcfg.seed,
+                metrics,
+                threshold,
+                trial_id=res.metrics.get("trial_id"),
+                best_epoch=int(res.metrics["best_epoch"]),
+                best_metric=float(res.metrics["best_metric"]),
+                epochs_run=int(hist["epoch"].max()),
+                wall_seconds=float(hist["seconds"].sum()),
+            )
+        )
     return rows
 
 
-def _write_summary(args: argparse.Namespace, run_dir: str, best_cfg: dict, cfg: TrialConfig,
-                   rows: list[dict[str, Any]], t0: float) -> dict[str, Any]:
+def _write_summary(
+    args: argparse.Namespace, run_dir: str, best_cfg: dict, cfg: TrialConfig, rows: list[dict[str, Any]], t0: float
+) -> dict[str, Any]:
     """stability.parquet (one row per replica and the search's winner) and stability.json (the spreads)."""
     table = pd.DataFrame(rows).sort_values(["source", "seed"], ascending=[False, True], ignore_index=True)
     replicas = table[table["source"] == "replica"]
     summary: dict[str, Any] = {
-        "run": run_dir, "trial_id": best_cfg.get("trial_id"), "config": cfg.to_dict(), "seeds": list(args.seeds),
-        "command": R.command_line(), "target_spread_points": TARGET_SPREAD_POINTS,
+        "run": run_dir,
+        "trial_id": best_cfg.get("trial_id"),
+        "config": cfg.to_dict(),
+        "seeds": list(args.seeds),
+        "command": R.command_line(),
+        "target_spread_points": TARGET_SPREAD_POINTS,
         "spread_points": {f"test_{m}": spread_points(replicas[f"test_{m}"]) for m in METRICS},
         "spread_points_with_search": {f"test_{m}": spread_points(table[f"test_{m}"]) for m in METRICS},
         "mean": {f"test_{m}": float(replicas[f"test_{m}"].mean()) for m in METRICS},
-        "seconds": round(time.time() - t0, 1), "versions": R.versions(), "git_commit": R.git_commit(),
+        "seconds": round(time.time() - t0, 1),
+        "versions": R.versions(),
+        "git_commit": R.git_commit(),
     }
     summary["within_target"] = bool(summary["spread_points"]["test_accuracy"] <= TARGET_SPREAD_POINTS)
     R.write_parquet(table, R.join(run_dir, "stability.parquet"), metadata={"xray_ray": json.dumps(summary)})
@@ -215,9 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cols = ["source", "seed", "best_epoch", "threshold"] + [f"test_{m}" for m in METRICS] + ["extra_val_accuracy"]
     print(t[[c for c in cols if c in t]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     sp = s["spread_points"]["test_accuracy"]
-    print(f"test accuracy spread over the {len(s['seeds'])} replicas: {sp:.2f} points "
-          f"({'within' if s['within_target'] else 'outside'} the {TARGET_SPREAD_POINTS} target); "
-          f"written to {s['run']}/stability.parquet and stability.json")
+    print(
+        f"test accuracy spread over the {len(s['seeds'])} replicas: {sp:.2f} points "
+        f"({'within' if s['within_target'] else 'outside'} the {TARGET_SPREAD_POINTS} target); "
+        f"written to {s['run']}/stability.parquet and stability.json"
+    )
     return 0
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +31,10 @@ def array_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> It
     """Plain in-memory batches in order (evaluation, tests, the baseline loop)."""
     for i in range(0, len(labels), batch_size):
         # as_tensor copies read-only arrays (pandas 3 hands out read-only columns) rather than warn
-        yield {"image": torch.as_tensor(np.array(images[i:i + batch_size])),
-               "label": torch.as_tensor(np.array(labels[i:i + batch_size]))}
+        yield {
+            "image": torch.as_tensor(np.array(images[i : i + batch_size])),
+            "label": torch.as_tensor(np.array(labels[i : i + batch_size])),
+        }
 
 
 def make_loss(cfg: TrialConfig, pos_fraction: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -55,11 +58,15 @@ def make_optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay
+        )
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrialConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step schedule over the trial's own epochs: linear warm-up, then cosine to 0 or constant."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = cfg.warmup_epochs * steps_per_epoch
@@ -80,7 +87,8 @@ def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedMo
     if not decay:
         return None
     return torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True
+    )
 
 
 def make_swa(model: nn.Module, share: float) -> torch.optim.swa_utils.AveragedModel | None:
@@ -90,12 +98,19 @@ def make_swa(model: nn.Module, share: float) -> torch.optim.swa_utils.AveragedMo
     return torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
 
 
-def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Any]], optimizer: torch.optim.Optimizer, *,
-                    loss_fn: Callable, device: torch.device | str = "cpu",
-                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                    ema: torch.optim.swa_utils.AveragedModel | None = None,
-                    on_batch: Callable[[dict], None] | None = None, mixup: float = 0.0,
-                    generator: torch.Generator | None = None) -> dict[str, float]:
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    loss_fn: Callable,
+    device: torch.device | str = "cpu",
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
+    on_batch: Callable[[dict], None] | None = None,
+    mixup: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
     """Train over ``batches`` once. Returns mean loss, images, seconds inside steps, images per second.
 
     ``mixup`` > 0 blends each batch with a shuffled copy of itself, images and labels alike, by a weight
@@ -133,24 +148,36 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Any]], optimiz
         if on_batch is not None:
             on_batch(batch)
     wall = time.perf_counter() - t_epoch
-    return {"train_loss": total_loss / max(n, 1), "images": n, "step_seconds": step_seconds,
-            "wall_seconds": wall, "images_per_s": n / wall if wall > 0 else float("nan")}
+    return {
+        "train_loss": total_loss / max(n, 1),
+        "images": n,
+        "step_seconds": step_seconds,
+        "wall_seconds": wall,
+        "images_per_s": n / wall if wall > 0 else float("nan"),
+    }
 
 
-def mix(x: torch.Tensor, y: torch.Tensor, alpha: float, generator: torch.Generator | None = None
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+def mix(
+    x: torch.Tensor, y: torch.Tensor, alpha: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup of a batch with a permutation of itself; labels become the same blend (binary cross-entropy
     is linear in its target, so this equals blending the two losses)."""
-    lam = float(torch.distributions.Beta(alpha, alpha).sample().item()) if generator is None else \
-        float(np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator))).beta(alpha, alpha))
+    lam = (
+        float(torch.distributions.Beta(alpha, alpha).sample().item())
+        if generator is None
+        else float(
+            np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator))).beta(alpha, alpha)
+        )
+    )
     perm = torch.randperm(len(y), generator=generator).to(x.device)
     yf = y.float()
     return lam * x + (1 - lam) * x[perm], lam * yf + (1 - lam) * yf[perm]
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, batches: Iterable[dict[str, Any]], *,
-                  device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def predict_probs(
+    model: nn.Module, batches: Iterable[dict[str, Any]], *, device: torch.device | str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
     """(labels, probabilities of PNEUMONIA) over ``batches``, model in eval mode."""
     model.eval()
     device = torch.device(device)

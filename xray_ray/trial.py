@@ -45,8 +45,11 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
 
 
 # the robustness columns of an epoch that was not scored on the battery
-UNSCORED: dict[str, Any] = {**{f"shift_{m}__{n}": float("nan") for n in SHIFTS for m in ("auc", "loss")},
-                            **{c: float("nan") for c in COMPOSITES}, "rob_worst_shift": ""}
+UNSCORED: dict[str, Any] = {
+    **{f"shift_{m}__{n}": float("nan") for n in SHIFTS for m in ("auc", "loss")},
+    **{c: float("nan") for c in COMPOSITES},
+    "rob_worst_shift": "",
+}
 
 
 def release_freed_memory() -> None:

@@ -78,14 +78,21 @@ class TrialState:
 
     def saved(self, epoch: int) -> dict[str, Any]:
         """The checkpoint's state after `epoch`."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
-                **({"swa": self.swa.state_dict()} if self.swa is not None else {}),
-                "epoch": epoch, "best": self.best, "best_epoch": self.best_epoch, "best_model": self.best_state}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+            **({"swa": self.swa.state_dict()} if self.swa is not None else {}),
+            "epoch": epoch,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "best_model": self.best_state,
+        }
 
-    def keep_if_better(self, current: float, epoch: int, net: torch.nn.Module,
-                       better: Callable[[float, float], bool]) -> None:
+    def keep_if_better(
+        self, current: float, epoch: int, net: torch.nn.Module, better: Callable[[float, float], bool]
+    ) -> None:
         """Keep `net`'s weights when `current` beats the best so far."""
         best = self.best
         # epochs not scored on the battery have no robustness metric (NaN): a finite value always beats it
@@ -115,8 +122,7 @@ def build_state(cfg: TrialConfig, steps: int, device: torch.device) -> TrialStat
 class EpochLoop:
     """One trial's data, losses and reporting: the parts of an epoch around the state it trains."""
 
-    def __init__(self, cfg: TrialConfig, runtime: Runtime, d: dict[str, Any], seed: int,
-                 device: torch.device) -> None:
+    def __init__(self, cfg: TrialConfig, runtime: Runtime, d: dict[str, Any], seed: int, device: torch.device) -> None:
         self.cfg, self.runtime, self.seed, self.device = cfg, runtime, seed, device
         self.train_ds, self.val = d["train"], d["val"]
         self.device_name = f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
@@ -136,19 +142,35 @@ class EpochLoop:
         cfg, rt = self.cfg, self.runtime
 
         def make():
-            return epoch_batches(self.train_ds, strengths=self.strengths, seed=self.seed, epoch=epoch,
-                                 batch_size=cfg.batch_size, data_cpus=rt.data_cpus, data_tasks=rt.data_tasks,
-                                 data_slot=rt.data_slot, repeats=self.repeats)
+            return epoch_batches(
+                self.train_ds,
+                strengths=self.strengths,
+                seed=self.seed,
+                epoch=epoch,
+                batch_size=cfg.batch_size,
+                data_cpus=rt.data_cpus,
+                data_tasks=rt.data_tasks,
+                data_slot=rt.data_slot,
+                repeats=self.repeats,
+            )
+
         return Prefetch(make) if rt.prefetch else make()
 
     def train(self, state: TrialState, epoch: int, batches) -> dict[str, Any]:
         """One pass over the epoch's batches (and SWA's average once it has started)."""
         seen_nodes: set[int] = set()
-        stats = train_one_epoch(state.model, batches, state.optimizer, loss_fn=self.loss_fn, device=self.device,
-                                scheduler=state.scheduler, ema=state.ema,
-                                on_batch=lambda b: seen_nodes.update(b["node"].unique().tolist()),
-                                mixup=self.cfg.mixup,
-                                generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        stats = train_one_epoch(
+            state.model,
+            batches,
+            state.optimizer,
+            loss_fn=self.loss_fn,
+            device=self.device,
+            scheduler=state.scheduler,
+            ema=state.ema,
+            on_batch=lambda b: seen_nodes.update(b["node"].unique().tolist()),
+            mixup=self.cfg.mixup,
+            generator=torch.Generator().manual_seed(self.seed * 7919 + epoch),
+        )
         if state.swa is not None and epoch >= state.swa_from:
             state.swa.update_parameters(state.model)
         self.data_nodes.update(self.codes.get(c, str(c)) for c in seen_nodes)
@@ -165,26 +187,48 @@ class EpochLoop:
             val_loss = float(self.eval_loss(logit, torch.from_numpy(y)))
         auc = M.roc_auc(y, p)
         brier = float(np.mean((p - y) ** 2))
-        val_metrics = {"val_auc": auc, "val_loss": val_loss, "val_acc": float(np.mean((p >= 0.5) == y)),
-                       "val_brier": brier, "val_score": auc - brier}
+        val_metrics = {
+            "val_auc": auc,
+            "val_loss": val_loss,
+            "val_acc": float(np.mean((p >= 0.5) == y)),
+            "val_brier": brier,
+            "val_score": auc - brier,
+        }
         t_rob = time.perf_counter()
         val_metrics.update(UNSCORED)  # every row carries the same columns (Tune's CSV keeps the first row's)
         if self.shifted is not None and (epoch == self.cfg.epochs or epoch in self.runtime.score_epochs):
-            val_metrics.update(shift_score(
-                lambda im: self.probs(net, im, np.zeros(len(im), np.int64))[1], self.shifted))
+            val_metrics.update(
+                shift_score(lambda im: self.probs(net, im, np.zeros(len(im), np.int64))[1], self.shifted)
+            )
         return val_metrics, t_rob
 
-    def row(self, state: TrialState, epoch: int, stats: dict[str, Any], val_metrics: dict[str, Any],
-            times: tuple[float, float, float, float]) -> dict[str, Any]:
+    def row(
+        self,
+        state: TrialState,
+        epoch: int,
+        stats: dict[str, Any],
+        val_metrics: dict[str, Any],
+        times: tuple[float, float, float, float],
+    ) -> dict[str, Any]:
         """The epoch's report: its losses and metrics, timings, where it ran, and the best so far."""
         t0, t1, t_rob, t2 = times
         return {
-            "epoch": epoch, "train_loss": stats["train_loss"], **val_metrics,
-            "lr": state.optimizer.param_groups[0]["lr"], "seconds": t2 - t0, "step_seconds": stats["step_seconds"],
-            "eval_seconds": t2 - t1, "rob_seconds": t2 - t_rob, "images": stats["images"],
-            "images_per_s": stats["images_per_s"], "node_id": self.node_id,
-            "data_nodes": ",".join(sorted(self.data_nodes)), "device": self.device_name,
-            "best_metric": state.best, "best_epoch": state.best_epoch, "epochs": self.cfg.epochs,
+            "epoch": epoch,
+            "train_loss": stats["train_loss"],
+            **val_metrics,
+            "lr": state.optimizer.param_groups[0]["lr"],
+            "seconds": t2 - t0,
+            "step_seconds": stats["step_seconds"],
+            "eval_seconds": t2 - t1,
+            "rob_seconds": t2 - t_rob,
+            "images": stats["images"],
+            "images_per_s": stats["images_per_s"],
+            "node_id": self.node_id,
+            "data_nodes": ",".join(sorted(self.data_nodes)),
+            "device": self.device_name,
+            "best_metric": state.best,
+            "best_epoch": state.best_epoch,
+            "epochs": self.cfg.epochs,
             "ended_at": time.time(),
         }
 

@@ -71,8 +71,12 @@ def build_scheduler(space: SearchSpace):
 
     if space.scheduler == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="training_iteration", max_t=space.max_epochs,
-                         grace_period=space.grace_period, reduction_factor=space.reduction_factor)
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=space.max_epochs,
+        grace_period=space.grace_period,
+        reduction_factor=space.reduction_factor,
+    )
 
 
 def rungs(space: SearchSpace) -> tuple[int, ...]:
@@ -99,14 +103,19 @@ class ProgressPrinter:
 
             def on_trial_result(self, iteration, trials, trial, result, **info):
                 v = result.get(metric)
-                if v is not None and math.isfinite(v) and (
-                        self.best is None or (v > self.best[0] if mode == "max" else v < self.best[0])):
+                if (
+                    v is not None
+                    and math.isfinite(v)
+                    and (self.best is None or (v > self.best[0] if mode == "max" else v < self.best[0]))
+                ):
                     self.best = (v, trial.trial_id)
                 running = sum(t.status == "RUNNING" for t in trials)
                 best = f"{self.best[0]:.4f} ({self.best[1]})" if self.best else "-"
-                print(f"[xray_ray] trial {trial.trial_id} epoch {result.get('epoch')}/{result.get('epochs')} "
-                      f"{metric}={v:.4f} | running {running}, finished {self.done}/{total}, best {metric} {best}",
-                      flush=True)
+                print(
+                    f"[xray_ray] trial {trial.trial_id} epoch {result.get('epoch')}/{result.get('epochs')} "
+                    f"{metric}={v:.4f} | running {running}, finished {self.done}/{total}, best {metric} {best}",
+                    flush=True,
+                )
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 self.done += 1
@@ -186,18 +195,27 @@ def search_tuner(fn: Callable, space: SearchSpace, settings: TunerSettings):
     return tune.Tuner(
         fn,
         param_space=param_space,
-        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, search_alg=searcher,
-                                    scheduler=build_scheduler(space), num_samples=space.num_samples,
-                                    max_concurrent_trials=settings.concurrent,
-                                    # a finished or stopped trial hands its worker process, torch
-                                    # already imported, to the next trial. A stopped trial waits in
-                                    # its last report (Tune does not ask for the next result), so
-                                    # the reset that reuse needs never waits for an epoch.
-                                    reuse_actors=True),
+        tune_config=tune.TuneConfig(
+            metric=space.metric,
+            mode=space.mode,
+            search_alg=searcher,
+            scheduler=build_scheduler(space),
+            num_samples=space.num_samples,
+            max_concurrent_trials=settings.concurrent,
+            # a finished or stopped trial hands its worker process, torch
+            # already imported, to the next trial. A stopped trial waits in
+            # its last report (Tune does not ask for the next result), so
+            # the reset that reuse needs never waits for an epoch.
+            reuse_actors=True,
+        ),
         run_config=tune.RunConfig(
-            name=exp_name, storage_path=storage, verbose=0,
-            callbacks=[ProgressPrinter(space.metric, space.mode, space.num_samples),
-                       *result_loggers(settings.tensorboard)],
+            name=exp_name,
+            storage_path=storage,
+            verbose=0,
+            callbacks=[
+                ProgressPrinter(space.metric, space.mode, space.num_samples),
+                *result_loggers(settings.tensorboard),
+            ],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
         ),

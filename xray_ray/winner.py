@@ -74,12 +74,17 @@ def write_json_atomic(obj: Any, path: Path) -> None:
 
 def _counts(arr: SplitArrays) -> dict[str, int]:
     pos = int(np.sum(arr.labels == 1))
-    return {"n": len(arr.labels), CLASSES[0]: len(arr.labels) - pos, CLASSES[1]: pos,
-            "patients": len(set(arr.patients))}
+    return {
+        "n": len(arr.labels),
+        CLASSES[0]: len(arr.labels) - pos,
+        CLASSES[1]: pos,
+        "patients": len(set(arr.patients)),
+    }
 
 
-def _trial_facts(best_dir: Path, run_info: Mapping[str, Any], trials: pd.DataFrame,
-                 epochs: pd.DataFrame) -> dict[str, Any]:
+def _trial_facts(
+    best_dir: Path, run_info: Mapping[str, Any], trials: pd.DataFrame, epochs: pd.DataFrame
+) -> dict[str, Any]:
     config_path = best_dir / export.CONFIG_NAME
     config = export.load_config(config_path) if config_path.exists() else {}
     chosen = dict(run_info.get("winner") or {})
@@ -132,12 +137,14 @@ def _input_contract(model: CNN) -> dict[str, Any]:
         "scaling": "divide 8-bit grayscale by 255",
         "resize": f"whole image to {s}x{s}, bilinear, no crop",
         "decode": "xray_ray.images.load_gray: EXIF orientation applied, colour to 8-bit grayscale (PIL 'L'), "
-                  "alpha on black, high bit depth scaled by its range",
+        "alpha on black, high bit depth scaled by its range",
         "normalization": model.input_contract().get("normalization"),
     }
 
 
-def shift_report(model: CNN, val: SplitArrays, battery: Mapping[str, np.ndarray]) -> tuple[dict, np.ndarray, np.ndarray]:
+def shift_report(
+    model: CNN, val: SplitArrays, battery: Mapping[str, np.ndarray]
+) -> tuple[dict, np.ndarray, np.ndarray]:
     """The model's scores on the shift battery of validation, and its pooled (labels, probabilities)."""
     from xray_ray.ensemble import candidate_preds
     from xray_ray.robustness import SHIFTS, log_loss, summarize
@@ -145,16 +152,30 @@ def shift_report(model: CNN, val: SplitArrays, battery: Mapping[str, np.ndarray]
     preds = candidate_preds(model, val.images, battery)
     y = battery["labels"]
     per = {name: (roc_auc(y, p), log_loss(y, p)) for name, p in preds.items() if name != "val"}
-    report_ = {"images": int(len(y)), "shifts": {name: {"what": SHIFTS[name], "auc": auc, "log_loss": loss}
-                                                for name, (auc, loss) in per.items()}, **summarize(per)}
+    report_ = {
+        "images": int(len(y)),
+        "shifts": {name: {"what": SHIFTS[name], "auc": auc, "log_loss": loss} for name, (auc, loss) in per.items()},
+        **summarize(per),
+    }
     shifted = [p for name, p in preds.items() if name != "val"]
     return report_, np.tile(y, len(shifted)), np.concatenate(shifted)
 
 
-def finalize(best_dir: Path, model: CNN, splits: dict[str, SplitArrays], run_info: dict,
-             trials: pd.DataFrame, epochs: pd.DataFrame, *, target_sensitivity: float = 0.95,
-             n_boot: int = 1000, seed: int = 0, battery: Mapping[str, np.ndarray] | None = None,
-             threshold_rule: str = "clean", ensemble: Mapping[str, Any] | None = None) -> dict:
+def finalize(
+    best_dir: Path,
+    model: CNN,
+    splits: dict[str, SplitArrays],
+    run_info: dict,
+    trials: pd.DataFrame,
+    epochs: pd.DataFrame,
+    *,
+    target_sensitivity: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+    battery: Mapping[str, np.ndarray] | None = None,
+    threshold_rule: str = "clean",
+    ensemble: Mapping[str, Any] | None = None,
+) -> dict:
     """Threshold on val, score test once, export ONNX + TorchScript, write model.json, pictures, report.html.
 
     ``battery`` (the shift battery of val, ``xray_ray.robustness``) adds the card's robustness section;
@@ -169,13 +190,16 @@ def finalize(best_dir: Path, model: CNN, splits: dict[str, SplitArrays], run_inf
     model = model.cpu().eval()
 
     preds = {s: split_probs(model, splits[s]) for s in VALIDATION_SPLITS if s in splits and len(splits[s])}
-    threshold, method, robustness = _fix_threshold(model, splits["val"], preds["val"], battery, threshold_rule,
-                                                   target_sensitivity)
+    threshold, method, robustness = _fix_threshold(
+        model, splits["val"], preds["val"], battery, threshold_rule, target_sensitivity
+    )
     # Test is scored here, once, after the threshold is fixed: nothing below feeds back into a choice.
     if "test" in splits and len(splits["test"]):
         preds["test"] = split_probs(model, splits["test"])
-    metrics = {s: summarize(y, p, threshold, groups=splits[s].patients, n_boot=n_boot, seed=seed)
-               for s, (y, p) in preds.items()}
+    metrics = {
+        s: summarize(y, p, threshold, groups=splits[s].patients, n_boot=n_boot, seed=seed)
+        for s, (y, p) in preds.items()
+    }
     at_val = metrics["val"]["at_threshold"]
     diff, checked = _export_checked(model, best_dir, splits["val"].images[:64])
 
@@ -186,8 +210,12 @@ def finalize(best_dir: Path, model: CNN, splits: dict[str, SplitArrays], run_inf
         "trial_id": trial["id"],
         "classes": list(CLASSES),
         "input": _input_contract(model),
-        "output": {"name": export.OUTPUT_NAME, "shape": ["N"], "dtype": "float32",
-                   "meaning": "probability of PNEUMONIA (class 1) per image"},
+        "output": {
+            "name": export.OUTPUT_NAME,
+            "shape": ["N"],
+            "dtype": "float32",
+            "meaning": "probability of PNEUMONIA (class 1) per image",
+        },
         "threshold": _threshold_section(threshold, method, threshold_rule, target_sensitivity, at_val),
         "model": model.config.to_dict(),
         **({"ensemble": dict(ensemble)} if ensemble else {}),
@@ -196,9 +224,14 @@ def finalize(best_dir: Path, model: CNN, splits: dict[str, SplitArrays], run_inf
         "metrics": metrics,
         "bootstrap": {"n_boot": n_boot, "unit": "patient", "alpha": 0.05, "seed": seed},
         "data": _data_summary(run_info, splits),
-        "export": {"onnx": export.ONNX_NAME, "torchscript": export.TORCHSCRIPT_NAME,
-                   "weights": export.WEIGHTS_NAME, "max_abs_diff": diff, "tolerance": AGREEMENT_TOLERANCE,
-                   "images": checked},
+        "export": {
+            "onnx": export.ONNX_NAME,
+            "torchscript": export.TORCHSCRIPT_NAME,
+            "weights": export.WEIGHTS_NAME,
+            "max_abs_diff": diff,
+            "tolerance": AGREEMENT_TOLERANCE,
+            "images": checked,
+        },
         "versions": {k: v for k, v in versions().items() if k != "platform"},
         "git_commit": run_info.get("git_commit"),
     }
@@ -208,9 +241,14 @@ def finalize(best_dir: Path, model: CNN, splits: dict[str, SplitArrays], run_inf
     return card
 
 
-def _fix_threshold(model: CNN, val: SplitArrays, val_preds: tuple[np.ndarray, np.ndarray],
-                   battery: Mapping[str, np.ndarray] | None, threshold_rule: str,
-                   target_sensitivity: float) -> tuple[float, str, dict | None]:
+def _fix_threshold(
+    model: CNN,
+    val: SplitArrays,
+    val_preds: tuple[np.ndarray, np.ndarray],
+    battery: Mapping[str, np.ndarray] | None,
+    threshold_rule: str,
+    target_sensitivity: float,
+) -> tuple[float, str, dict | None]:
     """(threshold, how it was chosen, the robustness section or None), from validation only."""
     robustness = None
     threshold, method = pick_threshold(*val_preds, target_sensitivity)
@@ -218,8 +256,9 @@ def _fix_threshold(model: CNN, val: SplitArrays, val_preds: tuple[np.ndarray, np
         robustness, y_shift, p_shift = shift_report(model, val, battery)
         if threshold_rule == "shifted":
             y_val, p_val = val_preds
-            threshold, method = pick_threshold(np.concatenate([y_val, y_shift]), np.concatenate([p_val, p_shift]),
-                                               target_sensitivity)
+            threshold, method = pick_threshold(
+                np.concatenate([y_val, y_shift]), np.concatenate([p_val, p_shift]), target_sensitivity
+            )
             method += " on clean and shifted validation images pooled (the shift battery)"
     elif threshold_rule == "shifted":
         raise ValueError("the shifted threshold rule needs the shift battery")
@@ -234,13 +273,15 @@ def _export_checked(model: CNN, best_dir: Path, images: np.ndarray) -> tuple[flo
     export.export_onnx(model, best_dir / export.ONNX_NAME)
     diff, checked = _agreement(best_dir, images)
     if not diff < AGREEMENT_TOLERANCE:
-        raise RuntimeError(f"ONNX and TorchScript disagree by {diff:.2e} (> {AGREEMENT_TOLERANCE:g}); "
-                           "the export is not trustworthy")
+        raise RuntimeError(
+            f"ONNX and TorchScript disagree by {diff:.2e} (> {AGREEMENT_TOLERANCE:g}); the export is not trustworthy"
+        )
     return diff, checked
 
 
-def _threshold_section(threshold: float, method: str, threshold_rule: str, target_sensitivity: float,
-                       at_val: Mapping[str, Any]) -> dict:
+def _threshold_section(
+    threshold: float, method: str, threshold_rule: str, target_sensitivity: float, at_val: Mapping[str, Any]
+) -> dict:
     """The card's threshold: its value, rule and how it was chosen, and what it gives on validation."""
     return {
         "value": threshold,
@@ -255,16 +296,34 @@ def _threshold_section(threshold: float, method: str, threshold_rule: str, targe
     }
 
 
-def _write_card(best_dir: Path, card: dict, model: CNN, preds: dict, metrics: dict, splits: dict[str, SplitArrays],
-                trials: pd.DataFrame, epochs: pd.DataFrame, t0: float) -> dict:
+def _write_card(
+    best_dir: Path,
+    card: dict,
+    model: CNN,
+    preds: dict,
+    metrics: dict,
+    splits: dict[str, SplitArrays],
+    trials: pd.DataFrame,
+    epochs: pd.DataFrame,
+    t0: float,
+) -> dict:
     """Add the files' hashes and the pictures to the card; write model.json, the pictures and report.html."""
-    card["files"] = {name: sha256_file(best_dir / name)
-                     for name in (export.ONNX_NAME, export.TORCHSCRIPT_NAME, export.WEIGHTS_NAME)}
+    card["files"] = {
+        name: sha256_file(best_dir / name) for name in (export.ONNX_NAME, export.TORCHSCRIPT_NAME, export.WEIGHTS_NAME)
+    }
     auc = {s: m["at_threshold"]["roc_auc"] for s, m in metrics.items()}
     test_images = splits["test"].images if "test" in preds else None
-    card["pictures"] = report.write_pictures(best_dir, model=getattr(model, "primary", model), preds=preds,
-                                             auc=auc, threshold=card["threshold"]["value"], test_images=test_images,
-                                             trials=trials, epochs=epochs, winner=card["trial"]["id"])
+    card["pictures"] = report.write_pictures(
+        best_dir,
+        model=getattr(model, "primary", model),
+        preds=preds,
+        auc=auc,
+        threshold=card["threshold"]["value"],
+        test_images=test_images,
+        trials=trials,
+        epochs=epochs,
+        winner=card["trial"]["id"],
+    )
     card["report"] = "report.html"
     card["finalize_seconds"] = round(time.perf_counter() - t0, 2)
     card = json_safe(card)
