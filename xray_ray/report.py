@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from xray_ray.common import write_text
+from xray_ray.common import SHOWN_METRICS, write_text
 from xray_ray.pictures import (
     PICTURES,
     grad_cam,
@@ -72,21 +72,7 @@ def _metric_cell(block: Mapping[str, Any], name: str) -> str:
     return value
 
 
-REPORT_METRICS = [
-    "roc_auc",
-    "pr_auc",
-    "recall",
-    "specificity",
-    "precision",
-    "accuracy",
-    "f1",
-    "brier",
-    "ece",
-    "tp",
-    "fp",
-    "tn",
-    "fn",
-]
+REPORT_METRICS = SHOWN_METRICS
 
 
 def _metrics_table(metrics: Mapping[str, Any]) -> str:

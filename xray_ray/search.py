@@ -206,14 +206,15 @@ def check_results_shared(opts: SearchOptions) -> None:
         )
 
 
+# the options a trial's Runtime takes as they are
+TRIAL_RESOURCES = ("cpus_per_trial", "gpus_per_trial", "data_cpus", "data_tasks")
+
+
 def runtime_of(opts: SearchOptions, space: SearchSpace, loaded: RunData, slot: Any, run_dir: str) -> Runtime:
     """What every trial is given: its resources, the metric, the positive fraction of train, the rungs."""
     train_labels = next(iter(loaded.prepared.values())).splits["train"].labels
     return Runtime(
-        cpus_per_trial=opts.cpus_per_trial,
-        gpus_per_trial=opts.gpus_per_trial,
-        data_cpus=opts.data_cpus,
-        data_tasks=opts.data_tasks,
+        **{k: getattr(opts, k) for k in TRIAL_RESOURCES},
         metric=space.metric,
         mode=space.mode,
         pos_fraction=float(np.mean(train_labels)) if len(train_labels) else 0.5,
