@@ -7,9 +7,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from xray_ray.balance import balanced_repeats
 from xray_ray.config import SearchSpace
 from xray_ray.errors import UserError
-from xray_ray.pipeline import balanced_repeats, prepare, train_dataset
+from xray_ray.pipeline import prepare, train_dataset
 from xray_ray.robustness import SHIFTS, battery
 from xray_ray.sources import load_source
 from xray_ray.splits import assign_splits
