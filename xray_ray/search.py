@@ -5,8 +5,9 @@
 Flow: data source -> patient-grouped splits -> prepare once per image size -> Ray Data train datasets ->
 Tuner(OptunaSearch, ASHAScheduler) -> trials.parquet / epochs.parquet / run.json -> best/ (winner.finalize).
 The pieces: trial (what one trial does), tuner (how Tune is wired), rayinit (how Ray is started and sized),
-collect (the results tables), ship (the run folder and the exported winner). This module and those import
-no torch: the driver loads it only to export the winner.
+collect (the results tables), ship (the run folder and the exported winner), search_args (the flags),
+search_data (the data every trial reads). This module and those import no torch: the driver loads it only
+to export the winner.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class SearchOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser, with this module's DEFAULT_ENSEMBLE and DEFAULT_THRESHOLD_RULE."""
     return parser_of(__doc__.split("\n\n")[0], ensemble=DEFAULT_ENSEMBLE, threshold_rule=DEFAULT_THRESHOLD_RULE)
 
 
