@@ -169,23 +169,12 @@ def augment_rate(size: int, images: int) -> dict:
     return {"size": size, "images": images, "seconds": wall, "images_per_s": images / wall, "threads": 1}
 
 
-def check(device, quick: bool, tmp: Path) -> dict:
-    """Same function on the GPU as on the CPU, a weights-only checkpoint round trip, and learning."""
+def numerics(device, tmp: Path) -> tuple[float, bool]:
+    """The seed model's logits on ``device`` against float64 on the CPU (relative error), and whether a
+    weights-only checkpoint round trip gives the very same logits."""
     import torch
 
-    from xray_ray import metrics as M
-    from xray_ray.config import TrialConfig
-    from xray_ray.models import build_model
-    from xray_ray.phantoms import render
-    from xray_ray.train import (
-        array_batches,
-        make_loss,
-        make_optimizer,
-        make_scheduler,
-        predict_probs,
-        to_input,
-        train_one_epoch,
-    )
+    from xray_ray.train import to_input
 
     cfg = seed_config(128, 32)
     model = build(cfg, device).eval()
@@ -208,9 +197,20 @@ def check(device, quick: bool, tmp: Path) -> dict:
     torch.save({"model": model.state_dict()}, path)
     back = build(cfg, device).eval()
     back.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
-    same = bool(torch.equal(logits(back), got))
+    return rel, bool(torch.equal(logits(back), got))
 
-    # the learning check of tests/test_train.py (3 single-conv blocks, flatten, 48 px phantoms), on ``device``
+
+def phantom_aucs(device, quick: bool) -> tuple[int, list[float]]:
+    """The learning check of tests/test_train.py (3 single-conv blocks, flatten, 48 px phantoms), on
+    ``device``: (epochs, val AUC per seed of PHANTOM_SEEDS)."""
+    import torch
+
+    from xray_ray import metrics as M
+    from xray_ray.config import TrialConfig
+    from xray_ray.models import build_model
+    from xray_ray.phantoms import render
+    from xray_ray.train import array_batches, make_loss, make_optimizer, make_scheduler, predict_probs, train_one_epoch
+
     n_train, n_val, epochs = (128, 64, 2) if quick else (1600, 400, 5)
     images = np.stack([render(7, i, i % 2, 48) for i in range(n_train + n_val)])
     labels = (np.arange(n_train + n_val) % 2).astype(np.int64)
@@ -236,6 +236,13 @@ def check(device, quick: bool, tmp: Path) -> dict:
             )
         y, p = predict_probs(tiny, array_batches(images[n_train:], labels[n_train:], 256), device=device)
         aucs.append(float(M.roc_auc(y, p)))
+    return epochs, aucs
+
+
+def check(device, quick: bool, tmp: Path) -> dict:
+    """Same function on the GPU as on the CPU, a weights-only checkpoint round trip, and learning."""
+    rel, same = numerics(device, tmp)
+    epochs, aucs = phantom_aucs(device, quick)
     auc = float(np.median(aucs))
     return {
         "logits_rel_error_vs_float64": rel,
@@ -289,7 +296,32 @@ def sharing(k: int, args) -> dict:
     }
 
 
-def main() -> None:
+def print_summary(result: dict) -> None:
+    """The check, the training rates, GPU sharing, eval and augmentation rates, as lines and tables."""
+    from common import print_table
+
+    device, chk, train, share = result["device"], result["check"], result["train"], result["sharing"]
+    ev, aug = result["eval"], result["augment"]
+    print(
+        f"\n{device}: {result['machine']['gpu'] or result['machine']['cpu']}; check ok: {chk['ok']} "
+        f"(logits rel err {chk['logits_rel_error_vs_float64']:.1e}, phantom AUC {chk['phantom_val_auc']:.3f})"
+    )
+    print_table(
+        ["size", "batch", "train img/s", "peak GPU MB"],
+        [[r["size"], r["batch_size"], r["images_per_s"], r["peak_gpu_mb"]] for r in train],
+    )
+    print_table(
+        ["processes", "each img/s", "total img/s"],
+        [[s["processes"], float(np.mean(s["per_process_images_per_s"])), s["total_images_per_s"]] for s in share],
+    )
+    print(
+        f"eval {ev['images_per_s']:.0f} img/s ({result['eval_speedup']:.1f}x training); augment "
+        f"{aug['images_per_s']:.0f} img/s per CPU thread -> {result['cores_per_gpu_trial_to_feed']:.1f} cores "
+        f"feed one trial"
+    )
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 160])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64])
@@ -299,13 +331,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to prove the script works (CI)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker:
         return worker(args)
     import tempfile
 
     import torch
-    from common import emit, print_table
+    from common import emit
 
     if args.quick:
         args.sizes, args.batch_sizes, args.steps, args.warmup, args.sharing = [64], [16], 3, 1, [1, 2]
@@ -337,23 +373,7 @@ def main() -> None:
         "cores_per_gpu_trial_to_feed": base["images_per_s"] / aug["images_per_s"],
         "seconds": time.perf_counter() - t0,
     }
-    print(
-        f"\n{device.type}: {result['machine']['gpu'] or result['machine']['cpu']}; check ok: {chk['ok']} "
-        f"(logits rel err {chk['logits_rel_error_vs_float64']:.1e}, phantom AUC {chk['phantom_val_auc']:.3f})"
-    )
-    print_table(
-        ["size", "batch", "train img/s", "peak GPU MB"],
-        [[r["size"], r["batch_size"], r["images_per_s"], r["peak_gpu_mb"]] for r in train],
-    )
-    print_table(
-        ["processes", "each img/s", "total img/s"],
-        [[s["processes"], float(np.mean(s["per_process_images_per_s"])), s["total_images_per_s"]] for s in share],
-    )
-    print(
-        f"eval {ev['images_per_s']:.0f} img/s ({result['eval_speedup']:.1f}x training); augment "
-        f"{aug['images_per_s']:.0f} img/s per CPU thread -> {result['cores_per_gpu_trial_to_feed']:.1f} cores "
-        f"feed one trial"
-    )
+    print_summary(result)
     emit(result, args.out, "gpu")
 
 

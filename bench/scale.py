@@ -106,14 +106,8 @@ def estimate(
     }
 
 
-def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "seed.yaml")
-    ap.add_argument("--throughput", type=Path, default=OUT / "trial_throughput.json")
-    ap.add_argument("--efficiency", type=Path, default=OUT / "search_efficiency.json")
-    ap.add_argument("--size", type=int, default=128, help="the measured image size to read from --throughput")
-    ap.add_argument("--cpu-images-per-s", type=float, default=None, help="per-trial CPU rate (overrides the file)")
-    ap.add_argument("--asha-share", type=float, default=None, help="ASHA trial-epochs / planned (overrides the file)")
+def add_gpu_flags(ap: argparse.ArgumentParser) -> None:
+    """The GPU row's flags: a measured card and search, or the rates assumed without them."""
     ap.add_argument(
         "--gpu-measured",
         type=Path,
@@ -144,6 +138,17 @@ def parse_args() -> argparse.Namespace:
         default=1500.0,
         help="ASSUMPTION, used without --gpu-measured: augmented 128 px images/s of one CPU core",
     )
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "seed.yaml")
+    ap.add_argument("--throughput", type=Path, default=OUT / "trial_throughput.json")
+    ap.add_argument("--efficiency", type=Path, default=OUT / "search_efficiency.json")
+    ap.add_argument("--size", type=int, default=128, help="the measured image size to read from --throughput")
+    ap.add_argument("--cpu-images-per-s", type=float, default=None, help="per-trial CPU rate (overrides the file)")
+    ap.add_argument("--asha-share", type=float, default=None, help="ASHA trial-epochs / planned (overrides the file)")
+    add_gpu_flags(ap)
     ap.add_argument("--data-tasks", type=int, default=2, help="augmentation tasks per trial (search --data-tasks)")
     ap.add_argument(
         "--cores", type=int, default=None, help="CPU trials at once on the CPU row (default: this machine's cores)"
@@ -333,6 +338,22 @@ def estimates_of(
     return estimates, table, feed < gpu_rate
 
 
+def assumptions_of(args: argparse.Namespace, g: dict, trial_over: float, epoch_over: float) -> dict:
+    """The record's assumptions: the GPU rates and overheads used, and the data an epoch reads."""
+    return {
+        "gpu_images_per_s_128px": g["gpu_128"],
+        "gpu_size_factor": g["gpu_factor"],
+        "gpus_per_trial": args.gpus_per_trial,
+        "augment_images_per_s": g["augment"],
+        "data_tasks": args.data_tasks,
+        "eval_speedup": g["eval_speedup"],
+        "trial_overhead_s": trial_over,
+        "epoch_overhead_s": epoch_over,
+        "train_images": args.train_images,
+        "val_images": args.val_images,
+    }
+
+
 def main() -> None:
     args = parse_args()
     space = seed_space(args.space)
@@ -343,13 +364,7 @@ def main() -> None:
     g = gpu_rates(args, space, size_factor, sources)
     trial_over, epoch_over = gpu_overheads(args, sources)
     estimates, table, data_bound = estimates_of(args, space, size_factor, cpu_rate, shares, g, (trial_over, epoch_over))
-    card, gpu_128, gpu_factor, augment, eval_speedup = (
-        g["card"],
-        g["gpu_128"],
-        g["gpu_factor"],
-        g["augment"],
-        g["eval_speedup"],
-    )
+    card, gpu_128, augment = g["card"], g["gpu_128"], g["augment"]
     mean_epochs = float(np.mean(space["epochs"]))
     planned = space["trials"] * mean_epochs
     print(
@@ -380,18 +395,7 @@ def main() -> None:
             "cpu_images_per_s": cpu_rate,
             "data_bound": data_bound,
             "gpu": card,
-            "assumptions": {
-                "gpu_images_per_s_128px": gpu_128,
-                "gpu_size_factor": gpu_factor,
-                "gpus_per_trial": args.gpus_per_trial,
-                "augment_images_per_s": augment,
-                "data_tasks": args.data_tasks,
-                "eval_speedup": eval_speedup,
-                "trial_overhead_s": trial_over,
-                "epoch_overhead_s": epoch_over,
-                "train_images": args.train_images,
-                "val_images": args.val_images,
-            },
+            "assumptions": assumptions_of(args, g, trial_over, epoch_over),
             "sources": sources,
             "estimates": estimates,
         },

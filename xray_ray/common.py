@@ -36,6 +36,9 @@ from xray_ray.errors import UserError
 TMP_MARK = ".tmp-"  # every temporary file this project writes has it in its name: .<name>.tmp-<random>
 FILE_MODE = 0o644  # results are meant to be read by the other users of a shared folder
 DEFAULT_MAX_FILE_MB = 64  # predict/evaluate refuse bigger image files before reading them
+# the metrics evaluate's table and the report's metrics table show, in their order
+SHOWN_METRICS = ["roc_auc", "pr_auc", "recall", "specificity", "precision", "accuracy", "f1", "brier", "ece"]
+SHOWN_METRICS += ["tp", "fp", "tn", "fn"]
 
 
 def tmp_prefix(name: str) -> str:
@@ -211,6 +214,21 @@ def json_safe(value: Any, *, strict: bool = False) -> Any:
 def one_line(text: str) -> str:
     """`text` on one line: line breaks (say, in a file name) shown as \\n, not printed."""
     return str(text).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def add_model_file_flags(ap: Any) -> None:
+    """predict's and evaluate's --max-file-mb and --allow-modified-model on the argparse parser `ap`."""
+    ap.add_argument(
+        "--max-file-mb",
+        type=float,
+        default=DEFAULT_MAX_FILE_MB,
+        help=f"skip image files larger than this, before reading them (default {DEFAULT_MAX_FILE_MB})",
+    )
+    ap.add_argument(
+        "--allow-modified-model",
+        action="store_true",
+        help="run a model.onnx whose sha256 differs from the one its model card records",
+    )
 
 
 def cli(body: Callable[[], int]) -> int:

@@ -24,26 +24,12 @@ import numpy as np
 import pandas as pd
 
 from xray_ray import CLASSES
-from xray_ray.common import DEFAULT_MAX_FILE_MB, cli, json_safe, one_line
+from xray_ray.common import DEFAULT_MAX_FILE_MB, SHOWN_METRICS, add_model_file_flags, cli, json_safe, one_line
 from xray_ray.errors import DataError, UserError
 from xray_ray.metrics import binary_metrics, bootstrap_ci
 
 SPLITS = ("test", "val", "train", "extra_val", "all")
-TABLE_METRICS = [
-    "roc_auc",
-    "pr_auc",
-    "recall",
-    "specificity",
-    "precision",
-    "accuracy",
-    "f1",
-    "brier",
-    "ece",
-    "tp",
-    "fp",
-    "tn",
-    "fn",
-]
+TABLE_METRICS = SHOWN_METRICS
 
 
 def summarize(
@@ -145,6 +131,41 @@ def _search_split(df: pd.DataFrame, card: Mapping[str, Any]) -> pd.DataFrame:
     return df
 
 
+def _one_split(df: pd.DataFrame, column: str, split: str, resplit: bool) -> pd.DataFrame:
+    """The rows of `split` in `column` (all rows for "all"); a split the data lacks is a UserError."""
+    if split == "all":
+        return df
+    have = sorted(df[column].astype(str).unique())
+    if split not in have:
+        hint = "" if resplit else " (--resplit splits it as the search did)"
+        raise UserError(
+            f"the data has no '{split}' split, only {', '.join(have) or 'no images'}; choose one of those or all{hint}."
+        )
+    return df[df[column] == split]
+
+
+def _score_rows(model: Any, rows: list[dict], batch_size: int) -> tuple[list, list, list, list, list]:
+    """Read and score the rows in batches: (labels, probability batches, patients, unreadable, digests)."""
+    threads = min(8, os.cpu_count() or 1)
+    labels, probs, patients, unreadable, digests = [], [], [], [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        kept, pixels, bad = _read_rows(chunk, model.image_size, threads)
+        unreadable += bad
+        if kept:
+            probs.append(model.predict(pixels.astype(np.float32)[:, None] / 255.0))
+            labels += [int(chunk[i]["label"]) for i in kept]
+            patients += [str(chunk[i]["patient"]) for i in kept]
+            digests += [_digest(chunk[i]["uid"], img) for i, img in zip(kept, pixels)]
+    return labels, probs, patients, unreadable, digests
+
+
+def _skipped_files(skipped: pd.DataFrame, unreadable: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """The files skipped at discovery, then those that would not decode: [{path, reason}]."""
+    listed = [{"path": str(r["path"]), "reason": str(r["reason"])} for r in skipped.to_dict(orient="records")]
+    return listed + [{"path": str(u), "reason": r} for u, r in unreadable]
+
+
 def evaluate(
     model_dir: str,
     data: str,
@@ -176,29 +197,11 @@ def evaluate(
     manifest = load_source(data, seed=seed, max_file_bytes=int(max_file_mb * 2**20))
     df = _search_split(manifest.df, model.card) if resplit else manifest.df
     column = "split" if "split" in df.columns else "orig_split"
-    if split != "all":
-        have = sorted(df[column].astype(str).unique())
-        if split not in have:
-            hint = "" if resplit else " (--resplit splits it as the search did)"
-            raise UserError(
-                f"the data has no '{split}' split, only {', '.join(have) or 'no images'}; "
-                f"choose one of those or all{hint}."
-            )
-        df = df[df[column] == split]
+    df = _one_split(df, column, split, resplit)
     if not len(df):
         raise UserError(f"the data at {data} holds no usable images; check the path.")
     rows = df.to_dict("records")
-    threads = min(8, os.cpu_count() or 1)
-    labels, probs, patients, unreadable, digests = [], [], [], [], []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        kept, pixels, bad = _read_rows(chunk, model.image_size, threads)
-        unreadable += bad
-        if kept:
-            probs.append(model.predict(pixels.astype(np.float32)[:, None] / 255.0))
-            labels += [int(chunk[i]["label"]) for i in kept]
-            patients += [str(chunk[i]["patient"]) for i in kept]
-            digests += [_digest(chunk[i]["uid"], img) for i, img in zip(kept, pixels)]
+    labels, probs, patients, unreadable, digests = _score_rows(model, rows, batch_size)
     if not labels:
         raise UserError(f"none of the {len(rows)} images in split '{split}' could be read.")
     y, p = np.asarray(labels, np.int64), np.concatenate(probs)
@@ -214,10 +217,7 @@ def evaluate(
             "threshold": model.threshold,
             "trial_id": model.card.get("trial_id"),
             "skipped": int(len(manifest.skipped)) + len(unreadable),
-            "skipped_files": [
-                {"path": str(r["path"]), "reason": str(r["reason"])} for r in manifest.skipped.to_dict(orient="records")
-            ]
-            + [{"path": str(u), "reason": r} for u, r in unreadable],
+            "skipped_files": _skipped_files(manifest.skipped, unreadable),
             "unreadable": [{"uid": u, "reason": r} for u, r in unreadable],
             "fingerprint": _combine(digests),
             "same_images_as_search": None if searched is None else searched == _combine(digests),
@@ -246,35 +246,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the 95%% intervals")
-    ap.add_argument(
-        "--max-file-mb",
-        type=float,
-        default=DEFAULT_MAX_FILE_MB,
-        help=f"skip image files larger than this, before reading them (default {DEFAULT_MAX_FILE_MB})",
-    )
-    ap.add_argument(
-        "--allow-modified-model",
-        action="store_true",
-        help="run a model.onnx whose sha256 differs from the one its model card records",
-    )
+    add_model_file_flags(ap)
     args = ap.parse_args(argv)
     return cli(lambda: _main(args))
+
+
+# evaluate()'s keyword options, each the flag of the same name
+EVALUATE_OPTIONS = ("split", "seed", "resplit", "batch_size", "n_boot", "max_file_mb", "allow_modified_model")
 
 
 def _main(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.n_boot < 1:
         raise UserError("--batch-size and --n-boot must be at least 1.")
-    result = evaluate(
-        args.model,
-        args.data,
-        split=args.split,
-        seed=args.seed,
-        resplit=args.resplit,
-        batch_size=args.batch_size,
-        n_boot=args.n_boot,
-        max_file_mb=args.max_file_mb,
-        allow_modified_model=args.allow_modified_model,
-    )
+    result = evaluate(args.model, args.data, **{k: getattr(args, k) for k in EVALUATE_OPTIONS})
     if result["same_images_as_search"] is False:
         print(
             f"warning: these are not the images the search scored as '{args.split}' (the data or its "

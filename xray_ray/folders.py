@@ -189,6 +189,28 @@ def load_folder(spec: str, max_file_bytes: int | None = None) -> Manifest:
 
     with ThreadPoolExecutor(_WORKERS) as pool:
         results = list(pool.map(lambda c: _verify(c[1], c[3], max_file_bytes), candidates))
+    rows = _rows(candidates, results, base, skipped)
+    df = frame(rows)
+    skipped_df = pd.DataFrame(sorted(skipped), columns=["path", "reason"])
+    if df.empty:
+        example = f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        raise DataError(f"found no usable images in {spec} ({len(skipped)} files skipped{example}).")
+    split_dirs = {d[len(base)].lower() for d in dirs if len(d) > len(base) and d[: len(base)] == base}
+    info = {
+        "source": "folder",
+        "location": spec if uri else root,
+        "data_root": "/".join(base) or ".",
+        "files_seen": len(df) + len(skipped_df),
+        "images": len(df),
+        "skipped": len(skipped_df),
+        "counts": orig_counts(df),
+        "warnings": check_structure(df, split_dirs),
+    }
+    return Manifest(df, skipped_df, info)
+
+
+def _rows(candidates: list[tuple], results: list, base: tuple[str, ...], skipped: list) -> list[dict]:
+    """The manifest rows of the files that verified; each that did not goes to `skipped` with its reason."""
     rows = []
     for (rel, _, (split, label), location), res in zip(candidates, results):
         if isinstance(res, str):
@@ -211,23 +233,7 @@ def load_folder(spec: str, max_file_bytes: int | None = None) -> Manifest:
                 "height": res[2],
             }
         )
-    df = frame(rows)
-    skipped_df = pd.DataFrame(sorted(skipped), columns=["path", "reason"])
-    if df.empty:
-        example = f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
-        raise DataError(f"found no usable images in {spec} ({len(skipped)} files skipped{example}).")
-    split_dirs = {d[len(base)].lower() for d in dirs if len(d) > len(base) and d[: len(base)] == base}
-    info = {
-        "source": "folder",
-        "location": spec if uri else root,
-        "data_root": "/".join(base) or ".",
-        "files_seen": len(df) + len(skipped_df),
-        "images": len(df),
-        "skipped": len(skipped_df),
-        "counts": orig_counts(df),
-        "warnings": check_structure(df, split_dirs),
-    }
-    return Manifest(df, skipped_df, info)
+    return rows
 
 
 def _classify(files: list[tuple[str, int]], base: tuple[str, ...]) -> list[tuple]:

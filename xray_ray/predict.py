@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from xray_ray.common import DEFAULT_MAX_FILE_MB, atomic_file, cli
+from xray_ray.common import DEFAULT_MAX_FILE_MB, add_model_file_flags, atomic_file, cli
 from xray_ray.errors import UserError
 from xray_ray.images import IMAGE_EXTENSIONS
 
@@ -140,17 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = ap.add_mutually_exclusive_group()
     out.add_argument("--csv", metavar="OUT", help="write a CSV table instead of JSON lines")
     out.add_argument("--parquet", metavar="OUT", help="write a Parquet table instead of JSON lines")
-    ap.add_argument(
-        "--max-file-mb",
-        type=float,
-        default=DEFAULT_MAX_FILE_MB,
-        help=f"skip image files larger than this, before reading them (default {DEFAULT_MAX_FILE_MB})",
-    )
-    ap.add_argument(
-        "--allow-modified-model",
-        action="store_true",
-        help="run a model.onnx whose sha256 differs from the one its model card records",
-    )
+    add_model_file_flags(ap)
     args = ap.parse_args(argv)
     return cli(
         lambda: run(

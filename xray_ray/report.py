@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from xray_ray.common import write_text
+from xray_ray.common import SHOWN_METRICS, write_text
 from xray_ray.pictures import (
     PICTURES,
     grad_cam,
@@ -72,21 +72,7 @@ def _metric_cell(block: Mapping[str, Any], name: str) -> str:
     return value
 
 
-REPORT_METRICS = [
-    "roc_auc",
-    "pr_auc",
-    "recall",
-    "specificity",
-    "precision",
-    "accuracy",
-    "f1",
-    "brier",
-    "ece",
-    "tp",
-    "fp",
-    "tn",
-    "fn",
-]
+REPORT_METRICS = SHOWN_METRICS
 
 
 def _metrics_table(metrics: Mapping[str, Any]) -> str:
@@ -158,6 +144,19 @@ def _kv_table(d: Mapping[str, Any], limit: int = 400) -> str:
     return f"<table>{''.join(rows)}</table>"
 
 
+def _figures(out_dir: Path, pictures: Sequence[str]) -> list[str]:
+    """One <figure> per picture, the PNG embedded as base64, captioned."""
+    figures = []
+    for name in pictures:
+        png = (out_dir / name).read_bytes()
+        caption = f"{html.escape(PICTURES.get(name, name))} <small>({name})</small>"
+        figures.append(
+            f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
+    return figures
+
+
 def write_html(out_dir: Path, card: Mapping[str, Any], trials: pd.DataFrame, pictures: Sequence[str]) -> Path:
     """report.html with every picture embedded (base64), so the one file can be mailed or archived."""
     th = card["threshold"]
@@ -168,14 +167,7 @@ def write_html(out_dir: Path, card: Mapping[str, Any], trials: pd.DataFrame, pic
         f"<td>{c.get('patients', 'n/a')}</td></tr>"
         for s, c in data.get("counts", {}).items()
     )
-    figures = []
-    for name in pictures:
-        png = (out_dir / name).read_bytes()
-        caption = f"{html.escape(PICTURES.get(name, name))} <small>({name})</small>"
-        figures.append(
-            f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-            f"<figcaption>{caption}</figcaption></figure>"
-        )
+    figures = _figures(out_dir, pictures)
     check = card.get("export", {})
     body = f"""
 <h1>xray_ray winner: trial {html.escape(str(trial.get("id")))}</h1>

@@ -5,8 +5,9 @@
 Flow: data source -> patient-grouped splits -> prepare once per image size -> Ray Data train datasets ->
 Tuner(OptunaSearch, ASHAScheduler) -> trials.parquet / epochs.parquet / run.json -> best/ (winner.finalize).
 The pieces: trial (what one trial does), tuner (how Tune is wired), rayinit (how Ray is started and sized),
-collect (the results tables), ship (the run folder and the exported winner). This module and those import
-no torch: the driver loads it only to export the winner.
+collect (the results tables), ship (the run folder and the exported winner), search_args (the flags),
+search_data (the data every trial reads). This module and those import no torch: the driver loads it only
+to export the winner.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,10 @@ from xray_ray import results as R
 from xray_ray.collect import collect, every_trial_failed, overhead, print_leaderboard
 from xray_ray.config import SearchSpace, load_space
 from xray_ray.errors import UserError
-from xray_ray.pipeline import balanced_repeats, prepare, train_dataset
 from xray_ray.rayinit import DATA_SLOT, RayOptions, check_local_resources, data_slot, init_ray, trial_slots
-from xray_ray.robustness import SHIFTS, battery
+from xray_ray.search_args import FLAG_RULES, check_flags, options_of, parser_of  # noqa: F401
+from xray_ray.search_data import MAX_LISTED_SKIPS, RunData, load_data, print_data_problems, trial_data  # noqa: F401
 from xray_ray.ship import RunFolder, check_run_name, export_best, open_run
-from xray_ray.sources import load_source
-from xray_ray.splits import assign_splits
 from xray_ray.trial import Runtime
 from xray_ray.tuner import TunerSettings, fit, restored, rungs, search_tuner, trial_trainable
 
@@ -74,8 +73,7 @@ class SearchOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace, argv: Sequence[str]) -> SearchOptions:
         """The options of build_parser()'s parsed arguments."""
-        names = {f.name for f in fields(cls)} - {"argv"}
-        return cls(**{k: v for k, v in vars(args).items() if k in names}, argv=tuple(argv))
+        return options_of(cls, args, argv)
 
     @property
     def ray(self) -> RayOptions:
@@ -88,74 +86,9 @@ class SearchOptions:
         )
 
 
-@dataclass
-class RunData:
-    """The data every trial reads: the source's manifest, its splits, each image size prepared once."""
-
-    manifest: Any
-    split_info: dict[str, Any]
-    prepared: dict[int, Any]
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m xray_ray.search", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="synthetic", help="folder (Kaggle layout), .npz, 'synthetic[:N]', or a URI")
-    p.add_argument("--space", default="search_spaces/smoke.yaml", help="search-space YAML file")
-    p.add_argument("--results", default="results", help="results root: local path or URI (s3://, gs://, file://)")
-    p.add_argument("--name", default=None, help="run name (default: the space's name)")
-    p.add_argument("--num-samples", type=int, default=None, help="trials to run (default: the space's)")
-    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what resources allow)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
-    p.add_argument(
-        "--data-cpus",
-        type=float,
-        default=0.0,
-        help="CPUs each augmentation task reserves (0: never starved by trials holding every CPU)",
-    )
-    p.add_argument(
-        "--data-tasks",
-        type=int,
-        default=1,
-        help="augmentation tasks each trial keeps in flight (more on a cluster with CPU workers)",
-    )
-    p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. 'auto' or host:port)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its storage")
-    p.add_argument("--seed", type=int, default=None, help="fixes splits, augmentation and the searcher")
-    p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial from its checkpoint")
-    p.add_argument("--cache", default=None, help="pixel cache folder (default: ~/.cache/xray_ray)")
-    p.add_argument("--no-export", action="store_true", help="skip evaluating and exporting the winner")
-    p.add_argument(
-        "--ensemble",
-        type=int,
-        default=DEFAULT_ENSEMBLE,
-        help="ship a greedy ensemble chosen in this many rounds among the best trials (1: the single "
-        "winner); works with --resume --export-only too",
-    )
-    p.add_argument(
-        "--threshold-rule",
-        choices=("clean", "shifted"),
-        default=DEFAULT_THRESHOLD_RULE,
-        help="meet the target sensitivity on clean validation, or on clean and shifted validation pooled",
-    )
-    p.add_argument(
-        "--tensorboard",
-        action="store_true",
-        help="also write TensorBoard event files per trial (loads torch into the driver: ~300 MB)",
-    )
-    p.add_argument(
-        "--export-only",
-        action="store_true",
-        help="with --resume: run no more trials; write the tables and export the best trial so far",
-    )
-    p.add_argument(
-        "--allow-local-results",
-        action="store_true",
-        help="accept a local path or file:// URI as results on a multi-node cluster (only for a "
-        "mount shared by every node, such as NFS)",
-    )
-    return p
+    """The command line's parser, with this module's DEFAULT_ENSEMBLE and DEFAULT_THRESHOLD_RULE."""
+    return parser_of(__doc__.split("\n\n")[0], ensemble=DEFAULT_ENSEMBLE, threshold_rule=DEFAULT_THRESHOLD_RULE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -184,29 +117,6 @@ def resume_command(opts: SearchOptions) -> str:
     return shlex.join(["python", "-m", "xray_ray.search", *argv, "--resume"])
 
 
-# (flag's option, the rule its value must meet, the rule in words); None is a flag left at its default
-FLAG_RULES = (
-    ("cpus_per_trial", lambda v: v > 0, "positive"),
-    ("gpus_per_trial", lambda v: v >= 0, "0 or more"),
-    ("data_tasks", lambda v: v >= 1, "at least 1"),
-    ("data_cpus", lambda v: v >= 0, "0 or more"),
-    ("num_samples", lambda v: v >= 1, "at least 1"),
-    ("max_concurrent", lambda v: v >= 1, "at least 1"),
-    ("max_failures", lambda v: v >= 0, "0 or more"),
-    ("seed", lambda v: v >= 0, "0 or more"),
-)
-
-
-def check_flags(opts: SearchOptions, space: SearchSpace) -> None:
-    """Refuse flag values no search can use, in one sentence naming the flag."""
-    for attr, ok, rule in FLAG_RULES:
-        value = getattr(opts, attr)
-        if value is not None and not ok(value):
-            raise UserError(f"--{attr.replace('_', '-')} must be {rule}, got {value}.")
-    if not 1 <= opts.ensemble <= 32:
-        raise UserError(f"--ensemble must be between 1 and 32 (selection rounds), got {opts.ensemble}.")
-
-
 def run(opts: SearchOptions) -> str:
     """Run (or resume) a search; returns the run folder.
 
@@ -233,25 +143,6 @@ def run(opts: SearchOptions) -> str:
     except KeyboardInterrupt as e:
         e.run_started = folder.started  # what main() tells the user after a Ctrl-C
         raise
-
-
-def load_data(opts: SearchOptions, space: SearchSpace) -> RunData:
-    """Read the source, split it by patient, prepare each image size once (or find it in the cache)."""
-    print(f"[xray_ray] loading data from {opts.data} ...", flush=True)
-    manifest = load_source(opts.data, seed=space.seed)
-    df, split_info = assign_splits(
-        manifest.df, seed=space.seed, val_fraction=space.val_fraction, test_fraction=space.test_fraction
-    )
-    print_data_problems(manifest, split_info)
-    prepared = {s: prepare(df, s, opts.cache) for s in space.image_sizes}
-    for s, p in prepared.items():
-        counts = {k: len(v) for k, v in p.splits.items()}
-        how = "cache hit" if p.cache_hit else "prepared"
-        print(f"[xray_ray] {s}px: {how} in {p.seconds:.1f}s {counts}", flush=True)
-    for need in ("train", "val"):
-        if need not in next(iter(prepared.values())).splits:
-            raise UserError(f"the data has no '{need}' images after splitting; add more images per class.")
-    return RunData(manifest=manifest, split_info=split_info, prepared=prepared)
 
 
 def run_info_of(
@@ -317,6 +208,24 @@ def check_results_shared(opts: SearchOptions) -> None:
         )
 
 
+# the options a trial's Runtime takes as they are
+TRIAL_RESOURCES = ("cpus_per_trial", "gpus_per_trial", "data_cpus", "data_tasks")
+
+
+def runtime_of(opts: SearchOptions, space: SearchSpace, loaded: RunData, slot: Any, run_dir: str) -> Runtime:
+    """What every trial is given: its resources, the metric, the positive fraction of train, the rungs."""
+    train_labels = next(iter(loaded.prepared.values())).splits["train"].labels
+    return Runtime(
+        **{k: getattr(opts, k) for k in TRIAL_RESOURCES},
+        metric=space.metric,
+        mode=space.mode,
+        pos_fraction=float(np.mean(train_labels)) if len(train_labels) else 0.5,
+        data_slot=slot,
+        score_epochs=rungs(space),
+        fault_dir=None if R.is_uri(run_dir) else str(Path(run_dir) / "tune" / ".faults"),
+    )
+
+
 def search_on_ray(
     opts: SearchOptions,
     space: SearchSpace,
@@ -337,19 +246,7 @@ def search_on_ray(
     # corrected command ask for --resume
     R.write_json({**run_info, "status": "running"}, R.join(run_dir, "run.json"))
     folder.started = True  # from here on an interrupted run can be resumed
-    train_labels = next(iter(loaded.prepared.values())).splits["train"].labels
-    runtime = Runtime(
-        cpus_per_trial=opts.cpus_per_trial,
-        gpus_per_trial=opts.gpus_per_trial,
-        data_cpus=opts.data_cpus,
-        data_tasks=opts.data_tasks,
-        metric=space.metric,
-        mode=space.mode,
-        pos_fraction=float(np.mean(train_labels)) if len(train_labels) else 0.5,
-        data_slot=slot,
-        score_epochs=rungs(space),
-        fault_dir=None if R.is_uri(run_dir) else str(Path(run_dir) / "tune" / ".faults"),
-    )
+    runtime = runtime_of(opts, space, loaded, slot, run_dir)
     data = trial_data(loaded.prepared, space.seed)
     ray.data.DataContext.get_current().enable_progress_bars = False
     fn = trial_trainable(data, runtime, {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})
@@ -442,51 +339,6 @@ def finish(
         raise UserError(failure)
     print(f"[xray_ray] done in {out.wall:.0f}s; results in {run_dir}", flush=True)
     return run_dir
-
-
-def trial_data(prepared: dict, seed: int) -> dict[int, dict[str, Any]]:
-    """What every trial reads, per image size: the train Dataset, val, the class repeats of a balanced
-    sampler and the shift battery built on val (fixed by the run's seed)."""
-    out = {}
-    for s, p in prepared.items():
-        t0 = time.perf_counter()
-        val = p.splits["val"]
-        out[s] = {
-            "train": train_dataset(p.splits["train"]),
-            "val": val,
-            "n_train": len(p.splits["train"]),
-            "repeats": balanced_repeats(p.splits["train"].labels),
-            "shifted": battery(val.images, val.labels, seed=seed),
-        }
-        print(
-            f"[xray_ray] {s}px: shift battery of {len(SHIFTS)} shifts x {len(out[s]['shifted']['labels'])} "
-            f"val images in {time.perf_counter() - t0:.1f}s",
-            flush=True,
-        )
-    return out
-
-
-MAX_LISTED_SKIPS = 1000  # run.json lists this many skipped files (path, reason); the count is always whole
-
-
-def print_data_problems(manifest, split_info: dict) -> None:
-    """Say which files were skipped (by reason), the data's warnings, and train images dropped as leakage."""
-    skipped = manifest.skipped
-    if len(skipped):
-        print(
-            f"[xray_ray] {len(skipped)} files skipped (each with its reason in run.json's data.skipped_files):",
-            flush=True,
-        )
-        for reason, n in skipped["reason"].value_counts().head(10).items():
-            print(f"[xray_ray]   {n} x {reason}", flush=True)
-    for w in [*manifest.info.get("warnings", []), *split_info.get("warnings", [])]:
-        print(f"[xray_ray] warning: {w}", flush=True)
-    if split_info.get("dropped"):
-        print(
-            f"[xray_ray] leakage: {split_info['dropped']} train images share a patient or identical bytes with "
-            f"val/test and were dropped from train (listed in run.json's data.splits.leakage)",
-            flush=True,
-        )
 
 
 if __name__ == "__main__":

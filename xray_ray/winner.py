@@ -193,13 +193,7 @@ def finalize(
     threshold, method, robustness = _fix_threshold(
         model, splits["val"], preds["val"], battery, threshold_rule, target_sensitivity
     )
-    # Test is scored here, once, after the threshold is fixed: nothing below feeds back into a choice.
-    if "test" in splits and len(splits["test"]):
-        preds["test"] = split_probs(model, splits["test"])
-    metrics = {
-        s: summarize(y, p, threshold, groups=splits[s].patients, n_boot=n_boot, seed=seed)
-        for s, (y, p) in preds.items()
-    }
+    metrics = _score_test(model, splits, preds, threshold, n_boot, seed)
     at_val = metrics["val"]["at_threshold"]
     diff, checked = _export_checked(model, best_dir, splits["val"].images[:64])
 
@@ -210,12 +204,7 @@ def finalize(
         "trial_id": trial["id"],
         "classes": list(CLASSES),
         "input": _input_contract(model),
-        "output": {
-            "name": export.OUTPUT_NAME,
-            "shape": ["N"],
-            "dtype": "float32",
-            "meaning": "probability of PNEUMONIA (class 1) per image",
-        },
+        "output": _output_section(),
         "threshold": _threshold_section(threshold, method, threshold_rule, target_sensitivity, at_val),
         "model": model.config.to_dict(),
         **({"ensemble": dict(ensemble)} if ensemble else {}),
@@ -224,14 +213,7 @@ def finalize(
         "metrics": metrics,
         "bootstrap": {"n_boot": n_boot, "unit": "patient", "alpha": 0.05, "seed": seed},
         "data": _data_summary(run_info, splits),
-        "export": {
-            "onnx": export.ONNX_NAME,
-            "torchscript": export.TORCHSCRIPT_NAME,
-            "weights": export.WEIGHTS_NAME,
-            "max_abs_diff": diff,
-            "tolerance": AGREEMENT_TOLERANCE,
-            "images": checked,
-        },
+        "export": _export_section(diff, checked),
         "versions": {k: v for k, v in versions().items() if k != "platform"},
         "git_commit": run_info.get("git_commit"),
     }
@@ -239,6 +221,41 @@ def finalize(
     # read back the way predict and evaluate will: card fields, graph contract, model.onnx's sha256
     load_exported(best_dir)
     return card
+
+
+def _score_test(
+    model: CNN, splits: dict[str, SplitArrays], preds: dict, threshold: float, n_boot: int, seed: int
+) -> dict[str, Any]:
+    """Score test (into `preds`) and summarize every scored split at the fixed threshold."""
+    # Test is scored here, once, after the threshold is fixed: nothing below feeds back into a choice.
+    if "test" in splits and len(splits["test"]):
+        preds["test"] = split_probs(model, splits["test"])
+    return {
+        s: summarize(y, p, threshold, groups=splits[s].patients, n_boot=n_boot, seed=seed)
+        for s, (y, p) in preds.items()
+    }
+
+
+def _output_section() -> dict[str, Any]:
+    """The model card's description of the model's output."""
+    return {
+        "name": export.OUTPUT_NAME,
+        "shape": ["N"],
+        "dtype": "float32",
+        "meaning": "probability of PNEUMONIA (class 1) per image",
+    }
+
+
+def _export_section(diff: float, checked: int) -> dict[str, Any]:
+    """The model card's export files and how closely ONNX and TorchScript agreed on `checked` images."""
+    return {
+        "onnx": export.ONNX_NAME,
+        "torchscript": export.TORCHSCRIPT_NAME,
+        "weights": export.WEIGHTS_NAME,
+        "max_abs_diff": diff,
+        "tolerance": AGREEMENT_TOLERANCE,
+        "images": checked,
+    }
 
 
 def _fix_threshold(
