@@ -703,10 +703,12 @@ def test_paths_given_to_predict_are_never_seen_by_a_shell(module):
 
 
 def test_local_ray_keeps_the_dashboard_off_and_auth_on():
-    search = (PACKAGE / "search.py").read_text()
+    # every ray.init of the package lives in rayinit.py; the local one keeps the dashboard off
+    assert [p.name for p in PACKAGE.glob("*.py") if "ray.init(" in p.read_text()] == ["rayinit.py"]
+    search = (PACKAGE / "rayinit.py").read_text()
     local_init = [
         call
-        for call, func in _calls(PACKAGE / "search.py")
+        for call, func in _calls(PACKAGE / "rayinit.py")
         if func == "ray.init" and not any(k.arg == "address" for k in call.keywords)
     ]
     assert len(local_init) == 1 and _keyword(local_init[0], "include_dashboard") is False
