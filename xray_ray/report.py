@@ -172,7 +172,8 @@ def write_html(out_dir: Path, card: Mapping[str, Any], trials: pd.DataFrame, pic
     body = f"""
 <h1>xray_ray winner: trial {html.escape(str(trial.get("id")))}</h1>
 <p>Created {html.escape(card.get("created", ""))}. Classes: 0 = NORMAL, 1 = PNEUMONIA. The winner was chosen on
-validation AUC only; the threshold was then fixed on validation, and the test split was scored once, after that.</p>
+validation only ({html.escape(str(trial.get("selection_metric") or "val_auc"))}); the threshold was then fixed on
+validation, and the test split was scored once, after that.</p>
 <h2>Threshold</h2>
 <p><b>{_fmt(th["value"], 4)}</b>: {html.escape(th["method"])} (target sensitivity {_fmt(th.get("target_sensitivity"))});
 on validation it gives sensitivity {_fmt(th.get("val_sensitivity"))} and specificity {_fmt(th.get("val_specificity"))}.
