@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -81,9 +80,7 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(args, match):
 
 @pytest.mark.realdata
 def test_inspect_the_real_data(real_data):
-    start = time.perf_counter()
     res = run_cli("inspect", str(real_data), "--json", timeout=300)
-    elapsed = time.perf_counter() - start
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["by_split"]["train"] == {"NORMAL": 1341, "PNEUMONIA": 3875, "total": 5216}
@@ -97,7 +94,6 @@ def test_inspect_the_real_data(real_data):
     split = report["split"]
     assert split["leakage"] == [] and split["counts"]["extra_val"]["total"] == 16
     assert abs(split["counts"]["val"]["total"] - 522) < 20
-    assert elapsed < 60
 
 
 def load_patient(uid: str) -> str:
