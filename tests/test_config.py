@@ -328,6 +328,7 @@ BAD_SPACES = {
 }
 
 
+@pytest.mark.slow  # one CLI subprocess per space
 @pytest.mark.parametrize("body", BAD_SPACES.values(), ids=BAD_SPACES.keys())
 def test_the_search_refuses_an_impossible_space_before_reading_data(tmp_path, body):
     from conftest import run_module

@@ -78,6 +78,7 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(args, match):
     assert "Traceback" not in res.stderr and res.stderr.count("\n") == 1
 
 
+@pytest.mark.slow  # scans and hashes the 5,232 real images
 @pytest.mark.realdata
 def test_inspect_the_real_data(real_data):
     res = run_cli("inspect", str(real_data), "--json", timeout=300)

@@ -321,6 +321,7 @@ def _search_cli(tmp_path, space_text: str, *flags: str) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.slow  # a real search on Ray
 def test_a_space_of_constants_trains_its_configuration_as_seeded_replicas(tmp_path):
     """Issue 15 #12: no searched parameter used to crash OptunaSearch; now each trial is the same config."""
     res = _search_cli(
@@ -343,6 +344,7 @@ def test_a_space_of_constants_trains_its_configuration_as_seeded_replicas(tmp_pa
     )
 
 
+@pytest.mark.slow  # a real search on Ray
 def test_a_search_whose_every_trial_errored_exits_2_with_the_reason(tmp_path):
     """Issue 15: every trial NaN (lr 1e20) used to end with exit 0, 'done' and no model."""
     res = _search_cli(
