@@ -18,8 +18,9 @@ demo: install
 	rm -rf results/demo
 	$(PY) -m xray_ray.search --data synthetic --space search_spaces/smoke.yaml --results results --name demo
 
+# unbuffered: if a test takes the process down, the log still shows how far the run got
 test: install lint
-	$(PY) -m pytest -q
+	PYTHONUNBUFFERED=1 $(PY) -m pytest -q
 
 # the edit loop: everything but the end-to-end runs marked slow (under two minutes on 2 cores)
 test-fast: install
