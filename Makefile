@@ -45,7 +45,7 @@ bench-gpu: install
 	$(PY) bench/gpu.py
 
 bench-quick: install
-	for b in prepare trial_throughput search_efficiency overhead_memory scale gpu; do $(PY) bench/$$b.py --quick || exit 1; done
+	for b in prepare trial_throughput search_efficiency overhead_memory scale eval_batch gpu; do $(PY) bench/$$b.py --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

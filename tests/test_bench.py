@@ -46,6 +46,7 @@ KEYS = {
         "overhead",
     },
     "scale": {"machine", "asha_shares", "assumptions", "sources", "estimates"},
+    "eval_batch": {"machine", "images", "repeats", "results", "fastest"},
     "gpu": {"machine", "device", "check", "train", "eval", "eval_speedup", "augment", "sharing"},
 }
 
@@ -162,3 +163,12 @@ def test_gpu(tmp_path):
         assert s["total_images_per_s"] == pytest.approx(sum(s["per_process_images_per_s"]))
     assert all(t["images_per_s"] > 0 for t in r["train"]) and r["eval"]["images"] > 0
     assert r["device"] == ("cuda" if r["machine"]["gpu"] else "cpu")
+
+
+def test_eval_batch(tmp_path):
+    r = run_quick("eval_batch", tmp_path)
+    batches = [x["batch"] for x in r["results"]]
+    assert len(batches) == 3 and batches[0] >= batches[-1]  # the budgets, largest (the old one) first
+    assert r["results"][0]["ratio"] == pytest.approx(1.0)
+    for x in r["results"]:
+        assert x["images_per_s"] == pytest.approx(r["images"] / sorted(x["seconds"])[len(x["seconds"]) // 2])

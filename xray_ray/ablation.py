@@ -59,6 +59,10 @@ REPORTED = (
 )
 
 
+# scored after training, where cost does not matter: more images than a trial's battery (robustness.MAX_IMAGES)
+BATTERY_IMAGES = 192
+
+
 def load_arms(path: str | Path) -> dict[str, Any]:
     """An arms file: ``name``, ``base`` (a full trial config), ``arms`` (name -> changed settings)."""
     p = Path(path)
@@ -294,7 +298,7 @@ def _score_runs(grid, spec: dict[str, Any], prepared: dict) -> pd.DataFrame:
 
     batteries = {
         s: {
-            split: battery(p.splits[split].images, p.splits[split].labels, seed=spec["split_seed"])
+            split: battery(p.splits[split].images, p.splits[split].labels, seed=spec["split_seed"], most=BATTERY_IMAGES)
             for split in ("val", "test")
             if split in p.splits
         }

@@ -32,18 +32,21 @@ from xray_ray.balance import COPY_STRIDE, balanced_repeats, resample  # noqa: F4
 from xray_ray.common import atomic_file
 
 PREP_VERSION = 1  # bump when the decode/resize contract changes: old caches are then ignored
-BATCH_PIXELS = 256 * 64 * 64  # evaluation batches: about a million pixels each
+BATCH_PIXELS = 256 * 64 * 64  # evaluation batches on a GPU: about a million pixels each
+CPU_BATCH_PIXELS = 32 * 64 * 64  # on CPU: a batch's activations stay in cache (bench/eval_batch.py)
 
 
-def rows_for(size: int, most: int = 256) -> int:
-    """Rows of an evaluation batch of about a million pixels: 256 at 64 px, 113 at 96 px, 64 at 128 px.
+def rows_for(size: int, most: int = 256, device: str = "cpu") -> int:
+    """Rows of an evaluation batch at ``size`` px: a fixed pixel budget, at least 16 rows and at most ``most``.
 
-    A batch's activations grow with S squared, so a fixed pixel budget bounds a trial's peak memory
-    without slowing evaluation (docs/performance.md has the measurements). Augmentation keeps its 256
-    rows a task: its intermediates are a few inputs' worth, and the map's batch size shapes the local
+    On a GPU about a million pixels (256 rows at 64 px, 64 at 128 px); on CPU an eighth of that (32 rows at
+    64 px), which predicts faster with one thread because a batch's activations stay in cache
+    (bench/eval_batch.py; docs/performance.md) and lowers a trial's peak memory. Augmentation keeps its
+    256 rows a task: its intermediates are a few inputs' worth, and the map's batch size shapes the local
     shuffle, so changing it would change every search's training order.
     """
-    return max(16, min(most, BATCH_PIXELS // (size * size)))
+    budget = BATCH_PIXELS if str(device).startswith("cuda") else CPU_BATCH_PIXELS
+    return max(16, min(most, budget // (size * size)))
 
 
 @dataclass

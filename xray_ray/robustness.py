@@ -44,7 +44,7 @@ SHIFTS: dict[str, str] = {
 
 # composites a search space may name in scheduler.metric, and their direction
 COMPOSITES = {"rob_auc_min": "max", "rob_auc_mean": "max", "rob_loss_mean": "min"}
-MAX_IMAGES = 192  # larger validation sets are scored on a fixed, stratified subset of this many (cost: docs/results.md)
+MAX_IMAGES = 128  # larger validation sets are scored on a fixed, stratified subset of this many (cost: docs/results.md)
 
 
 def _pil_each(images: np.ndarray, fn: Callable[[Image.Image], Image.Image]) -> np.ndarray:

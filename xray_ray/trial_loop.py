@@ -135,7 +135,7 @@ class EpochLoop:
         self.strengths = strengths_of(cfg.to_dict())
         self.repeats = d.get("repeats") if cfg.sampler == "balanced" else None
         self.shifted = d.get("shifted")
-        self.rows = rows_for(cfg.image_size)
+        self.rows = rows_for(cfg.image_size, device=device.type)
 
     def stream(self, epoch: int):
         """An epoch's augmented batches, started in the background."""
