@@ -48,14 +48,15 @@ def parser_of(description: str, *, ensemble: int, threshold_rule: str) -> argpar
         "--ensemble",
         type=int,
         default=ensemble,
-        help="ship a greedy ensemble chosen in this many rounds among the best trials (1: the single "
-        "winner); works with --resume --export-only too",
+        help="ship a greedy ensemble chosen in this many rounds among the best trials (default %(default)s; "
+        "1: the single winner); works with --resume --export-only too",
     )
     p.add_argument(
         "--threshold-rule",
         choices=("clean", "shifted"),
         default=threshold_rule,
-        help="meet the target sensitivity on clean validation, or on clean and shifted validation pooled",
+        help="meet the target sensitivity on clean validation, or on clean and shifted validation pooled "
+        "(default %(default)s)",
     )
     p.add_argument(
         "--tensorboard",
