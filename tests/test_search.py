@@ -13,7 +13,10 @@ import pytest
 import yaml
 
 from xray_ray import results as R
+from xray_ray.config import TrialConfig
+from xray_ray.models import build_model
 from xray_ray.search import main
+from xray_ray.trial import decode_config, model_sizes
 
 # The end-to-end searches are marked slow one by one; the pure unit tests run in `make test-fast` too.
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +124,19 @@ def test_run_json_and_best_folder(tiny_run):
     for f in ("config.json", "weights.safetensors", "model.onnx", "model.pt", "model.json", "report.html"):
         assert (best / f).is_file(), f
     trials = pd.read_parquet(tiny_run / "trials.parquet")
-    assert json.loads((best / "config.json").read_text())["trial_id"] == trials.iloc[0]["trial_id"]
+    # by default the search ships a greedy ensemble of up to three picks over its best trials
+    assert run["export"]["ensemble"] == 3
+    config = json.loads((best / "config.json").read_text())
+    card = json.loads((best / "model.json").read_text())
+    picked = card["ensemble"]["picked"]
+    assert sum(picked.values()) <= 3 and trials.iloc[0]["trial_id"] in picked  # the greedy starts from the winner
+    if config.get("kind") == "ensemble":
+        params = _trial_params(tiny_run)
+        assert {m["trial_id"] for m in config["members"]} == set(picked) and len(picked) > 1
+        for m in config["members"]:  # each member's training settings, for stability to retrain it
+            assert TrialConfig.from_dict(m["trial_config"]) == params[m["trial_id"]]
+    else:
+        assert config["trial_id"] == trials.iloc[0]["trial_id"] and list(picked) == [config["trial_id"]]
 
 
 @pytest.mark.slow
@@ -136,6 +151,15 @@ def test_a_second_search_into_the_same_folder_is_refused(tiny_run, capsys):
 
 def _trial_dirs(run_dir):
     return [p for p in (run_dir / "tune").glob("trainable_*") if p.is_dir()]
+
+
+def _trial_params(run_dir) -> dict:
+    """trial id -> TrialConfig, from Tune's own params.json and result.json of each trial."""
+    out = {}
+    for d in _trial_dirs(run_dir):
+        tid = json.loads((d / "result.json").read_text().splitlines()[0])["trial_id"]
+        out[tid] = TrialConfig.from_dict(decode_config(json.loads((d / "params.json").read_text())))
+    return out
 
 
 def _reported_epochs(trial_dir):
@@ -195,8 +219,32 @@ def test_resume_after_the_driver_is_killed(tmp_path):
             assert len(rows) == 3 and max(r["timestamp"] for r in rows) <= killed_at
 
 
+def _as_winner(run, tiny_run, kind: str) -> dict:
+    """Write run/best/config.json as the best trial alone or as an even ensemble of the best two (the card
+    stays the exported model's: stability reads its splits' fingerprints, threshold rule and metrics)."""
+    trials = pd.read_parquet(tiny_run / "trials.parquet").dropna(subset=["best_metric"])
+    params = _trial_params(tiny_run)
+    top = list(trials["trial_id"].iloc[: 1 if kind == "single" else 2])
+    if kind == "single":
+        config = {**params[top[0]].to_dict(), "trial_id": top[0], "best_epoch": int(trials.iloc[0]["best_epoch"])}
+    else:
+        members = [
+            {
+                "trial_id": t,
+                "weight": 0.5,
+                "config": build_model(**model_sizes(params[t])).config.to_dict(),
+                "trial_config": params[t].to_dict(),
+            }
+            for t in top
+        ]
+        config = {"kind": "ensemble", "image_size": 32, "in_channels": 1, "members": members}
+    (run / "best" / "config.json").write_text(json.dumps(config))
+    return {"config": config, "members": [params[t] for t in top]}
+
+
 @pytest.mark.slow
-def test_stability_retrains_the_winner_with_other_seeds_on_the_same_splits(tiny_run, tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["single", "ensemble"])
+def test_stability_retrains_the_winner_with_other_seeds_on_the_same_splits(tiny_run, tmp_path, capsys, kind):
     import shutil
 
     from safetensors.numpy import load_file
@@ -206,34 +254,54 @@ def test_stability_retrains_the_winner_with_other_seeds_on_the_same_splits(tiny_
     run = tmp_path / "tiny"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("tune"))
     card = json.loads((run / "best" / "model.json").read_text())
-    winner = json.loads((run / "best" / "config.json").read_text())
+    winner = _as_winner(run, tiny_run, kind)
+    seeds = ["5", "6"] if kind == "single" else ["5"]  # an ensemble's replica trains each member: one seed will do
     assert (
-        stability.main(["--run", str(run), "--seeds", "5", "6", "--cache", str(tmp_path / "cache"), "--n-boot", "20"])
+        stability.main(["--run", str(run), "--seeds", *seeds, "--cache", str(tmp_path / "cache"), "--n-boot", "20"])
         == 0
     )
     table = pd.read_parquet(run / "stability.parquet")
     summary = json.loads((run / "stability.json").read_text())
-    assert list(table["source"]) == ["search", "replica", "replica"] and list(table["seed"]) == [1, 5, 6]
+    assert list(table["source"]) == ["search"] + ["replica"] * len(seeds)
+    assert list(table["seed"]) == [1, *map(int, seeds)]
     search = table.iloc[0]
     assert search["test_accuracy"] == pytest.approx(card["metrics"]["test"]["at_threshold"]["accuracy"])
     replicas = table.iloc[1:]
-    assert (replicas["epochs_run"] == winner["epochs"]).all()  # FIFO: every replica trains all its epochs
-    assert summary["spread_points"]["test_accuracy"] == pytest.approx(
-        100 * (replicas["test_accuracy"].max() - replicas["test_accuracy"].min())
-    )
-    assert summary["config"] == {**{k: v for k, v in winner.items() if k not in ("trial_id", "best_epoch")}}
-    # two seeds, two different networks: their best weights differ
+    # FIFO: every member of every replica trains all its epochs
+    assert (replicas["epochs_run"] == max(c.epochs for c in winner["members"])).all()
+    if len(seeds) > 1:
+        assert summary["spread_points"]["test_accuracy"] == pytest.approx(
+            100 * (replicas["test_accuracy"].max() - replicas["test_accuracy"].min())
+        )
+    expected = {k: v for k, v in winner["config"].items() if k not in ("trial_id", "best_epoch")}
+    assert summary["config"] == (expected if kind == "single" else winner["config"])
+    # a replica is each member under one seed: its trial ids name every member
+    assert all(len(t.split(",")) == len(winner["members"]) for t in replicas["trial_id"])
+    # other seeds or other members, other networks: their best weights differ
     weights = sorted((run / "stability" / "tune").glob("*/checkpoint_*/best.safetensors"))
     by_trial = {}
     for w in weights:
         by_trial[w.parent.parent.name] = w
-    assert len(by_trial) == 2
+    assert len(by_trial) == len(seeds) * len(winner["members"]) == 2
     a, b = (load_file(str(w)) for w in by_trial.values())
-    assert any(not (a[k] == b[k]).all() for k in a)
-    assert "spread over the 2 replicas" in capsys.readouterr().out
+    assert any(a[k].shape != b[k].shape or not (a[k] == b[k]).all() for k in a if k in b) or a.keys() != b.keys()
+    assert f"spread over the {len(seeds)} replicas" in capsys.readouterr().out
     # asking for other seeds over an unfinished or finished set is refused, in one sentence
     assert stability.main(["--run", str(run), "--seeds", "7", "--cache", str(tmp_path / "cache")]) == 2
     assert "delete that folder" in capsys.readouterr().err
+
+
+def test_stability_refuses_an_ensemble_that_does_not_record_its_members_training(tmp_path, capsys):
+    from xray_ray import stability
+
+    (tmp_path / "best").mkdir()
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "best" / "model.json").write_text("{}")
+    member = {"trial_id": "a", "weight": 1.0, "config": {"image_size": 32}}
+    (tmp_path / "best" / "config.json").write_text(json.dumps({"kind": "ensemble", "members": [member]}))
+    assert stability.main(["--run", str(tmp_path), "--seeds", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume --export-only" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_stability_refuses_a_folder_without_an_exported_run(tmp_path, capsys):

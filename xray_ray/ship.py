@@ -246,9 +246,9 @@ def winner_model(
     config = {**cfg.to_dict(), "trial_id": winner["trial_id"], "best_epoch": int(winner["best_epoch"])}
     if ensemble <= 1 or len(ranked) < 2:
         return model, config, facts, None
-    members = {winner["trial_id"]: model}
+    members, settings = {winner["trial_id"]: model}, {winner["trial_id"]: cfg}
     for tid in ranked["trial_id"].iloc[1:ENSEMBLE_CANDIDATES]:
-        members[tid] = trial_model(by_id[tid])[1]
+        settings[tid], members[tid] = trial_model(by_id[tid])
     val = {s: (p.splits["val"].images, p.splits["val"].labels) for s, p in prepared.items()}
     chosen, info = select(members, val, batteries, space.metric, space.mode, ensemble)
     print(
@@ -258,7 +258,10 @@ def winner_model(
     )
     if chosen is model:
         return model, config, facts, info
-    return chosen, chosen.config.to_dict(), {**facts, "trial_id": "ensemble"}, info
+    config = chosen.config.to_dict()
+    for m in config["members"]:  # each member's training settings too, so that stability can retrain it
+        m["trial_config"] = settings[m["trial_id"]].to_dict()
+    return chosen, config, {**facts, "trial_id": "ensemble"}, info
 
 
 def export_best(

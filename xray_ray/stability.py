@@ -4,7 +4,8 @@
 
 The splits stay the run's own (its data, seed and fractions; checked against the model card's fingerprints);
 only the trial seed changes, which sets the initial weights, the batch order and every augmentation draw.
-Each replica is trained by the search's own trainable in a Tune run (FIFO, no early stopping: every replica
+When best/ holds an ensemble, a replica is every member retrained under one seed, combined with the
+exported weights. Each replica is trained by the search's own trainable in a Tune run (FIFO, no early stopping: every replica
 gets the winner's full epochs) kept under <run>/stability/, so an interrupted call picks up where it stopped.
 Each replica's best epoch on the search's metric is kept, as the search keeps it; its threshold is chosen on
 val by the model card's rule, and only then is test scored, once. Writes <run>/stability.parquet (one row a
@@ -76,21 +77,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     run_info, best_cfg, card = _read_run(run_dir)
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise UserError(f"--seeds must be distinct non-negative integers, got {args.seeds}.")
-    cfg = TrialConfig.from_dict({k: v for k, v in best_cfg.items() if k in TrialConfig.field_names()})
-    if cfg.seed in args.seeds:
-        raise UserError(f"seed {cfg.seed} is the search's own (its winner is already scored); choose other --seeds.")
+    members = winner_members(best_cfg)
+    taken = sorted({c.seed for _, _, c in members} & set(args.seeds))
+    if taken:
+        raise UserError(f"seed {taken[0]} is the search's own (its winner is already scored); choose other --seeds.")
+    what = f"trial {members[0][0]}" if len(members) == 1 else f"the ensemble of {', '.join(t for t, _, _ in members)}"
     print(
-        f"[xray_ray] stability of trial {best_cfg.get('trial_id')} in {run_dir}: seeds {args.seeds}, "
-        f"{cfg.epochs} epochs each",
+        f"[xray_ray] stability of {what} in {run_dir}: seeds {args.seeds}, "
+        f"{' + '.join(str(c.epochs) for _, _, c in members)} epochs each",
         flush=True,
     )
-    prepared = _the_runs_splits(args, run_info, card, cfg)
-    rows = _replicas(args, run_dir, run_info, best_cfg, card, cfg, prepared)
-    return _write_summary(args, run_dir, best_cfg, cfg, rows, t0)
+    prepared = _the_runs_splits(args, run_info, card, members)
+    rows = _replicas(args, run_dir, run_info, best_cfg, card, members, prepared)
+    return _write_summary(args, run_dir, best_cfg, members, rows, t0)
 
 
-def _the_runs_splits(args: argparse.Namespace, run_info: dict, card: dict, cfg: TrialConfig):
-    """The winner's image size prepared from the run's own data and splits (UserError when they changed)."""
+def winner_members(best_cfg: dict) -> list[tuple[str, float, TrialConfig]]:
+    """(trial id, weight, training settings) of each model that best/ combines: one for a single winner."""
+    if best_cfg.get("kind") != "ensemble":
+        cfg = TrialConfig.from_dict({k: v for k, v in best_cfg.items() if k in TrialConfig.field_names()})
+        return [(str(best_cfg.get("trial_id")), 1.0, cfg)]
+    out = []
+    for m in best_cfg.get("members") or []:
+        if not isinstance(m.get("trial_config"), dict):
+            raise UserError(
+                "this ensemble's best/config.json does not record its members' training settings (it was exported "
+                "by an older xray_ray); export it again with --resume --export-only, then run stability."
+            )
+        out.append((str(m["trial_id"]), float(m["weight"]), TrialConfig.from_dict(m["trial_config"])))
+    if not out:
+        raise UserError("best/config.json names an ensemble without members; export the run again.")
+    return out
+
+
+def _the_runs_splits(args: argparse.Namespace, run_info: dict, card: dict, members: list) -> dict:
+    """Each member's image size prepared from the run's own data and splits (UserError when they changed);
+    the card's fingerprints are checked at the model's input size."""
     from xray_ray.evaluate import fingerprint
     from xray_ray.pipeline import prepare
     from xray_ray.sources import load_source
@@ -99,8 +121,8 @@ def _the_runs_splits(args: argparse.Namespace, run_info: dict, card: dict, cfg: 
     spec, seed = run_info["data"]["spec"], int(run_info["seed"])
     manifest = load_source(spec, seed=seed)
     df, _ = assign_splits(manifest.df, seed=seed, **run_info["space"]["data"])
-    prepared = prepare(df, cfg.image_size, args.cache)
-    splits = prepared.splits
+    prepared = {size: prepare(df, size, args.cache) for size in sorted({c.image_size for _, _, c in members})}
+    splits = prepared[max(prepared)].splits
     expected = (card.get("data") or {}).get("fingerprints") or {}
     for name, fp in expected.items():
         if name in splits and fingerprint(splits[name].uids, splits[name].images) != fp:
@@ -112,18 +134,18 @@ def _the_runs_splits(args: argparse.Namespace, run_info: dict, card: dict, cfg: 
 
 
 def _replicas(
-    args: argparse.Namespace, run_dir: str, run_info: dict, best_cfg: dict, card: dict, cfg: TrialConfig, prepared
+    args: argparse.Namespace, run_dir: str, run_info: dict, best_cfg: dict, card: dict, members: list, prepared: dict
 ) -> list[dict[str, Any]]:
     """Train the replicas on a Ray of their own (or resume them) and score each; the search's winner first."""
     import ray
 
     init_ray(RayOptions(address=args.address, num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial))
     try:
-        grid = _train_replicas(args, run_dir, run_info, best_cfg, cfg, prepared)
+        grid = _train_replicas(args, run_dir, run_info, best_cfg, members, prepared)
         rows = [
             _row(
                 "search",
-                cfg.seed,
+                members[0][2].seed,
                 card["metrics"],
                 card["threshold"]["value"],
                 trial_id=card.get("trial_id"),
@@ -131,20 +153,21 @@ def _replicas(
                 best_metric=(card.get("trial") or {}).get("best_metric"),
             )
         ]
-        return rows + _score_replicas(args, grid, card, prepared.splits)
+        return rows + _score_replicas(args, grid, card, members, prepared[max(prepared)].splits)
     finally:
         ray.shutdown()
 
 
-def _train_replicas(args: argparse.Namespace, run_dir: str, run_info: dict, best_cfg: dict, cfg: TrialConfig, prepared):
-    """Tune's ResultGrid of the replicas: the winner's config under each seed, FIFO, every epoch."""
+def _train_replicas(args: argparse.Namespace, run_dir: str, run_info: dict, best_cfg: dict, members: list, prepared):
+    """Tune's ResultGrid of the replicas: each member's config under each seed, FIFO, every epoch."""
     import ray
     from ray import tune
 
     space = run_info["space"]
     metric, mode = space["scheduler"]["metric"], space["scheduler"]["mode"]
     cpus = ray.cluster_resources().get("CPU", 1)
-    concurrent = max(1, min(len(args.seeds), args.max_concurrent or int(cpus // args.cpus_per_trial) or 1))
+    runs = len(args.seeds) * len(members)
+    concurrent = max(1, min(runs, args.max_concurrent or int(cpus // args.cpus_per_trial) or 1))
     slot = data_slot()  # as search.run
     runtime = Runtime(
         cpus_per_trial=args.cpus_per_trial,
@@ -153,10 +176,10 @@ def _train_replicas(args: argparse.Namespace, run_dir: str, run_info: dict, best
         data_tasks=1,
         metric=metric,
         mode=mode,
-        pos_fraction=float(np.mean(prepared.splits["train"].labels)),
+        pos_fraction=float(np.mean(next(iter(prepared.values())).splits["train"].labels)),
         data_slot=slot,
     )
-    data = trial_data({cfg.image_size: prepared}, int(run_info["seed"]))
+    data = trial_data(prepared, int(run_info["seed"]))
     ray.data.DataContext.get_current().enable_progress_bars = False
     fn = trial_trainable(data, runtime, {"cpu": args.cpus_per_trial})
     tune_dir = R.join(run_dir, "stability", "tune")
@@ -170,8 +193,14 @@ def _train_replicas(args: argparse.Namespace, run_dir: str, run_info: dict, best
     R.write_json(request, request_loc)
     tuner = restored(tune_dir, fn)
     if tuner is None:
-        params = {k: encode_value(v) for k, v in cfg.to_dict().items()}
-        params["seed"] = tune.grid_search(list(args.seeds))
+        settings = [{k: encode_value(v) for k, v in c.to_dict().items()} for _, _, c in members]
+        params: dict[str, Any] = {
+            "member": tune.grid_search(list(range(len(members)))),
+            "seed": tune.grid_search(list(args.seeds)),
+        }
+        for key in settings[0]:
+            if key != "seed":
+                params[key] = tune.sample_from(lambda config, k=key: settings[config["member"]][k])
         tuner = tune.Tuner(
             fn,
             param_space=params,
@@ -181,46 +210,60 @@ def _train_replicas(args: argparse.Namespace, run_dir: str, run_info: dict, best
     return tuner.fit()
 
 
-def _score_replicas(args: argparse.Namespace, grid, card: dict, splits) -> list[dict[str, Any]]:
-    """Each replica's threshold (on validation, at the card's target sensitivity) and metrics on every split."""
+def _score_replicas(args: argparse.Namespace, grid, card: dict, members: list, splits) -> list[dict[str, Any]]:
+    """Each replica's threshold (on validation, at the card's target sensitivity) and metrics on every split;
+    for an ensemble, a replica is every member retrained under one seed, combined with the winner's weights."""
+    from xray_ray.ensemble import Ensemble
     from xray_ray.evaluate import summarize
     from xray_ray.winner import pick_threshold, split_probs
 
+    by_seed: dict[int, dict[int, tuple]] = {}
+    for res, rcfg, model in trained_models(grid, lambda c: f"replica with seed {c.get('seed')}"):
+        by_seed.setdefault(rcfg.seed, {})[int(res.config.get("member", 0))] = (res, model)
     rows = []
     target = float(card["threshold"].get("target_sensitivity", 0.95))
-    for res, rcfg, model in trained_models(grid, lambda c: f"replica with seed {c.get('seed')}"):
+    for seed, done in sorted(by_seed.items()):
+        results = [done[i][0] for i in range(len(members))]
+        if len(members) == 1:
+            model = done[0][1]
+        else:
+            model = Ensemble(
+                [done[i][1] for i in range(len(members))],
+                [w for _, w, _ in members],
+                [r.metrics.get("trial_id") for r in results],
+            ).eval()
         preds = {s: split_probs(model, splits[s]) for s in SPLITS if s in splits and len(splits[s])}
         threshold, _ = pick_threshold(*preds["val"], target)
         metrics = {
             s: summarize(y, p, threshold, groups=splits[s].patients, n_boot=args.n_boot) for s, (y, p) in preds.items()
         }
-        hist = res.metrics_dataframe
+        hists = [r.metrics_dataframe for r in results]
         rows.append(
             _row(
                 "replica",
-                rcfg.seed,
+                seed,
                 metrics,
                 threshold,
-                trial_id=res.metrics.get("trial_id"),
-                best_epoch=int(res.metrics["best_epoch"]),
-                best_metric=float(res.metrics["best_metric"]),
-                epochs_run=int(hist["epoch"].max()),
-                wall_seconds=float(hist["seconds"].sum()),
+                trial_id=",".join(str(r.metrics.get("trial_id")) for r in results),
+                best_epoch=int(results[0].metrics["best_epoch"]),
+                best_metric=float(results[0].metrics["best_metric"]),
+                epochs_run=int(max(h["epoch"].max() for h in hists)),
+                wall_seconds=float(sum(h["seconds"].sum() for h in hists)),
             )
         )
     return rows
 
 
 def _write_summary(
-    args: argparse.Namespace, run_dir: str, best_cfg: dict, cfg: TrialConfig, rows: list[dict[str, Any]], t0: float
+    args: argparse.Namespace, run_dir: str, best_cfg: dict, members: list, rows: list[dict[str, Any]], t0: float
 ) -> dict[str, Any]:
     """stability.parquet (one row per replica and the search's winner) and stability.json (the spreads)."""
     table = pd.DataFrame(rows).sort_values(["source", "seed"], ascending=[False, True], ignore_index=True)
     replicas = table[table["source"] == "replica"]
     summary: dict[str, Any] = {
         "run": run_dir,
-        "trial_id": best_cfg.get("trial_id"),
-        "config": cfg.to_dict(),
+        "trial_id": best_cfg.get("trial_id", "ensemble"),
+        "config": members[0][2].to_dict() if len(members) == 1 else best_cfg,
         "seeds": list(args.seeds),
         "command": R.command_line(),
         "target_spread_points": TARGET_SPREAD_POINTS,
