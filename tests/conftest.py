@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from xray_ray.images import resize_gray
@@ -49,6 +51,40 @@ KAGGLE_FILES = {
     ("test", "NORMAL"): ["IM-0200-0001.jpeg", "IM-0201-0001.jpeg", "IM-0202-0001.jpeg"],
     ("test", "PNEUMONIA"): ["person200_bacteria_200.jpeg", "person201_bacteria_201.jpeg", "person202_virus_202.jpeg"],
 }
+
+
+# the smallest search the end-to-end tests run: one 4-channel conv block at 32 px, two trials, FIFO
+TINY_SPACE = {
+    "name": "tiny",
+    "space": {
+        "image_size": 32,
+        "epochs": 3,
+        "blocks": 1,
+        "double_conv": False,
+        "width": 4,
+        "head": "gap",
+        "fc": [8],
+        "lr": 1.0e-3,
+        "batch_size": 64,
+        "zoom": {"type": "float", "low": 0.0, "high": 0.2},
+    },
+    "searcher": {"algorithm": "random", "num_samples": 2, "max_concurrent": 2, "seed": 0},
+    "scheduler": {"algorithm": "fifo"},
+    "data": {"val_fraction": 0.2, "test_fraction": 0.2},
+}
+
+
+def tiny_space_file(tmp: Path, *, name: str = "tiny", space: dict | None = None, **sections: dict) -> Path:
+    """TINY_SPACE named `name`, with `space` entries and whole sections (searcher=..., scheduler=...) changed,
+    written to tmp/<name>.yaml."""
+    doc = json.loads(json.dumps(TINY_SPACE))
+    doc["name"] = name
+    doc["space"].update(space or {})
+    for key, value in sections.items():
+        doc[key] = dict(value) if key not in doc else {**doc[key], **value}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
 
 
 def write_kaggle_tree(

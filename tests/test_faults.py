@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from PIL import Image
 
-from conftest import png_with_size, write_kaggle_tree
+from conftest import png_with_size, tiny_space_file, write_kaggle_tree
 from xray_ray import results as R
 from xray_ray.faults import FAULT_ENV, SWITCH_ENV
 from xray_ray.phantoms import render
@@ -36,36 +35,10 @@ from xray_ray.search import main
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "xray_ray"
 
-TINY = {
-    "name": "faults",
-    "space": {
-        "image_size": 32,
-        "epochs": 3,
-        "blocks": 1,
-        "double_conv": False,
-        "width": 4,
-        "head": "gap",
-        "fc": [8],
-        "lr": 1.0e-3,
-        "batch_size": 64,
-        "zoom": {"type": "float", "low": 0.0, "high": 0.2},
-    },
-    "searcher": {"algorithm": "random", "num_samples": 2, "max_concurrent": 2, "seed": 0},
-    "scheduler": {"algorithm": "fifo"},
-    "data": {"val_fraction": 0.2, "test_fraction": 0.2},
-}
-
 
 def space_file(tmp: Path, *, name: str = "faults", space: dict | None = None, **sections) -> Path:
-    """TINY with `space` entries and whole sections (searcher=..., scheduler=...) changed."""
-    doc = json.loads(json.dumps(TINY))
-    doc["name"] = name
-    doc["space"].update(space or {})
-    for key, value in sections.items():
-        doc[key].update(value)
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    """The shared tiny space (conftest.TINY_SPACE) with `space` entries and whole sections changed."""
+    return tiny_space_file(tmp, name=name, space=space, **sections)
 
 
 def search_args(tmp: Path, space: Path, *extra: str, data: str = "synthetic:200") -> list[str]:

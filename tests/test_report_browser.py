@@ -23,31 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from conftest import ROOT
+from conftest import ROOT, tiny_space_file
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 REFERENCE = ROOT / "results" / "reference" / "best"
 METRIC_ROWS = ("accuracy", "recall (sensitivity)", "specificity", "roc_auc", "brier")
 
-SMOKE_SPACE = {
-    "name": "browser",
-    "space": {
-        "image_size": 32,
-        "epochs": 2,
-        "blocks": 1,
-        "double_conv": False,
-        "width": 4,
-        "head": "gap",
-        "fc": [8],
-        "lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True},
-        "batch_size": 64,
-    },
-    "searcher": {"algorithm": "optuna", "num_samples": 2, "max_concurrent": 2, "seed": 0},
-    "scheduler": {"algorithm": "asha", "metric": "val_auc", "grace_period": 1, "reduction_factor": 2},
-    "data": {"val_fraction": 0.2, "test_fraction": 0.2},
-}
 
 TRAMPOLINE = (
     "import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); os.execv(sys.argv[3], sys.argv[3:])"
@@ -223,8 +205,13 @@ def browser(tmp_path_factory):
 def smoke_report(tmp_path_factory, browser) -> Path:
     """report.html exported by a tiny search on synthetic phantoms (2 trials of 2 epochs at 32 px)."""
     tmp = tmp_path_factory.mktemp("smoke")
-    space = tmp / "browser.yaml"
-    space.write_text(yaml.safe_dump(SMOKE_SPACE))
+    space = tiny_space_file(
+        tmp,
+        name="browser",
+        space={"epochs": 2, "lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}},
+        searcher={"algorithm": "optuna"},
+        scheduler={"algorithm": "asha", "metric": "val_auc", "grace_period": 1, "reduction_factor": 2},
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     res = subprocess.run(
         [

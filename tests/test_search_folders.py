@@ -15,38 +15,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import model_copy, one_error_line
+from conftest import model_copy, one_error_line, tiny_space_file
 from xray_ray import runtime, search, ship
 from xray_ray.common import json_safe
 from xray_ray.spaces import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
-SPACE = {
-    "name": "folders",
-    "space": {
-        "image_size": 32,
-        "epochs": 2,
-        "blocks": 1,
-        "double_conv": False,
-        "width": 4,
-        "head": "gap",
-        "fc": [8],
-        "lr": 1.0e-3,
-        "batch_size": 64,
-        "zoom": {"type": "float", "low": 0.0, "high": 0.2},
-    },
-    "searcher": {"algorithm": "random", "num_samples": 2, "max_concurrent": 2, "seed": 0},
-    "scheduler": {"algorithm": "fifo"},
-    "data": {"val_fraction": 0.2, "test_fraction": 0.2},
-}
 
 
 def space_file(tmp: Path, name: str = "folders") -> Path:
-    path = tmp / "space.yaml"
-    path.write_text(yaml.safe_dump({**SPACE, "name": name}))
-    return path
+    return tiny_space_file(tmp, name=name, space={"epochs": 2})
 
 
 def args(tmp: Path, *extra: str, data: str = "synthetic:100", name: str = "folders") -> list[str]:
