@@ -74,15 +74,17 @@ TINY_SPACE = {
 }
 
 
-def tiny_space_file(tmp: Path, *, name: str = "tiny", space: dict | None = None, **sections: dict) -> Path:
+def tiny_space_file(
+    tmp: Path, *, name: str = "tiny", space: dict | None = None, filename: str | None = None, **sections: dict
+) -> Path:
     """TINY_SPACE named `name`, with `space` entries and whole sections (searcher=..., scheduler=...) changed,
-    written to tmp/<name>.yaml."""
+    written to tmp/<filename> (default <name>.yaml)."""
     doc = json.loads(json.dumps(TINY_SPACE))
     doc["name"] = name
     doc["space"].update(space or {})
     for key, value in sections.items():
         doc[key] = dict(value) if key not in doc else {**doc[key], **value}
-    path = tmp / f"{name}.yaml"
+    path = tmp / (filename or f"{name}.yaml")
     path.write_text(yaml.safe_dump(doc))
     return path
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def space_file(tmp: Path, name: str = "folders") -> Path:
-    return tiny_space_file(tmp, name=name, space={"epochs": 2})
+    return tiny_space_file(tmp, name=name, space={"epochs": 2}, filename="space.yaml")
 
 
 def args(tmp: Path, *extra: str, data: str = "synthetic:100", name: str = "folders") -> list[str]:
