@@ -33,15 +33,15 @@ from xray_ray.common import atomic_file
 
 PREP_VERSION = 1  # bump when the decode/resize contract changes: old caches are then ignored
 BATCH_PIXELS = 256 * 64 * 64  # evaluation batches on a GPU: about a million pixels each
-CPU_BATCH_PIXELS = 32 * 64 * 64  # on CPU: a batch's activations stay in cache (bench/eval_batch.py)
+CPU_BATCH_PIXELS = 64 * 64 * 64  # on CPU: a batch's activations stay in cache (bench/eval_batch.py)
 
 
 def rows_for(size: int, most: int = 256, device: str = "cpu") -> int:
     """Rows of an evaluation batch at ``size`` px: a fixed pixel budget, at least 16 rows and at most ``most``.
 
-    On a GPU about a million pixels (256 rows at 64 px, 64 at 128 px); on CPU an eighth of that (32 rows at
-    64 px), which predicts faster with one thread because a batch's activations stay in cache
-    (bench/eval_batch.py; docs/performance.md) and lowers a trial's peak memory. Augmentation keeps its
+    On a GPU about a million pixels (256 rows at 64 px, 64 at 128 px); on CPU a quarter of that (64 rows at
+    64 px, 16 at 128 px), which predicts 1.5-1.6x faster with one thread because a batch's activations stay
+    in cache (bench/eval_batch.py; docs/performance.md) and lowers a trial's peak memory. Augmentation keeps its
     256 rows a task: its intermediates are a few inputs' worth, and the map's batch size shapes the local
     shuffle, so changing it would change every search's training order.
     """
