@@ -69,3 +69,19 @@ def test_summarize_ignores_undefined_aucs():
     s = summarize({"a": (0.9, 0.3), "b": (float("nan"), 0.5), "c": (0.7, 0.4)})
     assert s["rob_auc_min"] == pytest.approx(0.7) and s["rob_worst_shift"] == "c"
     assert s["rob_auc_mean"] == pytest.approx(0.8) and s["rob_loss_mean"] == pytest.approx(0.4)
+
+
+def test_progress_says_when_a_robustness_metric_was_not_scored_this_epoch(capsys):
+    from types import SimpleNamespace
+
+    from xray_ray.tuner import ProgressPrinter
+
+    progress = ProgressPrinter("rob_auc_min", "max", total=1)
+    trial = SimpleNamespace(trial_id="t1", status="RUNNING")
+    for epoch, value in ((1, float("nan")), (2, 0.91), (3, None)):
+        result = {"epoch": epoch, "epochs": 3, **({"rob_auc_min": value} if value is not None else {})}
+        progress.on_trial_result(epoch, [trial], trial, result)
+    lines = capsys.readouterr().out.splitlines()
+    assert "epoch 1/3 rob_auc_min=not scored this epoch" in lines[0] and "best rob_auc_min -" in lines[0]
+    assert "epoch 2/3 rob_auc_min=0.9100" in lines[1]
+    assert "rob_auc_min=not scored this epoch" in lines[2] and "best rob_auc_min 0.9100 (t1)" in lines[2]

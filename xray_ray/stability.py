@@ -5,8 +5,9 @@
 The splits stay the run's own (its data, seed and fractions; checked against the model card's fingerprints);
 only the trial seed changes, which sets the initial weights, the batch order and every augmentation draw.
 When best/ holds an ensemble, a replica is every member retrained under one seed, combined with the
-exported weights. Each replica is trained by the search's own trainable in a Tune run (FIFO, no early stopping: every replica
-gets the winner's full epochs) kept under <run>/stability/, so an interrupted call picks up where it stopped.
+exported weights. Each replica is trained by the search's own trainable in a Tune run (FIFO, no early
+stopping: every replica gets the winner's full epochs) kept under <run>/stability/, so an interrupted
+call picks up where it stopped.
 Each replica's best epoch on the search's metric is kept, as the search keeps it; its threshold is chosen on
 val by the model card's rule, and only then is test scored, once. Writes <run>/stability.parquet (one row a
 replica, plus the search's own winner as source "search") and <run>/stability.json (spreads in points).

@@ -111,9 +111,11 @@ class ProgressPrinter:
                     self.best = (v, trial.trial_id)
                 running = sum(t.status == "RUNNING" for t in trials)
                 best = f"{self.best[0]:.4f} ({self.best[1]})" if self.best else "-"
+                # a robustness metric is scored at ASHA's rungs and the last epoch only
+                value = f"{v:.4f}" if v is not None and math.isfinite(v) else "not scored this epoch"
                 print(
                     f"[xray_ray] trial {trial.trial_id} epoch {result.get('epoch')}/{result.get('epochs')} "
-                    f"{metric}={v:.4f} | running {running}, finished {self.done}/{total}, best {metric} {best}",
+                    f"{metric}={value} | running {running}, finished {self.done}/{total}, best {metric} {best}",
                     flush=True,
                 )
 
