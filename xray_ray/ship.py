@@ -199,7 +199,7 @@ def check_resumable(
         raise UserError(f"there is no run to resume in {run_dir}; start it without --resume.")
 
 
-ENSEMBLE_CANDIDATES = 8  # an ensemble is chosen among this many of the best trials (each loaded and scored)
+ENSEMBLE_CANDIDATES = 8  # an ensemble is chosen among this many of the best completed trials (each one is scored)
 
 
 def trial_model(result) -> tuple[TrialConfig, Any]:
@@ -246,8 +246,14 @@ def winner_model(
     config = {**cfg.to_dict(), "trial_id": winner["trial_id"], "best_epoch": int(winner["best_epoch"])}
     if ensemble <= 1 or len(ranked) < 2:
         return model, config, facts, None
+    # the other candidates: trials that trained all their epochs; ASHA stopped the rest for being worse on
+    # this very metric at a rung, and a noisy validation score must not bring such a model back in
+    others = ranked.iloc[1:]
+    others = others[others["status"] == "completed"]["trial_id"].iloc[: ENSEMBLE_CANDIDATES - 1]
+    if others.empty:
+        return model, config, facts, None
     members, settings = {winner["trial_id"]: model}, {winner["trial_id"]: cfg}
-    for tid in ranked["trial_id"].iloc[1:ENSEMBLE_CANDIDATES]:
+    for tid in others:
         settings[tid], members[tid] = trial_model(by_id[tid])
     val = {s: (p.splits["val"].images, p.splits["val"].labels) for s, p in prepared.items()}
     chosen, info = select(members, val, batteries, space.metric, space.mode, ensemble)
