@@ -18,9 +18,12 @@ demo: install
 	rm -rf results/demo
 	$(PY) -m xray_ray.search --data synthetic --space search_spaces/smoke.yaml --results results --name demo
 
-# unbuffered: if a test takes the process down, the log still shows how far the run got
+# two pytest workers, each file's tests on one worker (module fixtures run once): the end-to-end tests
+# wait on Ray and subprocesses much of the time, so two share the 2 cores well (three were slower);
+# unbuffered: if a test takes a worker down, the log still shows how far the run got
+PYTEST_WORKERS ?= -n 2 --dist loadfile
 test: install lint
-	PYTHONUNBUFFERED=1 $(PY) -m pytest -q
+	PYTHONUNBUFFERED=1 $(PY) -m pytest -q $(PYTEST_WORKERS)
 
 # the edit loop: everything but the end-to-end runs marked slow (under two minutes on 2 cores)
 test-fast: install

@@ -128,7 +128,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--export", action="store_true", help="also evaluate and export the winner (off: search only)")
     ap.add_argument("--cache", default=None, help="pixel cache folder (default: the package's)")
     ap.add_argument("--out", type=Path, default=OUT, help="folder for overhead_memory.json and its samples CSV")
-    ap.add_argument("--quick", action="store_true", help="smoke space cut to 2 epochs, 2 trials, 120 images (CI)")
+    ap.add_argument("--quick", action="store_true", help="smoke space, 2 epochs at 32 px, 2 trials, 120 images (CI)")
     return ap.parse_args()
 
 
@@ -137,8 +137,10 @@ def search_command(args: argparse.Namespace, tmp: Path) -> tuple[list[str], str]
     space, label = args.space, str(args.space)
     if args.quick:
         args.data, args.num_samples = "synthetic:120", 2
-        space = derived_space(ROOT / "search_spaces" / "smoke.yaml", tmp, "quick", {"space": {"epochs": 2}})
-        label = "search_spaces/smoke.yaml with 2 epochs"
+        space = derived_space(
+            ROOT / "search_spaces" / "smoke.yaml", tmp, "quick", {"space": {"epochs": 2, "image_size": 32}}
+        )
+        label = "search_spaces/smoke.yaml with 2 epochs at 32 px"
     elif args.image_size or args.epochs:
         changes = {k: v for k, v in (("image_size", args.image_size), ("epochs", args.epochs)) if v}
         space = derived_space(args.space, tmp, "bench", {"space": changes})
