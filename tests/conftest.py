@@ -304,23 +304,3 @@ def run_measured(*args: str, timeout: float = 120) -> tuple[subprocess.Completed
         )
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, kB on Linux
     return done, maxrss * scale
-
-
-# The files with the longest end-to-end runs (measured with --durations), collected first: `make test` hands
-# whole files to two pytest-xdist workers in collection order, so a long file left for last would keep one
-# worker busy alone at the end. The order of tests within a file is unchanged.
-LONGEST_FIRST = (
-    "test_search.py",
-    "test_faults.py",
-    "test_bench.py",
-    "test_cluster_run.py",
-    "test_report_browser.py",
-    "test_ablation.py",
-    "test_search_folders.py",
-    "test_pipeline.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: file order kept
