@@ -172,16 +172,17 @@ def _reported_epochs(trial_dir):
 
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed(tmp_path):
-    space = _space(tmp_path, searcher={"num_samples": 4, "max_concurrent": 1}, scheduler={"algorithm": "fifo"})
+    space = _space(tmp_path, searcher={"num_samples": 5, "max_concurrent": 1}, scheduler={"algorithm": "fifo"})
     doc = yaml.safe_load(space.read_text())
     doc["space"]["epochs"] = 3
+    doc["space"]["image_size"] = 48
     space.write_text(yaml.safe_dump(doc))
     args = [
         sys.executable,
         "-m",
         "xray_ray.search",
         "--data",
-        "synthetic:300",
+        "synthetic:600",
         "--space",
         str(space),
         "--results",
@@ -211,9 +212,9 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     trials = pd.read_parquet(run_dir / "trials.parquet")
     epochs = pd.read_parquet(run_dir / "epochs.parquet")
-    assert len(trials) == 4 and trials["trial_id"].is_unique
+    assert len(trials) == 5 and trials["trial_id"].is_unique
     assert (trials["status"] == "completed").all() and (trials["epochs_run"] == 3).all()
-    assert len(epochs) == 12 and not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert len(epochs) == 15 and not epochs.duplicated(["trial_id", "epoch"]).any()
     assert done_before, "no trial had finished before the kill"
     for d in _trial_dirs(run_dir):
         if d.name in done_before:  # finished trials were not re-run: no new results after the kill
