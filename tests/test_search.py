@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,17 +166,31 @@ def _trial_params(run_dir) -> dict:
     return out
 
 
-def _reported_epochs(trial_dir):
-    f = trial_dir / "result.json"
-    return len(f.read_text().splitlines()) if f.exists() else 0
+def _saved_state(tune_dir: Path) -> list[dict]:
+    """Each trial as Tune's last saved experiment state has it: status, folder, last reported iteration."""
+    states = sorted(tune_dir.glob("experiment_state-*.json"))
+    try:
+        doc = json.loads(states[-1].read_text()) if states else {"trial_data": []}
+    except ValueError:  # caught while Tune writes it
+        return []
+    out = []
+    for trial_json, meta_json in doc["trial_data"]:
+        trial, meta = json.loads(trial_json), json.loads(meta_json)
+        last = meta.get("last_result") or {}
+        out.append(
+            {"status": trial["status"], "dir": trial["relative_logdir"], "iteration": last.get("training_iteration", 0)}
+        )
+    return out
 
 
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed(tmp_path):
+    """kill -9 of the whole search, then --resume: finished trials are kept, the others complete; a trial whose
+    saved checkpoint is gone (Tune deletes the previous checkpoint before it saves the state that names the
+    next, so a kill can land between) trains again from its first epoch instead of erroring."""
     space = _space(tmp_path, searcher={"num_samples": 5, "max_concurrent": 1}, scheduler={"algorithm": "fifo"})
     doc = yaml.safe_load(space.read_text())
     doc["space"]["epochs"] = 3
-    doc["space"]["image_size"] = 48
     space.write_text(yaml.safe_dump(doc))
     args = [
         sys.executable,
@@ -192,34 +207,45 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         "--no-export",
     ]
     run_dir = tmp_path / "results" / "tiny"
+    # Tune saves its experiment state every second instead of every ten, so that the kill below can wait for
+    # a state that shows one trial finished and another half-way
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     proc = subprocess.Popen(
-        args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.time() + 240
     try:
-        # kill once the second trial has reported an epoch: one trial done, one half-way
-        while time.time() < deadline and sum(_reported_epochs(d) > 0 for d in _trial_dirs(run_dir)) < 2:
-            time.sleep(0.2)
-        assert time.time() < deadline, "the search never got going"
-        done_before = {d.name for d in _trial_dirs(run_dir) if _reported_epochs(d) == 3}
+        while time.time() < deadline:
+            state = _saved_state(run_dir / "tune")
+            done = [t["dir"] for t in state if t["status"] == "TERMINATED"]
+            half = [t["dir"] for t in state if t["status"] == "RUNNING" and 1 <= t["iteration"] < 3]
+            if done and half:
+                break
+            time.sleep(0.1)
+        assert time.time() < deadline, f"no saved state with a finished and a half-way trial: {state}"
         killed_at = time.time()
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     assert not (run_dir / "trials.parquet").exists()
+    for d in half:  # the checkpoint the state names is gone, as after the kill that lands in Tune's gap
+        for checkpoint in (run_dir / "tune" / d).glob("checkpoint_*"):
+            shutil.rmtree(checkpoint)
 
     out = subprocess.run(args + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "left 1 trial(s) naming a checkpoint that was already replaced" in out.stdout, out.stdout[-3000:]
     trials = pd.read_parquet(run_dir / "trials.parquet")
     epochs = pd.read_parquet(run_dir / "epochs.parquet")
     assert len(trials) == 5 and trials["trial_id"].is_unique
     assert (trials["status"] == "completed").all() and (trials["epochs_run"] == 3).all()
     assert len(epochs) == 15 and not epochs.duplicated(["trial_id", "epoch"]).any()
-    assert done_before, "no trial had finished before the kill"
     for d in _trial_dirs(run_dir):
-        if d.name in done_before:  # finished trials were not re-run: no new results after the kill
-            rows = [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+        rows = [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+        if d.name in done:  # finished trials were not re-run: no new results after the kill
             assert len(rows) == 3 and max(r["timestamp"] for r in rows) <= killed_at
+        if d.name in half:  # trained again from epoch 1 after the resume
+            assert [r["epoch"] for r in rows if r["timestamp"] > killed_at] == [1, 2, 3]
 
 
 def _as_winner(run, tiny_run, kind: str) -> dict:
@@ -248,7 +274,6 @@ def _as_winner(run, tiny_run, kind: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["single", "ensemble"])
 def test_stability_retrains_the_winner_with_other_seeds_on_the_same_splits(tiny_run, tmp_path, capsys, kind):
-    import shutil
 
     from safetensors.numpy import load_file
 

@@ -35,7 +35,7 @@ from xray_ray.search_args import FLAG_RULES, check_flags, options_of, parser_of 
 from xray_ray.search_data import MAX_LISTED_SKIPS, RunData, load_data, print_data_problems, trial_data  # noqa: F401
 from xray_ray.ship import RunFolder, check_run_name, export_best, open_run
 from xray_ray.trial import Runtime
-from xray_ray.tuner import TunerSettings, fit, restored, rungs, search_tuner, trial_trainable
+from xray_ray.tuner import CHECKPOINTS_KEPT, TunerSettings, fit, restored, rungs, search_tuner, trial_trainable
 
 # the defaults the generalisation ablation supports (docs/results.md, "The defaults and why"): three greedy
 # rounds over the best trials (a member joins only while it helps on validation); the card's threshold from
@@ -253,7 +253,7 @@ def search_on_ray(
     ray.data.DataContext.get_current().enable_progress_bars = False
     fn = trial_trainable(data, runtime, {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial})
     tune_dir = R.join(run_dir, "tune")
-    tuner = restored(tune_dir, fn) if opts.resume else None
+    tuner = restored(tune_dir, fn, checkpoints_kept=CHECKPOINTS_KEPT) if opts.resume else None
     if tuner is None:
         tuner = search_tuner(
             fn,

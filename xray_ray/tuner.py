@@ -6,13 +6,20 @@ Ray is imported inside the functions: a command refused before the search starts
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.fs as pafs
+
+from xray_ray import results as R
+from xray_ray.common import write_bytes_fs
 from xray_ray.config import SearchSpace
 from xray_ray.trial import Runtime, encode_value, trainable
 
@@ -168,14 +175,63 @@ def trial_trainable(data: dict[int, dict[str, Any]], runtime: Runtime, resources
     return tune.with_resources(tune.with_parameters(trainable, data=data, runtime=runtime), resources)
 
 
-def restored(tune_dir: str, fn: Callable):
-    """The Tuner of an interrupted experiment in `tune_dir`, continuing unfinished and errored trials; else None."""
+# checkpoints the search keeps per trial (Tune deletes older ones as soon as a newer one is registered)
+CHECKPOINTS_KEPT = 1
+
+
+def restored(tune_dir: str, fn: Callable, *, checkpoints_kept: int | None = None):
+    """The Tuner of an interrupted experiment in `tune_dir`, continuing unfinished and errored trials; else None.
+
+    `checkpoints_kept`: the experiment's CheckpointConfig.num_to_keep, when it has one (see forget_lost_checkpoints).
+    """
     from ray import tune
 
     if not tune.Tuner.can_restore(tune_dir):
         return None
     print(f"[xray_ray] resuming {tune_dir}", flush=True)
+    lost = forget_lost_checkpoints(tune_dir, checkpoints_kept) if checkpoints_kept else []
+    if lost:
+        print(
+            f"[xray_ray] the interruption left {len(lost)} trial(s) naming a checkpoint that was already replaced "
+            f"({', '.join(lost)}); they train again from their first epoch",
+            flush=True,
+        )
     return tune.Tuner.restore(tune_dir, trainable=fn, resume_unfinished=True, resume_errored=True)
+
+
+def forget_lost_checkpoints(tune_dir: str, checkpoints_kept: int) -> list[str]:
+    """Rewrite Tune's saved experiment state so that an unfinished trial whose checkpoint is gone starts again.
+
+    With num_to_keep set, Tune deletes a trial's older checkpoint as soon as a newer one is registered, but
+    writes its experiment state only every few seconds (and syncs it to remote storage less often). A kill in
+    between leaves a state that names a deleted checkpoint, and Tune would error that trial when it restores
+    it ("Could not recover from checkpoint"). Such a trial gets an empty checkpoint record instead, so Tune
+    trains it again from its first epoch; the tables keep the last row of each epoch. The state is read as
+    JSON and its pickled parts only searched for checkpoint names, never unpickled. Returns the changed ids.
+    """
+    from ray import tune
+    from ray.tune.experiment import Trial
+
+    fs, folder = R.resolve(tune_dir)
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(folder)) if i.type == pafs.FileType.File]
+    states = fnmatch.filter(names, "experiment_state-*.json")
+    if not states:
+        return []
+    location = R.join(tune_dir, max(states))  # the one Tune restores from
+    doc, lost = R.read_json(location), []
+    empty = Trial("trainable", stub=True, checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints_kept))
+    fresh = json.loads(empty.run_metadata.get_json_state())["checkpoint_manager"]
+    for pair in doc.get("trial_data", []):
+        trial, meta = json.loads(pair[0]), json.loads(pair[1])
+        named = re.findall(rb"checkpoint_\d{6}", bytes.fromhex((meta.get("checkpoint_manager") or {}).get("value", "")))
+        gone = [n for n in named if not R.exists(R.join(tune_dir, trial["relative_logdir"], n.decode()))]
+        if trial["status"] != "TERMINATED" and gone:
+            meta["checkpoint_manager"] = fresh
+            pair[1] = json.dumps(meta, indent=2)
+            lost.append(trial["trial_id"])
+    if lost:
+        write_bytes_fs(fs, R.resolve(location)[1], json.dumps(doc, indent=2).encode())
+    return lost
 
 
 @dataclass(frozen=True)
@@ -218,7 +274,7 @@ def search_tuner(fn: Callable, space: SearchSpace, settings: TunerSettings):
                 ProgressPrinter(space.metric, space.mode, space.num_samples),
                 *result_loggers(settings.tensorboard),
             ],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
         ),
     )
