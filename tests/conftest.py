@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from browser import BROWSERS, Chromium, find_browser
 from PIL import Image
 
 from xray_ray.images import resize_gray
@@ -304,3 +305,23 @@ def run_measured(*args: str, timeout: float = 120) -> tuple[subprocess.Completed
         )
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, kB on Linux
     return done, maxrss * scale
+
+
+# ---------------------------------------------------------------- a real browser
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """A headless Chromium with one page (tests/browser.py); skipped without one, except under CI."""
+    binary = find_browser()
+    if binary is None:
+        message = (
+            f"no headless browser found ({', '.join(BROWSERS)} or $XRAY_RAY_CHROMIUM); "
+            "install Debian's chromium package (`apt-get install chromium`)"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    chromium = Chromium(binary, tmp_path_factory.mktemp("chromium-profile"))
+    yield chromium
+    chromium.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from browser import check_report
 
 from xray_ray import results as R
 from xray_ray.config import TrialConfig
@@ -141,6 +142,14 @@ def test_run_json_and_best_folder(tiny_run):
             assert TrialConfig.from_dict(m["trial_config"]) == params[m["trial_id"]]
     else:
         assert config["trial_id"] == trials.iloc[0]["trial_id"] and list(picked) == [config["trial_id"]]
+
+
+@pytest.mark.slow
+def test_the_exported_report_renders_in_a_browser(tiny_run, browser):
+    """report.html as a person sees it (headless Chromium): no console error, every picture decoded, the
+    metric tables and the card's threshold shown; the saliency maps too, since the search scored a test split."""
+    facts = check_report(browser, tiny_run / "best" / "report.html")
+    assert len(facts["images"]) == 7 and "saliency.png" in {img["alt"] for img in facts["images"]}
 
 
 @pytest.mark.slow
