@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -219,39 +218,16 @@ def test_file_uris_count_as_node_local():
     assert R.node_local("results") and R.node_local("/mnt/nfs/results") and R.node_local("file:///tmp/r")
     assert R.node_local("FILE:///tmp/r")
     assert not R.node_local("s3://bucket/results") and not R.node_local("gs://bucket/results")
+    from xray_ray.search import node_local_refusal
+
+    assert "is a node-local path" in node_local_refusal("file:///tmp/r", 2, False)
+    assert node_local_refusal("file:///tmp/r", 2, True) is None  # the user says it is a shared mount
+    assert node_local_refusal("results", 1, False) is None and node_local_refusal("s3://b/r", 3, False) is None
 
 
 @pytest.mark.slow
-def test_search_spreads_trials_and_data_over_both_nodes(cluster, space_file):
-    results = cluster.tmp / "shared-results"  # both nodes are this machine: the folder is shared for real
-    proc = _search(
-        cluster,
-        "--data",
-        "synthetic:300",
-        "--space",
-        str(space_file),
-        "--results",
-        f"file://{results}",
-        "--allow-local-results",
-        *PLACEMENT,
-        "--no-export",
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    run = results / "cluster"
-    trials = pd.read_parquet(run / "trials.parquet")
-    epochs = pd.read_parquet(run / "epochs.parquet")
-    both = {cluster.head_id, cluster.worker_id}
-    assert len(trials) == 4 and (trials["status"] == "completed").all(), trials
-    assert set(trials["node_id"]) == both, trials[["trial_id", "node_id"]]
-    data_nodes = {n for cell in trials["data_nodes"] for n in cell.split(",")}
-    assert data_nodes == both, trials[["trial_id", "node_id", "data_nodes"]]
-    assert set(epochs["node_id"]) == both and len(epochs) == 8
-    info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "finished" and info["resources"]["address"] == cluster.address
-
-
-@pytest.mark.slow
-def test_search_reads_and_writes_s3(cluster, space_file):
+def test_a_search_on_both_nodes_reads_and_writes_s3(cluster, space_file):
+    """Images read from S3, results and checkpoints written there, trials and augmentation on both nodes."""
     s3 = _boto3_client(cluster.s3_endpoint)
     s3.create_bucket(Bucket=BUCKET)
     tree = write_kaggle_tree(cluster.tmp / "kaggle" / "chest_xray")
@@ -282,8 +258,12 @@ def test_search_reads_and_writes_s3(cluster, space_file):
     epochs = pq.read_table(f"{run}/epochs.parquet", filesystem=fs).to_pandas()
     with fs.open_input_stream(f"{run}/run.json") as f:
         info = json.loads(f.read())
+    both = {cluster.head_id, cluster.worker_id}
     assert len(trials) == 4 and (trials["status"] == "completed").all() and len(epochs) == 8
-    assert set(trials["node_id"]) == {cluster.head_id, cluster.worker_id}  # both nodes wrote checkpoints
+    assert set(trials["node_id"]) == both, trials[["trial_id", "node_id"]]  # both nodes wrote checkpoints
+    data_nodes = {n for cell in trials["data_nodes"] for n in cell.split(",")}
+    assert data_nodes == both, trials[["trial_id", "node_id", "data_nodes"]]  # and ran augmentation tasks
+    assert set(epochs["node_id"]) == both and info["resources"]["address"] == cluster.address
     assert info["status"] == "finished" and info["data"]["spec"] == f"s3://{BUCKET}/chest_xray"
     assert info["data"]["source"]["images"] == sum(1 for p in tree.rglob("*") if p.is_file())
     assert info["best"]["trial_id"] in set(trials["trial_id"])

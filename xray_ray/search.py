@@ -201,13 +201,20 @@ def check_results_shared(opts: SearchOptions) -> None:
     """Refuse a node-local results path on a multi-node cluster (unless --allow-local-results)."""
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and R.node_local(opts.results) and not opts.allow_local_results:
-        raise UserError(
-            f"this cluster has {len(nodes)} nodes but --results {opts.results} is a node-local "
+    problem = node_local_refusal(opts.results, sum(1 for n in ray.nodes() if n.get("Alive")), opts.allow_local_results)
+    if problem:
+        raise UserError(problem)
+
+
+def node_local_refusal(results: str, nodes: int, allow_local: bool) -> str | None:
+    """Why `results` cannot hold a run on a cluster of `nodes` live nodes (one sentence); None when it can."""
+    if nodes > 1 and R.node_local(results) and not allow_local:
+        return (
+            f"this cluster has {nodes} nodes but --results {results} is a node-local "
             f"path; use shared storage such as s3://bucket/path (or --allow-local-results for an "
             f"NFS mount present on every node)."
         )
+    return None
 
 
 # the options a trial's Runtime takes as they are
