@@ -69,7 +69,7 @@ TINY_SPACE = {
         "batch_size": 64,
         "zoom": {"type": "float", "low": 0.0, "high": 0.2},
     },
-    "searcher": {"algorithm": "random", "num_samples": 2, "max_concurrent": 2, "seed": 0},
+    "searcher": {"algorithm": "random", "num_samples": 2, "max_concurrent": 1, "seed": 0},
     "scheduler": {"algorithm": "fifo"},
     "data": {"val_fraction": 0.2, "test_fraction": 0.2},
 }
