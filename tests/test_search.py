@@ -37,7 +37,7 @@ TINY_SPACE = {
         "batch_size": 64,
         "zoom": {"type": "float", "low": 0.0, "high": 0.3},
     },
-    "searcher": {"algorithm": "optuna", "num_samples": 6, "max_concurrent": 2, "seed": 0},
+    "searcher": {"algorithm": "optuna", "num_samples": 6, "max_concurrent": 1, "seed": 0},
     "scheduler": {"algorithm": "asha", "metric": "val_auc", "grace_period": 1, "reduction_factor": 2},
     "data": {"val_fraction": 0.2, "test_fraction": 0.2},
 }

@@ -218,7 +218,10 @@ def forget_lost_checkpoints(tune_dir: str, checkpoints_kept: int) -> list[str]:
     if not states:
         return []
     location = R.join(tune_dir, max(states))  # the one Tune restores from
-    doc, lost = R.read_json(location), []
+    try:
+        doc, lost = R.read_json(location), []
+    except ValueError:  # not whole: Tune's own restore says so
+        return []
     empty = Trial("trainable", stub=True, checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints_kept))
     fresh = json.loads(empty.run_metadata.get_json_state())["checkpoint_manager"]
     for pair in doc.get("trial_data", []):
