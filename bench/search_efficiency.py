@@ -125,11 +125,14 @@ def parse_args() -> tuple[argparse.Namespace, dict]:
     ap.add_argument("--cache", default=None, help="pixel cache folder (default: the package's)")
     ap.add_argument("--results", type=Path, default=None, help="keep both runs here (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=OUT, help="folder for search_efficiency.{json,csv,png}")
-    ap.add_argument("--quick", action="store_true", help="smoke space, 2-3 epochs at 32 px, 2 trials, 120 images (CI)")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke space, 2-3 epochs at 32 px, 2 trials one at a time, 120 images (CI)"
+    )
     args = ap.parse_args()
     overrides = {}
     if args.quick:
         args.space, args.num_samples, args.data = ROOT / "search_spaces" / "smoke.yaml", 2, "synthetic:120"
+        args.max_concurrent = 1
         overrides = {"epochs": {"type": "int", "low": 2, "high": 3}, "image_size": 32}
     return args, overrides
 

@@ -180,10 +180,10 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="also run the Tune trial without starting each next epoch's stream early (row c)",
     )
-    ap.add_argument("--quick", action="store_true", help="tiny model, 120 synthetic images, 2 epochs (CI)")
+    ap.add_argument("--quick", action="store_true", help="tiny model, 120 synthetic images, 2 epochs, 64 px (CI)")
     args = ap.parse_args()
     if args.quick:
-        args.data, args.preset, args.epochs, args.limit = "synthetic:120", "tiny", 2, 0
+        args.data, args.preset, args.epochs, args.limit, args.sizes = "synthetic:120", "tiny", 2, 0, [64]
     if args.epochs < 2:
         ap.error("--epochs must be at least 2: the first one is a warm-up")
 
