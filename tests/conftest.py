@@ -9,6 +9,7 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -310,6 +311,13 @@ def run_measured(*args: str, timeout: float = 120) -> tuple[subprocess.Completed
 # ---------------------------------------------------------------- a real browser
 
 
+def unavailable(message: str) -> NoReturn:
+    """What the test needs is not on this machine: skipped locally, a failure under CI (CI set)."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """A headless Chromium with one page (tests/browser.py); skipped without one, except under CI."""
@@ -319,9 +327,7 @@ def browser(tmp_path_factory):
             f"no headless browser found ({', '.join(BROWSERS)} or $XRAY_RAY_CHROMIUM); "
             "install Debian's chromium package (`apt-get install chromium`)"
         )
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(message)
     chromium = Chromium(binary, tmp_path_factory.mktemp("chromium-profile"))
     yield chromium
     chromium.close()
