@@ -53,7 +53,20 @@ def _space(tmp_path, **changes):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def module_ray():
+    """One local Ray for this module's in-process searches and stability runs, started as a search starts its
+    own: each uses the Ray its process already runs and leaves it running (rayinit.ray_session)."""
+    import ray
+
+    from xray_ray.rayinit import RayOptions, init_ray
+
+    init_ray(RayOptions())
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, module_ray):
     tmp = tmp_path_factory.mktemp("search")
     space = _space(tmp)
     rc = main(
@@ -396,48 +409,29 @@ def test_local_cpu_runs_share_few_augmentation_workers(tiny_run):
     assert run["resources"]["augment_slots"] == data_slots(ns(), os.cpu_count())
 
 
-def _search_cli(tmp_path, space_text: str, *flags: str) -> subprocess.CompletedProcess:
+def _search_in_process(tmp_path, capsys, space_text: str, *flags: str) -> tuple[int, str, str]:
+    """main() on the module's Ray: (exit status, stdout, stderr)."""
     space = tmp_path / "space.yaml"
     space.write_text(space_text)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "xray_ray.search",
-            "--data",
-            "synthetic:60",
-            "--space",
-            str(space),
-            "--results",
-            str(tmp_path / "results"),
-            "--cache",
-            str(tmp_path / "cache"),
-            "--num-cpus",
-            "2",
-            "--no-export",
-            *flags,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    args = ["--data", "synthetic:60", "--space", str(space), "--results", str(tmp_path / "results")]
+    rc = main([*args, "--cache", str(tmp_path / "cache"), "--no-export", *flags])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
 
 
 @pytest.mark.slow  # a real search on Ray
-def test_a_space_of_constants_trains_its_configuration_as_seeded_replicas(tmp_path):
+def test_a_space_of_constants_trains_its_configuration_as_seeded_replicas(tmp_path, capsys, module_ray):
     """Issue 15 #12: no searched parameter used to crash OptunaSearch; now each trial is the same config."""
-    res = _search_cli(
+    rc, _, err = _search_in_process(
         tmp_path,
+        capsys,
         "name: one\nspace:\n  image_size: 32\n  blocks: 2\n  epochs: 1\n  width: 4\n  double_conv: false\n",
         "--num-samples",
         "2",
         "--seed",
         "5",
     )
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert rc == 0, err[-3000:]
     run_dir = tmp_path / "results" / "one"
     trials = pd.read_parquet(run_dir / "trials.parquet")
     assert len(trials) == 2 and (trials["status"] == "completed").all() and (trials["epochs_run"] == 1).all()
@@ -450,20 +444,21 @@ def test_a_space_of_constants_trains_its_configuration_as_seeded_replicas(tmp_pa
 
 
 @pytest.mark.slow  # a real search on Ray
-def test_a_search_whose_every_trial_errored_exits_2_with_the_reason(tmp_path):
+def test_a_search_whose_every_trial_errored_exits_2_with_the_reason(tmp_path, capsys, module_ray):
     """Issue 15: every trial NaN (lr 1e20) used to end with exit 0, 'done' and no model."""
-    res = _search_cli(
+    rc, out, err = _search_in_process(
         tmp_path,
+        capsys,
         "name: nan\nspace:\n  image_size: 32\n  blocks: 2\n  epochs: 1\n  width: 4\n"
         "  lr: {type: float, low: 1.0e+19, high: 1.0e+20, log: true}\n"
         "searcher: {algorithm: random, num_samples: 2}\nscheduler: {algorithm: fifo}\n",
         "--max-failures",
         "0",
     )
-    assert res.returncode == 2, res.stderr[-3000:]
-    last = [line for line in res.stderr.splitlines() if line.strip()][-1]
+    assert rc == 2, err[-3000:]
+    last = [line for line in err.splitlines() if line.strip()][-1]
     assert last.startswith("error: every trial failed (2 of 2)") and "lower the learning rate" in last, last
-    assert "done in" not in res.stdout
+    assert "done in" not in out
     run_dir = tmp_path / "results" / "nan"
     trials = pd.read_parquet(run_dir / "trials.parquet")
     assert len(trials) == 2 and (trials["status"] == "errored").all()

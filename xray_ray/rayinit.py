@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +71,23 @@ def init_ray(opts: RayOptions) -> None:
             resources={DATA_SLOT: slots} if slots else None,
         )
         private_token_file()
+
+
+@contextmanager
+def ray_session(opts: RayOptions) -> Iterator[bool]:
+    """Ray for one command: started by init_ray and shut down after, or, when this process already runs Ray
+    (a caller's ray.init, as in a notebook), that one, used as it is and left running. Yields whether it started Ray.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield False
+        return
+    init_ray(opts)
+    try:
+        yield True
+    finally:
+        ray.shutdown()
 
 
 def private_token_file() -> None:

@@ -30,7 +30,7 @@ from xray_ray import results as R
 from xray_ray.collect import collect, every_trial_failed, overhead, print_leaderboard
 from xray_ray.config import SearchSpace, load_space
 from xray_ray.errors import UserError
-from xray_ray.rayinit import DATA_SLOT, RayOptions, check_local_resources, data_slot, init_ray, trial_slots
+from xray_ray.rayinit import DATA_SLOT, RayOptions, check_local_resources, data_slot, ray_session, trial_slots
 from xray_ray.search_args import FLAG_RULES, check_flags, options_of, parser_of  # noqa: F401
 from xray_ray.search_data import MAX_LISTED_SKIPS, RunData, load_data, print_data_problems, trial_data  # noqa: F401
 from xray_ray.ship import RunFolder, check_run_name, export_best, open_run
@@ -181,20 +181,15 @@ def run_info_of(
 
 
 def search(opts: SearchOptions, space: SearchSpace, folder: RunFolder) -> str:
-    """Load the data, start Ray, run the search on it, and shut Ray down whatever happens."""
+    """Load the data, start Ray (or use the one this process runs), run the search on it, shut down what it started."""
     previous = folder.previous
     started = datetime.now(timezone.utc).isoformat(timespec="seconds") if previous is None else previous["started"]
     t_start = time.time()
     loaded = load_data(opts, space)
     run_info = run_info_of(opts, space, folder, started, loaded)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    import ray
-
-    init_ray(opts.ray)
-    try:
+    with ray_session(opts.ray):
         return search_on_ray(opts, space, folder, loaded, run_info, t_start)
-    finally:
-        ray.shutdown()
 
 
 def check_results_shared(opts: SearchOptions) -> None:

@@ -29,7 +29,7 @@ import pandas as pd
 from xray_ray import results as R
 from xray_ray.config import TrialConfig
 from xray_ray.errors import UserError
-from xray_ray.rayinit import RayOptions, data_slot, init_ray
+from xray_ray.rayinit import RayOptions, data_slot, ray_session
 from xray_ray.search import trial_data
 from xray_ray.ship import trained_models
 from xray_ray.trial import Runtime, encode_value
@@ -138,10 +138,7 @@ def _replicas(
     args: argparse.Namespace, run_dir: str, run_info: dict, best_cfg: dict, card: dict, members: list, prepared: dict
 ) -> list[dict[str, Any]]:
     """Train the replicas on a Ray of their own (or resume them) and score each; the search's winner first."""
-    import ray
-
-    init_ray(RayOptions(address=args.address, num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial))
-    try:
+    with ray_session(RayOptions(address=args.address, num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial)):
         grid = _train_replicas(args, run_dir, run_info, best_cfg, members, prepared)
         rows = [
             _row(
@@ -155,8 +152,6 @@ def _replicas(
             )
         ]
         return rows + _score_replicas(args, grid, card, members, prepared[max(prepared)].splits)
-    finally:
-        ray.shutdown()
 
 
 def _train_replicas(args: argparse.Namespace, run_dir: str, run_info: dict, best_cfg: dict, members: list, prepared):
