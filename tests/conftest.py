@@ -308,6 +308,23 @@ def run_measured(*args: str, timeout: float = 120) -> tuple[subprocess.Completed
     return done, maxrss * scale
 
 
+# ---------------------------------------------------------------- one Ray per test module
+
+
+@pytest.fixture(scope="module")
+def module_ray():
+    """One local Ray for a module's in-process searches and stability runs, started as a search starts its
+    own: each uses the Ray its process already runs and leaves it running (rayinit.ray_session), and finds
+    idle workers with torch imported instead of starting and stopping a Ray of its own."""
+    import ray
+
+    from xray_ray.rayinit import RayOptions, init_ray
+
+    init_ray(RayOptions())
+    yield
+    ray.shutdown()
+
+
 # ---------------------------------------------------------------- a real browser
 
 

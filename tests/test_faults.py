@@ -431,7 +431,7 @@ def test_a_results_folder_holding_a_different_run_is_refused(messy_run, capsys, 
 
 @pytest.mark.slow
 def test_a_trial_that_raises_runs_out_of_memory_or_goes_nan_is_errored_and_the_search_goes_on(
-    tmp_path, monkeypatch, capsys
+    tmp_path, monkeypatch, capsys, module_ray
 ):
     # lr 1e20 makes the loss NaN within the first epoch (train_one_epoch raises FloatingPointError);
     # the hook makes one healthy trial raise and another run out of memory at epoch 2
@@ -459,7 +459,7 @@ def test_a_trial_that_raises_runs_out_of_memory_or_goes_nan_is_errored_and_the_s
 
 
 @pytest.mark.slow
-def test_a_killed_trial_is_retried_from_its_checkpoint(tmp_path, monkeypatch):
+def test_a_killed_trial_is_retried_from_its_checkpoint(tmp_path, monkeypatch, module_ray):
     # SIGKILL of the trial's process at epoch 2 (as an OOM killer does), once; --max-failures 1 retries it
     monkeypatch.setenv(SWITCH_ENV, "1")
     monkeypatch.setenv(FAULT_ENV, "kill:epoch=2,once=killed")
@@ -696,27 +696,28 @@ def test_local_ray_keeps_the_dashboard_off_and_auth_on():
 
 
 def test_the_fault_hook_is_inert_without_the_test_switch(tmp_path, monkeypatch):
-    from xray_ray.faults import inject_fault
+    from xray_ray.faults import inject_fault, spec
 
     monkeypatch.delenv(SWITCH_ENV, raising=False)
     monkeypatch.setenv(FAULT_ENV, "raise:epoch=1,once=marker")
-    inject_fault(1, tmp_path)  # nothing happens, nothing is written
+    assert spec() == ""  # the variable alone gives the search nothing to hand its trials
+    inject_fault(1, tmp_path, spec())  # nothing happens, nothing is written
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setenv(SWITCH_ENV, "1")
     with pytest.raises(RuntimeError, match="injected fault at epoch 1"):
-        inject_fault(1, tmp_path)
+        inject_fault(1, tmp_path, spec())
     assert (tmp_path / "marker").exists()
-    inject_fault(1, tmp_path)  # once: the marker exists, so no second failure
+    inject_fault(1, tmp_path, spec())  # once: the marker exists, so no second failure
 
 
 @pytest.mark.parametrize("name", ["/tmp/elsewhere", "../up", "a/b", ".."])
 def test_the_fault_hook_never_writes_outside_the_run(tmp_path, monkeypatch, name):
-    from xray_ray.faults import inject_fault
+    from xray_ray.faults import inject_fault, spec
 
     monkeypatch.setenv(SWITCH_ENV, "1")
     monkeypatch.setenv(FAULT_ENV, f"raise:epoch=1,once={name}")
     with pytest.raises(ValueError, match="plain file name"):
-        inject_fault(1, tmp_path / "run")
+        inject_fault(1, tmp_path / "run", spec())
     assert not (tmp_path / "run").exists() and not Path("/tmp/elsewhere").exists()
 
 

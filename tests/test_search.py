@@ -53,19 +53,6 @@ def _space(tmp_path, **changes):
 
 
 @pytest.fixture(scope="module")
-def module_ray():
-    """One local Ray for this module's in-process searches and stability runs, started as a search starts its
-    own: each uses the Ray its process already runs and leaves it running (rayinit.ray_session)."""
-    import ray
-
-    from xray_ray.rayinit import RayOptions, init_ray
-
-    init_ray(RayOptions())
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, module_ray):
     tmp = tmp_path_factory.mktemp("search")
     space = _space(tmp)

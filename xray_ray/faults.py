@@ -6,6 +6,8 @@ Two variables must both be set for anything to happen: ``XRAY_RAY_TESTING=1`` (t
 kill (SIGKILL to the trial's own process, as the kernel's or Ray's OOM killer does). With once=NAME only
 the trial that creates the marker file NAME first fails, so retries and other trials run on; NAME is one
 plain file name, created inside the run's own folder (``<run>/tune/.faults``), never anywhere else.
+The driver reads the two variables when a search starts (``spec``) and hands the faults to its trials in
+their Runtime, so a Ray started before the test set them carries them too.
 """
 
 from __future__ import annotations
@@ -25,16 +27,14 @@ def active() -> bool:
     return os.environ.get(SWITCH_ENV) == "1" and bool(os.environ.get(FAULT_ENV))
 
 
-def worker_env() -> dict[str, str]:
-    """The variables that carry the hook to every Ray worker (empty unless a test switched it on)."""
-    return {SWITCH_ENV: "1", FAULT_ENV: os.environ[FAULT_ENV]} if active() else {}
+def spec() -> str:
+    """The faults to inject, for a search to hand to its trials: empty unless a test switched the hook on."""
+    return os.environ[FAULT_ENV] if active() else ""
 
 
-def inject_fault(epoch: int, marker_dir: str | os.PathLike | None) -> None:
-    """Fail on purpose at ``epoch`` where the hook says so; a no-op unless ``active()``."""
-    if not active():
-        return
-    for spec in filter(None, os.environ[FAULT_ENV].split(";")):
+def inject_fault(epoch: int, marker_dir: str | os.PathLike | None, faults: str) -> None:
+    """Fail on purpose at ``epoch`` where ``faults`` (a ``spec()``) says so; a no-op when it is empty."""
+    for spec in filter(None, faults.split(";")):
         kind, _, opts = spec.partition(":")
         options = dict(kv.split("=", 1) for kv in opts.split(",") if "=" in kv)
         if int(options.get("epoch", 1)) != epoch:

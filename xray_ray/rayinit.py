@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from xray_ray import faults
 from xray_ray.errors import UserError
 
 DATA_SLOT = "xray_ray_augment"  # the custom resource of local runs' augmentation tasks (see data_slots)
@@ -39,7 +38,6 @@ def init_ray(opts: RayOptions) -> None:
     # No worker set-up hook that imports torch: it would load torch into every Ray process,
     # Ray Data's own stats and autoscaling actors included. The first augmentation task warms its worker.
     env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
-    env["env_vars"].update(faults.worker_env())  # the tests' fault hook reaches every worker; empty otherwise
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if address:
         try:

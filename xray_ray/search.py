@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from xray_ray import faults
 from xray_ray import results as R
 from xray_ray.collect import collect, every_trial_failed, overhead, print_leaderboard
 from xray_ray.config import SearchSpace, load_space
@@ -227,6 +228,7 @@ def runtime_of(opts: SearchOptions, space: SearchSpace, loaded: RunData, slot: A
         data_slot=slot,
         score_epochs=rungs(space),
         fault_dir=None if R.is_uri(run_dir) else str(Path(run_dir) / "tune" / ".faults"),
+        faults=faults.spec(),
     )
 
 

@@ -35,6 +35,7 @@ class Runtime:
     data_slot: str | None = None  # custom resource capping augmentation tasks across trials (local runs)
     score_epochs: tuple[int, ...] = ()  # epochs scored on the shift battery besides each trial's last (ASHA's rungs)
     fault_dir: str | None = None  # where the tests' fault hook keeps its markers (xray_ray.faults): the run's own
+    faults: str = ""  # the tests' faults to inject (xray_ray.faults.spec()): empty outside those tests
 
 
 def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: Runtime) -> None:

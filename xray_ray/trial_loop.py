@@ -255,7 +255,7 @@ def run_trial(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
     loop = EpochLoop(cfg, runtime, d, seed, device)
     upcoming = loop.stream(state.start_epoch) if state.start_epoch <= cfg.epochs else None
     for epoch in range(state.start_epoch, cfg.epochs + 1):
-        inject_fault(epoch, runtime.fault_dir)
+        inject_fault(epoch, runtime.fault_dir, runtime.faults)
         t0 = time.perf_counter()
         batches, upcoming = upcoming, None
         stats = loop.train(state, epoch, batches)
