@@ -138,8 +138,14 @@ def parse_args() -> tuple[argparse.Namespace, dict]:
 
 
 def run_both(args: argparse.Namespace, overrides: dict) -> dict[str, dict]:
-    """Both searches of SEARCHES on the same space, trials, seed and data."""
-    with tempfile.TemporaryDirectory(prefix="xray_bench_") as tmp:
+    """Both searches of SEARCHES on the same space, trials, seed and data; each on a Ray of its own, except
+    under --quick (a CI check that the script runs), where they share one to save its start-up."""
+    from contextlib import nullcontext
+
+    from xray_ray.rayinit import RayOptions, ray_session
+
+    shared = ray_session(RayOptions(num_cpus=args.num_cpus)) if args.quick else nullcontext()
+    with tempfile.TemporaryDirectory(prefix="xray_bench_") as tmp, shared:
         results = args.results or Path(tmp) / "results"
         runs = {}
         for label, (searcher, scheduler) in SEARCHES.items():

@@ -426,58 +426,7 @@ def test_a_results_folder_holding_a_different_run_is_refused(messy_run, capsys, 
     assert ray_init_calls == [] and run_json.read_bytes() == before
 
 
-# ---------------------------------------------------------------- faults inside trials
-
-
-@pytest.mark.slow
-def test_a_trial_that_raises_runs_out_of_memory_or_goes_nan_is_errored_and_the_search_goes_on(
-    tmp_path, monkeypatch, capsys, module_ray
-):
-    # lr 1e20 makes the loss NaN within the first epoch (train_one_epoch raises FloatingPointError);
-    # the hook makes one healthy trial raise and another run out of memory at epoch 2
-    monkeypatch.setenv(SWITCH_ENV, "1")
-    monkeypatch.setenv(FAULT_ENV, "raise:epoch=2,once=raised;oom:epoch=2,once=oom")
-    lrs = {"type": "categorical", "choices": [1.0e-3, 2.0e-3, 1.0e20]}
-    space = space_file(tmp_path, space={"epochs": 2, "lr": lrs}, searcher={"num_samples": 4, "seed": 0})
-    assert main(search_args(tmp_path, space, "--max-failures", "0", "--no-export")) == 0
-    trials, _ = assert_each_epoch_once(tmp_path / "results" / "faults")
-    assert len(trials) == 4
-    nan = trials[trials["p_lr"] == 1.0e20]
-    healthy = trials[trials["p_lr"] != 1.0e20]
-    assert len(nan) >= 1 and len(healthy) >= 3, trials[["trial_id", "p_lr"]]  # the seed gives both kinds
-    assert (nan["status"] == "errored").all() and nan["error"].str.contains("NaN or inf").all()
-    assert (nan["epochs_run"] == 0).all()
-    errors = healthy.loc[healthy["status"] == "errored", "error"].tolist()
-    assert len(errors) == 2 and any("injected fault at epoch 2" in e for e in errors), errors
-    assert any("OutOfMemoryError" in e and "out of memory" in e for e in errors), errors
-    assert (healthy.loc[healthy["status"] == "errored", "epochs_run"] == 1).all()
-    assert (healthy["status"] == "completed").sum() == len(healthy) - 2
-    assert (healthy.loc[healthy["status"] == "completed", "epochs_run"] == 2).all()
-    run = json.loads((tmp_path / "results" / "faults" / "run.json").read_text())
-    assert run["status"] == "finished" and run["trials"]["errored"] == len(nan) + 2
-    assert "errored; the search goes on" in capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_a_killed_trial_is_retried_from_its_checkpoint(tmp_path, monkeypatch, module_ray):
-    # SIGKILL of the trial's process at epoch 2 (as an OOM killer does), once; --max-failures 1 retries it
-    monkeypatch.setenv(SWITCH_ENV, "1")
-    monkeypatch.setenv(FAULT_ENV, "kill:epoch=2,once=killed")
-    space = space_file(tmp_path, space={"epochs": 2})
-    assert main(search_args(tmp_path, space, "--max-failures", "1", "--no-export")) == 0
-    assert (tmp_path / "results" / "faults" / "tune" / ".faults" / "killed").exists()  # the fault did fire
-    run_dir = tmp_path / "results" / "faults"
-    trials, epochs = assert_each_epoch_once(run_dir)
-    assert len(trials) == 2 and (trials["status"] == "completed").all() and (trials["epochs_run"] == 2).all()
-    assert len(epochs) == 4
-    # the killed trial resumed after epoch 1 from its checkpoint: epoch 1 was not trained twice, and Tune
-    # recorded the failure in the trial's folder
-    failed = [d for d in trial_dirs(run_dir) if (d / "error.txt").exists()]
-    assert len(failed) == 1, [p.name for d in trial_dirs(run_dir) for p in d.iterdir()]
-    assert [r["epoch"] for r in tune_rows(failed[0])] == [1, 2]
-
-
-# ---------------------------------------------------------------- Ctrl-C
+# ---------------------------------------------------------------- Ctrl-C (before this module's Ray starts, below)
 
 
 def _read_until(proc: subprocess.Popen, pattern: str, deadline: float, seen: list[str]) -> bool:
@@ -536,6 +485,57 @@ def test_ctrl_c_stops_cleanly_prints_the_resume_command_and_resume_completes(tmp
     assert len(trials) == 3 and set(trials["status"]) <= {"completed", "stopped"}
     assert len(trial_dirs(run_dir)) == 3
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+
+
+# ---------------------------------------------------------------- faults inside trials
+
+
+@pytest.mark.slow
+def test_a_trial_that_raises_runs_out_of_memory_or_goes_nan_is_errored_and_the_search_goes_on(
+    tmp_path, monkeypatch, capsys, module_ray
+):
+    # lr 1e20 makes the loss NaN within the first epoch (train_one_epoch raises FloatingPointError);
+    # the hook makes one healthy trial raise and another run out of memory at epoch 2
+    monkeypatch.setenv(SWITCH_ENV, "1")
+    monkeypatch.setenv(FAULT_ENV, "raise:epoch=2,once=raised;oom:epoch=2,once=oom")
+    lrs = {"type": "categorical", "choices": [1.0e-3, 2.0e-3, 1.0e20]}
+    space = space_file(tmp_path, space={"epochs": 2, "lr": lrs}, searcher={"num_samples": 4, "seed": 0})
+    assert main(search_args(tmp_path, space, "--max-failures", "0", "--no-export")) == 0
+    trials, _ = assert_each_epoch_once(tmp_path / "results" / "faults")
+    assert len(trials) == 4
+    nan = trials[trials["p_lr"] == 1.0e20]
+    healthy = trials[trials["p_lr"] != 1.0e20]
+    assert len(nan) >= 1 and len(healthy) >= 3, trials[["trial_id", "p_lr"]]  # the seed gives both kinds
+    assert (nan["status"] == "errored").all() and nan["error"].str.contains("NaN or inf").all()
+    assert (nan["epochs_run"] == 0).all()
+    errors = healthy.loc[healthy["status"] == "errored", "error"].tolist()
+    assert len(errors) == 2 and any("injected fault at epoch 2" in e for e in errors), errors
+    assert any("OutOfMemoryError" in e and "out of memory" in e for e in errors), errors
+    assert (healthy.loc[healthy["status"] == "errored", "epochs_run"] == 1).all()
+    assert (healthy["status"] == "completed").sum() == len(healthy) - 2
+    assert (healthy.loc[healthy["status"] == "completed", "epochs_run"] == 2).all()
+    run = json.loads((tmp_path / "results" / "faults" / "run.json").read_text())
+    assert run["status"] == "finished" and run["trials"]["errored"] == len(nan) + 2
+    assert "errored; the search goes on" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_killed_trial_is_retried_from_its_checkpoint(tmp_path, monkeypatch, module_ray):
+    # SIGKILL of the trial's process at epoch 2 (as an OOM killer does), once; --max-failures 1 retries it
+    monkeypatch.setenv(SWITCH_ENV, "1")
+    monkeypatch.setenv(FAULT_ENV, "kill:epoch=2,once=killed")
+    space = space_file(tmp_path, space={"epochs": 2})
+    assert main(search_args(tmp_path, space, "--max-failures", "1", "--no-export")) == 0
+    assert (tmp_path / "results" / "faults" / "tune" / ".faults" / "killed").exists()  # the fault did fire
+    run_dir = tmp_path / "results" / "faults"
+    trials, epochs = assert_each_epoch_once(run_dir)
+    assert len(trials) == 2 and (trials["status"] == "completed").all() and (trials["epochs_run"] == 2).all()
+    assert len(epochs) == 4
+    # the killed trial resumed after epoch 1 from its checkpoint: epoch 1 was not trained twice, and Tune
+    # recorded the failure in the trial's folder
+    failed = [d for d in trial_dirs(run_dir) if (d / "error.txt").exists()]
+    assert len(failed) == 1, [p.name for d in trial_dirs(run_dir) for p in d.iterdir()]
+    assert [r["epoch"] for r in tune_rows(failed[0])] == [1, 2]
 
 
 # ---------------------------------------------------------------- models given to predict and evaluate

@@ -52,6 +52,102 @@ def _space(tmp_path, **changes):
     return path
 
 
+def _trial_dirs(run_dir):
+    return [p for p in (run_dir / "tune").glob("trainable_*") if p.is_dir()]
+
+
+def _trial_params(run_dir) -> dict:
+    """trial id -> TrialConfig, from Tune's own params.json and result.json of each trial."""
+    out = {}
+    for d in _trial_dirs(run_dir):
+        tid = json.loads((d / "result.json").read_text().splitlines()[0])["trial_id"]
+        out[tid] = TrialConfig.from_dict(decode_config(json.loads((d / "params.json").read_text())))
+    return out
+
+
+def _saved_state(tune_dir: Path) -> list[dict]:
+    """Each trial as Tune's last saved experiment state has it: status, folder, last reported iteration."""
+    states = sorted(tune_dir.glob("experiment_state-*.json"))
+    try:
+        doc = json.loads(states[-1].read_text()) if states else {"trial_data": []}
+    except ValueError:  # caught while Tune writes it
+        return []
+    out = []
+    for trial_json, meta_json in doc["trial_data"]:
+        trial, meta = json.loads(trial_json), json.loads(meta_json)
+        last = meta.get("last_result") or {}
+        out.append(
+            {"status": trial["status"], "dir": trial["relative_logdir"], "iteration": last.get("training_iteration", 0)}
+        )
+    return out
+
+
+# first in the file: it runs its searches in subprocesses, before this module starts its own Ray (module_ray)
+@pytest.mark.slow
+def test_resume_after_the_driver_is_killed(tmp_path):
+    """kill -9 of the whole search, then --resume: finished trials are kept, the others complete; a trial whose
+    saved checkpoint is gone (Tune deletes the previous checkpoint before it saves the state that names the
+    next, so a kill can land between) trains again from its first epoch instead of erroring."""
+    space = _space(tmp_path, searcher={"num_samples": 5, "max_concurrent": 1}, scheduler={"algorithm": "fifo"})
+    doc = yaml.safe_load(space.read_text())
+    doc["space"]["epochs"] = 3
+    space.write_text(yaml.safe_dump(doc))
+    args = [
+        sys.executable,
+        "-m",
+        "xray_ray.search",
+        "--data",
+        "synthetic:600",
+        "--space",
+        str(space),
+        "--results",
+        str(tmp_path / "results"),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--no-export",
+    ]
+    run_dir = tmp_path / "results" / "tiny"
+    # Tune saves its experiment state every second instead of every ten, so that the kill below can wait for
+    # a state that shows one trial finished and another half-way
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            state = _saved_state(run_dir / "tune")
+            done = [t["dir"] for t in state if t["status"] == "TERMINATED"]
+            half = [t["dir"] for t in state if t["status"] == "RUNNING" and 1 <= t["iteration"] < 3]
+            if done and half:
+                break
+            time.sleep(0.1)
+        assert time.time() < deadline, f"no saved state with a finished and a half-way trial: {state}"
+        killed_at = time.time()
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (run_dir / "trials.parquet").exists()
+    for d in half:  # the checkpoint the state names is gone, as after the kill that lands in Tune's gap
+        for checkpoint in (run_dir / "tune" / d).glob("checkpoint_*"):
+            shutil.rmtree(checkpoint)
+
+    out = subprocess.run(args + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "left 1 trial(s) naming a checkpoint that was already replaced" in out.stdout, out.stdout[-3000:]
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    epochs = pd.read_parquet(run_dir / "epochs.parquet")
+    assert len(trials) == 5 and trials["trial_id"].is_unique
+    assert (trials["status"] == "completed").all() and (trials["epochs_run"] == 3).all()
+    assert len(epochs) == 15 and not epochs.duplicated(["trial_id", "epoch"]).any()
+    for d in _trial_dirs(run_dir):
+        rows = [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+        if d.name in done:  # finished trials were not re-run: no new results after the kill
+            assert len(rows) == 3 and max(r["timestamp"] for r in rows) <= killed_at
+        if d.name in half:  # trained again from epoch 1 after the resume
+            assert [r["epoch"] for r in rows if r["timestamp"] > killed_at] == [1, 2, 3]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, module_ray):
     tmp = tmp_path_factory.mktemp("search")
@@ -160,101 +256,6 @@ def test_a_second_search_into_the_same_folder_is_refused(tiny_run, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--resume" in err and "Traceback" not in err
-
-
-def _trial_dirs(run_dir):
-    return [p for p in (run_dir / "tune").glob("trainable_*") if p.is_dir()]
-
-
-def _trial_params(run_dir) -> dict:
-    """trial id -> TrialConfig, from Tune's own params.json and result.json of each trial."""
-    out = {}
-    for d in _trial_dirs(run_dir):
-        tid = json.loads((d / "result.json").read_text().splitlines()[0])["trial_id"]
-        out[tid] = TrialConfig.from_dict(decode_config(json.loads((d / "params.json").read_text())))
-    return out
-
-
-def _saved_state(tune_dir: Path) -> list[dict]:
-    """Each trial as Tune's last saved experiment state has it: status, folder, last reported iteration."""
-    states = sorted(tune_dir.glob("experiment_state-*.json"))
-    try:
-        doc = json.loads(states[-1].read_text()) if states else {"trial_data": []}
-    except ValueError:  # caught while Tune writes it
-        return []
-    out = []
-    for trial_json, meta_json in doc["trial_data"]:
-        trial, meta = json.loads(trial_json), json.loads(meta_json)
-        last = meta.get("last_result") or {}
-        out.append(
-            {"status": trial["status"], "dir": trial["relative_logdir"], "iteration": last.get("training_iteration", 0)}
-        )
-    return out
-
-
-@pytest.mark.slow
-def test_resume_after_the_driver_is_killed(tmp_path):
-    """kill -9 of the whole search, then --resume: finished trials are kept, the others complete; a trial whose
-    saved checkpoint is gone (Tune deletes the previous checkpoint before it saves the state that names the
-    next, so a kill can land between) trains again from its first epoch instead of erroring."""
-    space = _space(tmp_path, searcher={"num_samples": 5, "max_concurrent": 1}, scheduler={"algorithm": "fifo"})
-    doc = yaml.safe_load(space.read_text())
-    doc["space"]["epochs"] = 3
-    space.write_text(yaml.safe_dump(doc))
-    args = [
-        sys.executable,
-        "-m",
-        "xray_ray.search",
-        "--data",
-        "synthetic:600",
-        "--space",
-        str(space),
-        "--results",
-        str(tmp_path / "results"),
-        "--cache",
-        str(tmp_path / "cache"),
-        "--no-export",
-    ]
-    run_dir = tmp_path / "results" / "tiny"
-    # Tune saves its experiment state every second instead of every ten, so that the kill below can wait for
-    # a state that shows one trial finished and another half-way
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    proc = subprocess.Popen(
-        args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:
-            state = _saved_state(run_dir / "tune")
-            done = [t["dir"] for t in state if t["status"] == "TERMINATED"]
-            half = [t["dir"] for t in state if t["status"] == "RUNNING" and 1 <= t["iteration"] < 3]
-            if done and half:
-                break
-            time.sleep(0.1)
-        assert time.time() < deadline, f"no saved state with a finished and a half-way trial: {state}"
-        killed_at = time.time()
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert not (run_dir / "trials.parquet").exists()
-    for d in half:  # the checkpoint the state names is gone, as after the kill that lands in Tune's gap
-        for checkpoint in (run_dir / "tune" / d).glob("checkpoint_*"):
-            shutil.rmtree(checkpoint)
-
-    out = subprocess.run(args + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "left 1 trial(s) naming a checkpoint that was already replaced" in out.stdout, out.stdout[-3000:]
-    trials = pd.read_parquet(run_dir / "trials.parquet")
-    epochs = pd.read_parquet(run_dir / "epochs.parquet")
-    assert len(trials) == 5 and trials["trial_id"].is_unique
-    assert (trials["status"] == "completed").all() and (trials["epochs_run"] == 3).all()
-    assert len(epochs) == 15 and not epochs.duplicated(["trial_id", "epoch"]).any()
-    for d in _trial_dirs(run_dir):
-        rows = [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
-        if d.name in done:  # finished trials were not re-run: no new results after the kill
-            assert len(rows) == 3 and max(r["timestamp"] for r in rows) <= killed_at
-        if d.name in half:  # trained again from epoch 1 after the resume
-            assert [r["epoch"] for r in rows if r["timestamp"] > killed_at] == [1, 2, 3]
 
 
 def _as_winner(run, tiny_run, kind: str) -> dict:
