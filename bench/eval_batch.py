@@ -27,7 +27,7 @@ from common import OUT, emit, machine, print_table  # noqa: E402
 BUDGETS = (256 * 64 * 64, 64 * 64 * 64, 32 * 64 * 64)  # pixels a batch: 256, 64 and 32 images at 64 px
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--images", type=int, default=2304, help="images predicted a round (18 shifts x 128)")
@@ -37,42 +37,47 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.images, args.repeats = [32], 64, 1
+    return args
 
-    import torch
 
+def time_budgets(size: int, args: argparse.Namespace, rng: np.random.Generator) -> tuple[list, list[dict]]:
+    """The table's rows and the results of every batch budget at one image size (median of the repeats)."""
     from xray_ray.models import build_model
     from xray_ray.train import array_batches, predict_probs
+
+    net = build_model("seed", image_size=size)
+    images = rng.integers(0, 256, (args.images, size, size), dtype=np.uint8)
+    labels = np.zeros(args.images, np.int64)
+    predict_probs(net, array_batches(images[:64], labels[:64], 32))  # warm-up
+    seconds: dict[int, list[float]] = {b: [] for b in BUDGETS}
+    for _ in range(args.repeats):
+        for budget in BUDGETS:
+            batch = max(16, min(256, budget // (size * size)))
+            t = time.perf_counter()
+            predict_probs(net, array_batches(images, labels, batch))
+            seconds[budget].append(time.perf_counter() - t)
+    base = args.images / statistics.median(seconds[BUDGETS[0]])
+    rows, results = [], []
+    for budget in BUDGETS:
+        batch = max(16, min(256, budget // (size * size)))
+        ips = args.images / statistics.median(seconds[budget])
+        rows.append([f"{size} px, {budget} px a batch", batch, ips, ips / base])
+        result = {"size": size, "budget": budget, "batch": batch, "images_per_s": ips, "ratio": ips / base}
+        results.append({**result, "seconds": seconds[budget]})
+    return rows, results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     rows, results = [], []
     for size in args.sizes:
-        net = build_model("seed", image_size=size)
-        images = rng.integers(0, 256, (args.images, size, size), dtype=np.uint8)
-        labels = np.zeros(args.images, np.int64)
-        predict_probs(net, array_batches(images[:64], labels[:64], 32))  # warm-up
-        seconds: dict[int, list[float]] = {b: [] for b in BUDGETS}
-        for _ in range(args.repeats):
-            for budget in BUDGETS:
-                batch = max(16, min(256, budget // (size * size)))
-                t = time.perf_counter()
-                predict_probs(net, array_batches(images, labels, batch))
-                seconds[budget].append(time.perf_counter() - t)
-        base = args.images / statistics.median(seconds[BUDGETS[0]])
-        for budget in BUDGETS:
-            batch = max(16, min(256, budget // (size * size)))
-            ips = args.images / statistics.median(seconds[budget])
-            rows.append([f"{size} px, {budget} px a batch", batch, ips, ips / base])
-            results.append(
-                {
-                    "size": size,
-                    "budget": budget,
-                    "batch": batch,
-                    "images_per_s": ips,
-                    "ratio": ips / base,
-                    "seconds": seconds[budget],
-                }
-            )
+        size_rows, size_results = time_budgets(size, args, rng)
+        rows += size_rows
+        results += size_results
     print_table(["case", "batch", "images/s", "ratio"], rows)
     best = max(results, key=lambda r: r["ratio"])
     emit(

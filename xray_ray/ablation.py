@@ -33,7 +33,7 @@ import yaml
 from xray_ray import results as R
 from xray_ray.config import TrialConfig
 from xray_ray.errors import UserError
-from xray_ray.rayinit import RayOptions, data_slot, init_ray
+from xray_ray.rayinit import RayOptions, data_slot, ray_session
 from xray_ray.search import trial_data
 from xray_ray.ship import trained_models
 from xray_ray.trial import Runtime, encode_value
@@ -244,12 +244,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train_arms(args: argparse.Namespace, spec: dict[str, Any], run_dir: str, prepared: dict):
-    """Tune's ResultGrid of every arm x seed (FIFO, one CPU each) on a local Ray of its own, or resumed."""
+    """Tune's ResultGrid of every arm x seed (FIFO, one CPU each) on a local Ray of its own (or the one this
+    process runs), or resumed."""
     import ray
     from ray import tune
 
-    init_ray(RayOptions(address=None, num_cpus=args.num_cpus, cpus_per_trial=1.0))
-    try:
+    with ray_session(RayOptions(address=None, num_cpus=args.num_cpus, cpus_per_trial=1.0)):
         cpus = ray.cluster_resources().get("CPU", 1)
         concurrent = max(1, min(args.max_concurrent or int(cpus), int(cpus)))
         train_labels = next(iter(prepared.values())).splits["train"].labels
@@ -288,8 +288,6 @@ def _train_arms(args: argparse.Namespace, spec: dict[str, Any], run_dir: str, pr
             flush=True,
         )
         return fit(tuner)
-    finally:
-        ray.shutdown()
 
 
 def _score_runs(grid, spec: dict[str, Any], prepared: dict) -> pd.DataFrame:

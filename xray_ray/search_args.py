@@ -23,22 +23,7 @@ def parser_of(description: str, *, ensemble: int, threshold_rule: str) -> argpar
     p.add_argument("--name", default=None, help="run name (default: the space's name)")
     p.add_argument("--num-samples", type=int, default=None, help="trials to run (default: the space's)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what resources allow)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
-    p.add_argument(
-        "--data-cpus",
-        type=float,
-        default=0.0,
-        help="CPUs each augmentation task reserves (0: never starved by trials holding every CPU)",
-    )
-    p.add_argument(
-        "--data-tasks",
-        type=int,
-        default=1,
-        help="augmentation tasks each trial keeps in flight (more on a cluster with CPU workers)",
-    )
-    p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. 'auto' or host:port)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    add_resource_flags(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its storage")
     p.add_argument("--seed", type=int, default=None, help="fixes splits, augmentation and the searcher")
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial from its checkpoint")
@@ -75,6 +60,26 @@ def parser_of(description: str, *, ensemble: int, threshold_rule: str) -> argpar
         "mount shared by every node, such as NFS)",
     )
     return p
+
+
+def add_resource_flags(p: argparse.ArgumentParser) -> None:
+    """Where the search runs and what each trial and augmentation task asks of it."""
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.5")
+    p.add_argument(
+        "--data-cpus",
+        type=float,
+        default=0.0,
+        help="CPUs each augmentation task reserves (0: never starved by trials holding every CPU)",
+    )
+    p.add_argument(
+        "--data-tasks",
+        type=int,
+        default=1,
+        help="augmentation tasks each trial keeps in flight (more on a cluster with CPU workers)",
+    )
+    p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. 'auto' or host:port)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
 
 
 def options_of(cls: type, args: argparse.Namespace, argv: Sequence[str]) -> Any:
