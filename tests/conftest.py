@@ -315,13 +315,13 @@ def run_measured(*args: str, timeout: float = 120) -> tuple[subprocess.Completed
 def module_ray():
     """One local Ray for a module's in-process searches and stability runs, started as a search starts its
     own: each uses the Ray its process already runs and leaves it running (rayinit.ray_session), and finds
-    idle workers with torch imported instead of starting and stopping a Ray of its own."""
+    idle workers with torch imported instead of starting and stopping a Ray of its own. Yields its GCS address."""
     import ray
 
     from xray_ray.rayinit import RayOptions, init_ray
 
     init_ray(RayOptions())
-    yield
+    yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
 

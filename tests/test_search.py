@@ -249,6 +249,13 @@ def test_the_exported_report_renders_in_a_browser(tiny_run, browser):
 
 
 @pytest.mark.slow
+def test_a_search_uses_the_ray_its_process_runs_and_leaves_it_running(tiny_run, module_ray):
+    import ray
+
+    assert ray.is_initialized() and ray.get_runtime_context().gcs_address == module_ray
+
+
+@pytest.mark.slow
 def test_a_second_search_into_the_same_folder_is_refused(tiny_run, capsys):
     rc = main(
         ["--data", "synthetic:300", "--space", str(_space(tiny_run.parent.parent)), "--results", str(tiny_run.parent)]
