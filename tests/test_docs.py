@@ -35,3 +35,13 @@ def test_the_readme_describes_each_shipped_space_as_the_file_says(name):
     size = space["image_size"]
     sizes = size["choices"] if isinstance(size, dict) else [size]
     assert (f"{sizes[0]} px" in row) if len(sizes) == 1 else (f"{min(sizes)}-{max(sizes)} px" in row)
+
+
+def test_every_test_the_docs_name_exists():
+    """The fault and security tables name the test that proves each row: a renamed or merged test must not
+    leave a row pointing at nothing."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    named = {m for page in pages for m in re.findall(r"(test_\w+\.py)::(test_\w+)", page.read_text(encoding="utf-8"))}
+    assert len(named) > 20  # the tables were found
+    for file, test in sorted(named):
+        assert re.search(rf"^def {test}\(", (ROOT / "tests" / file).read_text(encoding="utf-8"), re.M), (file, test)
