@@ -426,7 +426,7 @@ def test_a_results_folder_holding_a_different_run_is_refused(messy_run, capsys, 
     assert ray_init_calls == [] and run_json.read_bytes() == before
 
 
-# ---------------------------------------------------------------- Ctrl-C (before this module's Ray starts, below)
+# ---------------------------------------------------------------- Ctrl-C (its interrupted search runs in a subprocess)
 
 
 def _read_until(proc: subprocess.Popen, pattern: str, deadline: float, seen: list[str]) -> bool:
@@ -441,7 +441,7 @@ def _read_until(proc: subprocess.Popen, pattern: str, deadline: float, seen: lis
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_prints_the_resume_command_and_resume_completes(tmp_path):
+def test_ctrl_c_stops_cleanly_prints_the_resume_command_and_resume_completes(tmp_path, module_ray):
     space = space_file(
         tmp_path,
         searcher={"num_samples": 3},
@@ -479,8 +479,7 @@ def test_ctrl_c_stops_cleanly_prints_the_resume_command_and_resume_completes(tmp
     run_dir = tmp_path / "results" / "faults"
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
 
-    res = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=400)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert main(command[3:]) == 0  # that command, run in this process on the module's Ray
     trials, epochs = assert_each_epoch_once(run_dir)
     assert len(trials) == 3 and set(trials["status"]) <= {"completed", "stopped"}
     assert len(trial_dirs(run_dir)) == 3

@@ -82,9 +82,9 @@ def _saved_state(tune_dir: Path) -> list[dict]:
     return out
 
 
-# first in the file: it runs its searches in subprocesses, before this module starts its own Ray (module_ray)
+# first in the file: the search it kills runs in a subprocess before this module's own Ray (module_ray) starts
 @pytest.mark.slow
-def test_resume_after_the_driver_is_killed(tmp_path):
+def test_resume_after_the_driver_is_killed(tmp_path, capsys, module_ray):
     """kill -9 of the whole search, then --resume: finished trials are kept, the others complete; a trial whose
     saved checkpoint is gone (Tune deletes the previous checkpoint before it saves the state that names the
     next, so a kill can land between) trains again from its first epoch instead of erroring."""
@@ -132,9 +132,10 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         for checkpoint in (run_dir / "tune" / d).glob("checkpoint_*"):
             shutil.rmtree(checkpoint)
 
-    out = subprocess.run(args + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "left 1 trial(s) naming a checkpoint that was already replaced" in out.stdout, out.stdout[-3000:]
+    # the resume in this process, on the module's Ray (as a notebook would run it)
+    assert main([*args[3:], "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "left 1 trial(s) naming a checkpoint that was already replaced" in out, out[-3000:]
     trials = pd.read_parquet(run_dir / "trials.parquet")
     epochs = pd.read_parquet(run_dir / "epochs.parquet")
     assert len(trials) == 5 and trials["trial_id"].is_unique
