@@ -272,7 +272,7 @@ def _train_arms(args: argparse.Namespace, spec: dict[str, Any], run_dir: str, pr
             params: dict[str, Any] = {"arm": tune.grid_search(list(arms)), "seed": tune.grid_search(list(args.seeds))}
             for key in spec["base"]:
                 if key != "seed":
-                    params[key] = tune.sample_from(lambda s, k=key: encode_value(arms[s.config["arm"]][k]))
+                    params[key] = tune.sample_from(lambda config, k=key: encode_value(arms[config["arm"]][k]))
             progress = ProgressPrinter("val_auc", "max", len(arms) * len(args.seeds))
             tuner = tune.Tuner(
                 fn,
