@@ -270,7 +270,8 @@ def _write_summary(
         "versions": R.versions(),
         "git_commit": R.git_commit(),
     }
-    summary["within_target"] = bool(summary["spread_points"]["test_accuracy"] <= TARGET_SPREAD_POINTS)
+    spread = summary["spread_points"]["test_accuracy"]
+    summary["within_target"] = bool(spread <= TARGET_SPREAD_POINTS) if np.isfinite(spread) else None  # one replica
     R.write_parquet(table, R.join(run_dir, "stability.parquet"), metadata={"xray_ray": json.dumps(summary)})
     R.write_json(summary, R.join(run_dir, "stability.json"))
     return {"table": table, "summary": summary}
@@ -298,11 +299,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cols = ["source", "seed", "best_epoch", "threshold"] + [f"test_{m}" for m in METRICS] + ["extra_val_accuracy"]
     print(t[[c for c in cols if c in t]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     sp = s["spread_points"]["test_accuracy"]
-    print(
-        f"test accuracy spread over the {len(s['seeds'])} replicas: {sp:.2f} points "
-        f"({'within' if s['within_target'] else 'outside'} the {TARGET_SPREAD_POINTS} target); "
-        f"written to {s['run']}/stability.parquet and stability.json"
-    )
+    if np.isfinite(sp):
+        spread = (
+            f"test accuracy spread over the {len(s['seeds'])} replicas: {sp:.2f} points "
+            f"({'within' if s['within_target'] else 'outside'} the {TARGET_SPREAD_POINTS} target)"
+        )
+    else:
+        with_search = s["spread_points_with_search"]["test_accuracy"]
+        spread = f"one replica: a spread needs two seeds (with the search's own model: {with_search:.2f} points)"
+    print(f"{spread}; written to {s['run']}/stability.parquet and stability.json")
     return 0
 
 
