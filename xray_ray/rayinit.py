@@ -72,18 +72,17 @@ def init_ray(opts: RayOptions) -> None:
 
 
 @contextmanager
-def ray_session(opts: RayOptions) -> Iterator[bool]:
+def ray_session(opts: RayOptions) -> Iterator[None]:
     """Ray for one command: started by init_ray and shut down after, or, when this process already runs Ray
-    (a caller's ray.init, as in a notebook), that one, used as it is and left running. Yields whether it started Ray.
-    """
+    (a caller's ray.init, as in a notebook), that one, used as it is and left running."""
     import ray
 
     if ray.is_initialized():
-        yield False
+        yield
         return
     init_ray(opts)
     try:
-        yield True
+        yield
     finally:
         ray.shutdown()
 

@@ -244,13 +244,11 @@ def winner_model(
 
     cfg, model = trial_model(by_id[winner["trial_id"]])
     config = {**cfg.to_dict(), "trial_id": winner["trial_id"], "best_epoch": int(winner["best_epoch"])}
-    if ensemble <= 1 or len(ranked) < 2:
-        return model, config, facts, None
     # the other candidates: trials that trained all their epochs; ASHA stopped the rest for being worse on
     # this very metric at a rung, and a noisy validation score must not bring such a model back in
     others = ranked.iloc[1:]
     others = others[others["status"] == "completed"]["trial_id"].iloc[: ENSEMBLE_CANDIDATES - 1]
-    if others.empty:
+    if ensemble <= 1 or others.empty:
         return model, config, facts, None
     members, settings = {winner["trial_id"]: model}, {winner["trial_id"]: cfg}
     for tid in others:

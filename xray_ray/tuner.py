@@ -217,23 +217,27 @@ def forget_lost_checkpoints(tune_dir: str, checkpoints_kept: int) -> list[str]:
     states = fnmatch.filter(names, "experiment_state-*.json")
     if not states:
         return []
-    location = R.join(tune_dir, max(states))  # the one Tune restores from
+    state = f"{folder}/{max(states)}"  # the one Tune restores from
     try:
-        doc, lost = R.read_json(location), []
+        with fs.open_input_stream(state) as f:
+            doc, lost = json.loads(f.read()), []
     except ValueError:  # not whole: Tune's own restore says so
         return []
+
+    def gone(trial_dir: str, name: bytes) -> bool:
+        return fs.get_file_info(f"{folder}/{trial_dir}/{name.decode()}").type == pafs.FileType.NotFound
+
     empty = Trial("trainable", stub=True, checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints_kept))
     fresh = json.loads(empty.run_metadata.get_json_state())["checkpoint_manager"]
     for pair in doc.get("trial_data", []):
         trial, meta = json.loads(pair[0]), json.loads(pair[1])
         named = re.findall(rb"checkpoint_\d{6}", bytes.fromhex((meta.get("checkpoint_manager") or {}).get("value", "")))
-        gone = [n for n in named if not R.exists(R.join(tune_dir, trial["relative_logdir"], n.decode()))]
-        if trial["status"] != "TERMINATED" and gone:
+        if trial["status"] != "TERMINATED" and any(gone(trial["relative_logdir"], n) for n in named):
             meta["checkpoint_manager"] = fresh
             pair[1] = json.dumps(meta, indent=2)
             lost.append(trial["trial_id"])
     if lost:
-        write_bytes_fs(fs, R.resolve(location)[1], json.dumps(doc, indent=2).encode())
+        write_bytes_fs(fs, state, json.dumps(doc, indent=2).encode())
     return lost
 
 
