@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def time_budgets(size: int, args: argparse.Namespace, rng: np.random.Generator) -> tuple[list, list[dict]]:
     """The table's rows and the results of every batch budget at one image size (median of the repeats)."""
-    from xray_ray.models import build_model
-    from xray_ray.train import array_batches, predict_probs
+    from xray_ray.model.cnn import build_model
+    from xray_ray.model.train import array_batches, predict_probs
 
     net = build_model("seed", image_size=size)
     images = rng.integers(0, 256, (args.images, size, size), dtype=np.uint8)

@@ -2,20 +2,20 @@
 
     python bench/gpu.py [--sizes 128 160] [--batch-sizes 32 64] [--steps 80] [--sharing 1 2 4 8] [--quick]
 
-Everything goes through the code a Tune trial runs on a GPU (xray_ray.train / models / augment: bf16
+Everything goes through the code a Tune trial runs on a GPU (xray_ray.model.train / models / augment: bf16
 autocast, channels_last, EMA), without Ray, so it runs where only torch is installed (the lent GPU machine
 has no Ray):
   check        the seed model's logits on the GPU (bf16 autocast) against a float64 CPU reference of the
                same weights (relative error), and a state dict saved on the GPU and loaded back with
                torch.load(weights_only=True) giving the same logits; then a short training of a small CNN
                on synthetic phantoms, on the GPU, whose validation AUC (median of 3 seeds) must clear
-               0.65, as tests/test_train.py asks of the CPU (chance is 0.5)
+               0.65, as tests/model/test_train.py asks of the CPU (chance is 0.5)
   train        training images/s of the "seed" preset per image size and batch size: uint8 batches from
                pinned host memory, copied and trained as trial_loop.run_trial does (after `--warmup` steps)
   eval         prediction images/s, batch 256 (eval_speedup = eval / train at batch 32)
   sharing      K processes training at once on the one GPU (what --gpus-per-trial 1/K does): images/s of
                each and of all together
-  augment      xray_ray.augment.augment_batch at seed.yaml's strongest settings on one CPU thread: the CPU
+  augment      xray_ray.data.augment.augment_batch at seed.yaml's strongest settings on one CPU thread: the CPU
                work each GPU trial needs per image (it runs in Ray Data tasks, on CPU cores)
 With no GPU it measures the CPU instead (CI runs --quick to prove the script works); the JSON says which.
 bench/scale.py reads bench/measured/gpu_h200.json (this output from a real card) in place of its
@@ -85,8 +85,8 @@ def seed_config(size: int, batch_size: int):
 def build(cfg, device):
     import torch
 
-    from xray_ray.models import build_model
-    from xray_ray.trial import model_sizes
+    from xray_ray.config import model_sizes
+    from xray_ray.model.cnn import build_model
 
     torch.manual_seed(0)
     model = build_model(**model_sizes(cfg)).to(device)
@@ -99,7 +99,7 @@ def train_rate(size: int, batch_size: int, steps: int, warmup: int, device) -> d
     """Training images/s of the seed preset over ``steps`` batches, as trial_loop.run_trial trains on ``device``."""
     import torch
 
-    from xray_ray.train import make_ema, make_loss, make_optimizer, make_scheduler, train_one_epoch
+    from xray_ray.model.train import make_ema, make_loss, make_optimizer, make_scheduler, train_one_epoch
 
     cfg = seed_config(size, batch_size)
     model = build(cfg, device)
@@ -137,7 +137,7 @@ def train_rate(size: int, batch_size: int, steps: int, warmup: int, device) -> d
 def eval_rate(size: int, images: int, device) -> dict:
     import torch
 
-    from xray_ray.train import predict_probs
+    from xray_ray.model.train import predict_probs
 
     model = build(seed_config(size, 32), device)
     rng = np.random.default_rng(1)
@@ -154,7 +154,7 @@ def eval_rate(size: int, images: int, device) -> dict:
 
 
 def augment_rate(size: int, images: int) -> dict:
-    from xray_ray.augment import augment_batch
+    from xray_ray.data.augment import augment_batch
 
     rng = np.random.default_rng(2)
     x = rng.integers(0, 256, (images, size, size), dtype=np.uint8)
@@ -174,7 +174,7 @@ def numerics(device, tmp: Path) -> tuple[float, bool]:
     weights-only checkpoint round trip gives the very same logits."""
     import torch
 
-    from xray_ray.train import to_input
+    from xray_ray.model.train import to_input
 
     cfg = seed_config(128, 32)
     model = build(cfg, device).eval()
@@ -201,15 +201,22 @@ def numerics(device, tmp: Path) -> tuple[float, bool]:
 
 
 def phantom_aucs(device, quick: bool) -> tuple[int, list[float]]:
-    """The learning check of tests/test_train.py (3 single-conv blocks, flatten, 48 px phantoms), on
+    """The learning check of tests/model/test_train.py (3 single-conv blocks, flatten, 48 px phantoms), on
     ``device``: (epochs, val AUC per seed of PHANTOM_SEEDS)."""
     import torch
 
     from xray_ray import metrics as M
     from xray_ray.config import TrialConfig
-    from xray_ray.models import build_model
-    from xray_ray.phantoms import render
-    from xray_ray.train import array_batches, make_loss, make_optimizer, make_scheduler, predict_probs, train_one_epoch
+    from xray_ray.data.phantoms import render
+    from xray_ray.model.cnn import build_model
+    from xray_ray.model.train import (
+        array_batches,
+        make_loss,
+        make_optimizer,
+        make_scheduler,
+        predict_probs,
+        train_one_epoch,
+    )
 
     n_train, n_val, epochs = (128, 64, 2) if quick else (1600, 400, 5)
     images = np.stack([render(7, i, i % 2, 48) for i in range(n_train + n_val)])

@@ -6,7 +6,7 @@ Rows (images per second; ratio against the baseline named in the last column). T
 --rounds times, interleaved (PIL, then each prepare variant, round after round) so that drift on a shared
 machine hits them alike; each row's figure is the median of its rounds.
   pil_decode_resize     plain PIL, one thread: open + decode + grayscale + resize every train file
-  prepare_cold_1w       this project's preparation (xray_ray.pipeline.prepare), one worker, cache empty
+  prepare_cold_1w       this project's preparation (xray_ray.data.prepare.prepare), one worker, cache empty
   prepare_cold_threads  the same on every core as threads, cache empty
   prepare_cold          the same on every core as the default picks (forked processes on Linux), cache empty
                         (per_core_ratio = its rate / cores / plain PIL's)
@@ -15,7 +15,7 @@ machine hits them alike; each row's figure is the median of its rounds.
   memory_epoch          plain in-memory batches of the prepared arrays, augmented in-process
   ray_data_epoch        one augmented epoch streamed through Ray Data (map_batches + iter_torch_batches)
 Targets: per_core_ratio >= 0.8, cached_share < 5%. The discovery scan that every run does before
-preparing (xray_ray.sources.load_source: list, hash and verify every file) is timed on its own row too.
+preparing (xray_ray.data.sources.load_source: list, hash and verify every file) is timed on its own row too.
 The last line is JSON with every figure and the machine it ran on.
 """
 
@@ -40,8 +40,8 @@ TARGET_PER_CORE, TARGET_CACHED = 0.8, 0.05
 
 def train_rows(data: str):
     """Every train file of the source, as one split (the same rows in this process and in the child)."""
-    from xray_ray.sources import load_source
-    from xray_ray.splits import assign_splits
+    from xray_ray.data.sources import load_source
+    from xray_ray.data.splits import assign_splits
 
     t = time.perf_counter()
     manifest = load_source(data, seed=0)
@@ -54,7 +54,7 @@ def cached_in_new_process(data: str, size: int, cache: Path) -> float:
     """Seconds of prepare() from a warm cache in a fresh interpreter (its imports and manifest not counted)."""
     code = (
         "import sys, json; sys.path.insert(0, sys.argv[1]); from prepare import train_rows; "
-        "from xray_ray.pipeline import prepare; rows = train_rows(sys.argv[2])[1]; "
+        "from xray_ray.data.prepare import prepare; rows = train_rows(sys.argv[2])[1]; "
         "p = prepare(rows, int(sys.argv[3]), sys.argv[4]); assert p.cache_hit; print(json.dumps(p.seconds))"
     )
     out = subprocess.run(
@@ -86,8 +86,8 @@ def decode_rounds(args: argparse.Namespace, manifest, rows_df):
     the cold prepare's result and who decoded it."""
     from PIL import Image
 
-    from xray_ray.pipeline import prepare
-    from xray_ray.sources import read_pixels
+    from xray_ray.data.prepare import prepare
+    from xray_ray.data.sources import read_pixels
 
     times: dict[str, list[float]] = {}
 
@@ -128,7 +128,7 @@ def memory_epoch(args: argparse.Namespace, arr) -> tuple[str, int, float]:
     """One epoch augmented in-process in random order, batched as training would be."""
     import torch
 
-    from xray_ray.augment import augment_batch
+    from xray_ray.data.augment import augment_batch
 
     torch.set_num_threads(1)
     t = time.perf_counter()
@@ -146,7 +146,7 @@ def ray_data_epoch(args: argparse.Namespace, arr, cores: int) -> tuple[str, int,
     """One epoch through Ray Data's streaming augmentation (after one epoch that warms the workers)."""
     import ray
 
-    from xray_ray.pipeline import epoch_batches, train_dataset
+    from xray_ray.data.streams import epoch_batches, train_dataset
 
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False

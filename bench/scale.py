@@ -47,7 +47,7 @@ MEASURED = ROOT / "bench" / "measured"
 
 def seed_space(path: Path) -> dict:
     """What the estimate needs from the space: trials, epochs range, sizes, ASHA's rungs."""
-    from xray_ray.config import load_space
+    from xray_ray.search.spaces import load_space
 
     s = load_space(path)
     epochs = next((p for p in s.params if p.name == "epochs"), None)

@@ -54,7 +54,7 @@ def epochs_to_reach(c: pd.DataFrame, level: float, tolerance: float = 0.0) -> in
 
 
 def run_search(label: str, space: Path, args: argparse.Namespace, results: Path) -> dict:
-    from xray_ray.search import main as search_main
+    from xray_ray.search.command import main as search_main
 
     argv = [
         "--data",
@@ -142,7 +142,7 @@ def run_both(args: argparse.Namespace, overrides: dict) -> dict[str, dict]:
     under --quick (a CI check that the script runs), where they share one to save its start-up."""
     from contextlib import nullcontext
 
-    from xray_ray.rayinit import RayOptions, ray_session
+    from xray_ray.search.ray_setup import RayOptions, ray_session
 
     shared = ray_session(RayOptions(num_cpus=args.num_cpus)) if args.quick else nullcontext()
     with tempfile.TemporaryDirectory(prefix="xray_bench_") as tmp, shared:

@@ -6,8 +6,8 @@
 For each image size, the same model (the "seed" preset), batch size, optimizer and augmentation, one torch
 thread, trained twice over the same prepared uint8 arrays:
   memory_loop   (a) this process: random-order batches of the arrays, augmented in-process with
-                xray_ray.augment.augment_batch, fed to xray_ray.train.train_one_epoch
-  tune_trial    (b) tune.Tuner running xray_ray.trial.trainable (one trial at a time, cpus_per_trial=1), fed
+                xray_ray.data.augment.augment_batch, fed to xray_ray.model.train.train_one_epoch
+  tune_trial    (b) tune.Tuner running xray_ray.search.tuner.trainable (one trial at a time, cpus_per_trial=1), fed
                 by the Ray Data pipeline (pipeline.train_dataset + epoch_batches, data_tasks=1, data_cpus=0);
                 its images/s is the figure the trial itself reports each epoch (epochs.parquet images_per_s)
   no prefetch   (c, with --compare-prefetch) the same trial, each epoch's Ray Data stream started only when
@@ -40,7 +40,7 @@ TARGET = 0.95
 def trial_config(preset: str, size: int, epochs: int, batch_size: int):
     """The TrialConfig both sides train: the preset's model at ``size`` plus the fixed augmentation."""
     from xray_ray.config import TrialConfig
-    from xray_ray.models import PRESETS
+    from xray_ray.model.cnn import PRESETS
 
     model = {k: v for k, v in PRESETS[preset].to_dict().items() if k in TrialConfig.field_names()}
     return TrialConfig.from_dict(
@@ -52,11 +52,19 @@ def memory_loop(cfg, train, val, pos_fraction: float) -> list[dict]:
     """(a) Train ``cfg`` over in-memory arrays, augmenting each random-order batch in-process."""
     import torch
 
-    from xray_ray.augment import augment_batch, strengths_of
-    from xray_ray.models import build_model
-    from xray_ray.pipeline import rows_for
-    from xray_ray.train import array_batches, make_loss, make_optimizer, make_scheduler, predict_probs, train_one_epoch
-    from xray_ray.trial import model_sizes, trial_seed
+    from xray_ray.config import model_sizes
+    from xray_ray.data.augment import augment_batch, strengths_of
+    from xray_ray.data.streams import rows_for
+    from xray_ray.model.cnn import build_model
+    from xray_ray.model.train import (
+        array_batches,
+        make_loss,
+        make_optimizer,
+        make_scheduler,
+        predict_probs,
+        train_one_epoch,
+    )
+    from xray_ray.search.trial import trial_seed
 
     torch.set_num_threads(1)
     seed = trial_seed(cfg)
@@ -93,15 +101,16 @@ def memory_loop(cfg, train, val, pos_fraction: float) -> list[dict]:
 def tune_trials(
     cfgs: dict, prepared: dict, pos_fraction: float, num_cpus: int | None, storage: str, prefetch: bool = True
 ) -> dict:
-    """(b) One real Tune trial per size, one at a time, through trial.trainable; per-epoch rows by size."""
+    """(b) One real Tune trial per size, one at a time, through tuner.trainable; per-epoch rows by size."""
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # as search.run
     import ray
     from ray import tune
 
-    from xray_ray.pipeline import train_dataset
-    from xray_ray.rayinit import RayOptions, data_slot, init_ray
-    from xray_ray.trial import Runtime, encode_value
-    from xray_ray.tuner import trial_trainable
+    from xray_ray.config import encode_value
+    from xray_ray.data.streams import train_dataset
+    from xray_ray.search.ray_setup import RayOptions, data_slot, init_ray
+    from xray_ray.search.trial import Runtime
+    from xray_ray.search.tuner import trial_trainable
 
     init_ray(RayOptions(address=None, num_cpus=num_cpus))
     try:
@@ -168,7 +177,7 @@ def parse_args() -> argparse.Namespace:
         "--data", default=default_data(), help="folder, .npz or synthetic:N (default: the real images if present)"
     )
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--preset", default="seed", help="model preset (xray_ray.models.PRESETS)")
+    ap.add_argument("--preset", default="seed", help="model preset (xray_ray.model.cnn.PRESETS)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=3, help="epochs per side, the first being the warm-up")
     ap.add_argument("--limit", type=int, default=0, help="train on the first N train images only (0: all)")
@@ -192,9 +201,9 @@ def parse_args() -> argparse.Namespace:
 
 def prepared_data(args: argparse.Namespace) -> dict:
     """Each size prepared from the data's own patient-grouped splits (train cut to --limit)."""
-    from xray_ray.pipeline import prepare
-    from xray_ray.sources import load_source
-    from xray_ray.splits import assign_splits
+    from xray_ray.data.prepare import prepare
+    from xray_ray.data.sources import load_source
+    from xray_ray.data.splits import assign_splits
 
     manifest = load_source(args.data, seed=0)
     df, _ = assign_splits(manifest.df, seed=0)

@@ -17,8 +17,8 @@ import yaml
 from browser import BROWSERS, Chromium, find_browser
 from PIL import Image
 
-from xray_ray.images import resize_gray
-from xray_ray.phantoms import render
+from xray_ray.data.images import resize_gray
+from xray_ray.data.phantoms import render
 
 REAL_DATA = Path(os.environ.get("XRAY_RAY_REAL_DATA") or Path(__file__).resolve().parents[2] / "shared/data/chest_xray")
 
@@ -182,9 +182,9 @@ def export_tiny_model(out: Path, size: int = 32) -> Path:
     import pandas as pd
     import torch
 
-    from xray_ray.models import build_model
-    from xray_ray.pipeline import SplitArrays
-    from xray_ray.winner import finalize
+    from xray_ray.data.prepare import SplitArrays
+    from xray_ray.model.cnn import build_model
+    from xray_ray.ship.winner import finalize
 
     torch.manual_seed(0)
     labels = np.array([0, 1] * 8, np.int64)
@@ -318,7 +318,7 @@ def module_ray():
     idle workers with torch imported instead of starting and stopping a Ray of its own. Yields its GCS address."""
     import ray
 
-    from xray_ray.rayinit import RayOptions, init_ray
+    from xray_ray.search.ray_setup import RayOptions, init_ray
 
     init_ray(RayOptions())
     yield ray.get_runtime_context().gcs_address

@@ -1,4 +1,5 @@
-"""The `xray-ray` console command and `python -m xray_ray.<module>` run the same tools, from a fresh process."""
+"""The `xray-ray` console command and `python -m xray_ray <command>` (and the two package forms,
+`python -m xray_ray.search` and `python -m xray_ray.data inspect`) run the same tools, from a fresh process."""
 
 import json
 import os
@@ -16,11 +17,11 @@ from xray_ray.cli import COMMANDS
 # subcommand -> the `python -m` form it stands for
 MODULE_FORM = {
     "search": ["xray_ray.search"],
-    "predict": ["xray_ray.predict"],
-    "evaluate": ["xray_ray.evaluate"],
+    "predict": ["xray_ray", "predict"],
+    "evaluate": ["xray_ray", "evaluate"],
     "inspect": ["xray_ray.data", "inspect"],
-    "stability": ["xray_ray.stability"],
-    "ablation": ["xray_ray.ablation"],
+    "stability": ["xray_ray", "stability"],
+    "ablation": ["xray_ray", "ablation"],
 }
 
 

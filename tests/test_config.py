@@ -7,7 +7,7 @@ import yaml
 
 from xray_ray.config import MAX_EPOCHS, TrialConfig
 from xray_ray.errors import UserError
-from xray_ray.spaces import load_space, parse_space
+from xray_ray.search.spaces import load_space, parse_space
 
 SPACES = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
 
@@ -18,7 +18,7 @@ def test_ships_the_three_spaces():
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
 def test_shipped_space_parses_and_every_choice_builds_a_model(path):
-    from xray_ray.models import build_model, config_from_dict
+    from xray_ray.model.cnn import build_model, config_from_dict
 
     space = load_space(path)
     assert space.num_samples >= 1 and 1 <= space.max_epochs <= MAX_EPOCHS
@@ -110,7 +110,7 @@ def test_trial_config_rejects_unknown_and_wrong_types():
 
 
 def test_new_ideas_default_off_and_old_trial_seeds_are_unchanged():
-    from xray_ray.trial import trial_seed
+    from xray_ray.search.trial import trial_seed
 
     # the seeds computed by the release before these settings existed (crc32 of the old config dict)
     assert trial_seed(TrialConfig()) == 2107442432
@@ -145,8 +145,8 @@ def test_robustness_composites_are_metrics_with_their_direction():
 
 
 def test_model_fields_have_one_set_of_defaults():
-    from xray_ray import models
     from xray_ray.config import CNNConfig
+    from xray_ray.model import cnn as models
 
     assert models.CNNConfig is CNNConfig  # the old import path names the same type
     model, trial = CNNConfig().to_dict(), TrialConfig().to_dict()

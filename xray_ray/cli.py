@@ -1,7 +1,8 @@
-"""The `xray-ray` command: one entry point for every tool, each still runnable as `python -m xray_ray.<module>`.
+"""The `xray-ray` command (also `python -m xray_ray`): one entry point for every tool.
 
 Each subcommand hands the rest of the command line, unchanged, to the `main(argv)` of the module that
-implements it, so `xray-ray search --help` and `python -m xray_ray.search --help` print the same flags.
+implements it, so `xray-ray search --help` and `python -m xray_ray.search --help` print the same flags
+(`python -m xray_ray.search` and `python -m xray_ray.data inspect` are the two package entry points kept).
 Modules are imported only when their subcommand runs: `xray-ray --help` loads neither torch nor Ray.
 """
 
@@ -13,12 +14,12 @@ from collections.abc import Sequence
 
 # subcommand -> (module, arguments put before the user's, one line of help)
 COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "search": ("xray_ray.search", (), "search CNNs on Ray Tune and export the winner"),
-    "predict": ("xray_ray.predict", (), "score images with an exported model (onnxruntime, no torch)"),
-    "evaluate": ("xray_ray.evaluate", (), "metrics of an exported model on a labelled data folder"),
-    "inspect": ("xray_ray.data", ("inspect",), "what is in a data folder, and the split a search would use"),
-    "stability": ("xray_ray.stability", (), "retrain a run's winner with other seeds on the run's own splits"),
-    "ablation": ("xray_ray.ablation", (), "one configuration, each idea switched on or off, several seeds each"),
+    "search": ("xray_ray.search.command", (), "search CNNs on Ray Tune and export the winner"),
+    "predict": ("xray_ray.serve.predict", (), "score images with an exported model (onnxruntime, no torch)"),
+    "evaluate": ("xray_ray.serve.evaluate", (), "metrics of an exported model on a labelled data folder"),
+    "inspect": ("xray_ray.data.inspect", ("inspect",), "what is in a data folder, and the split a search would use"),
+    "stability": ("xray_ray.studies.stability", (), "retrain a run's winner with other seeds on the run's own splits"),
+    "ablation": ("xray_ray.studies.ablation", (), "one configuration, each idea on or off, several seeds each"),
 }
 
 

@@ -3,7 +3,7 @@
 A trial is described by one flat, frozen :class:`TrialConfig`; its model fields are :class:`CNNConfig`'s,
 and every default is defined here once. Both are pydantic models: unknown keys, wrong types, values out of
 bounds and sizes the CNN family cannot build are refused with one sentence that names the key
-(:class:`~xray_ray.errors.UserError`). Search-space files are parsed in :mod:`xray_ray.spaces`.
+(:class:`~xray_ray.errors.UserError`). Search-space files are parsed in :mod:`xray_ray.search.spaces`.
 This module imports no torch: the search driver validates configs without it.
 """
 
@@ -323,14 +323,18 @@ class TrialConfig(_Sizes):
 LINKED_FIELDS = ("image_size", "blocks", "epochs", "warmup_epochs", "swa", "ema")
 
 
-# The search-space names lived here before xray_ray.spaces; modules not yet moved to it still import them
-# from here (search.py, bench/scale.py). Resolved lazily: spaces imports this module.
-_MOVED_TO_SPACES = ("Param", "SearchSpace", "METRICS", "load_space", "parse_space", "check_corners")
+def model_sizes(cfg: TrialConfig) -> dict[str, Any]:
+    """The CNNConfig sizes of a trial (build_model(**model_sizes(cfg)))."""
+    names = CNNConfig.field_names()
+    return {k: v for k, v in cfg.to_dict().items() if k in names and k != "in_channels"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_SPACES:
-        from xray_ray import spaces
+def encode_value(v: Any) -> Any:
+    """Optuna's categoricals hold scalars only: lists (fc layer sizes) travel as JSON strings."""
+    return json.dumps(list(v)) if isinstance(v, (list, tuple)) else v
 
-        return getattr(spaces, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def decode_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The trial settings of Tune's config (TrialConfig reads fc back from its JSON string itself)."""
+    fields = set(TrialConfig.field_names())
+    return {k: v for k, v in config.items() if k in fields}

@@ -22,57 +22,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from xray_ray.common import json_safe, write_bytes_fs
-from xray_ray.robustness import COMPOSITES, SHIFTS
-
-TRIAL_COLUMNS = [
-    "trial_id",
-    "status",
-    "error",
-    "epochs_run",
-    "epochs",
-    "best_epoch",
-    "best_metric",
-    "best_val_auc",
-    "best_val_loss",
-    "best_val_acc",
-    "last_val_auc",
-    "wall_seconds",
-    "images_per_s",
-    "node_id",
-    "data_nodes",
-    "device",
-    "checkpoint_path",  # device: cpu or cuda:<card>
-    # robustness of the best epoch when it was scored, else of the last scored epoch (rob_epoch)
-    "rob_epoch",
-    *COMPOSITES,
-    "rob_worst_shift",
-    *[f"shift_{m}__{name}" for name in SHIFTS for m in ("auc", "loss")],
-]
-EPOCH_COLUMNS = [
-    "trial_id",
-    "epoch",
-    "train_loss",
-    "val_loss",
-    "val_auc",
-    "val_acc",
-    "val_brier",
-    "val_score",
-    "lr",
-    "seconds",
-    "step_seconds",
-    "eval_seconds",
-    "images",
-    "images_per_s",
-    "node_id",
-    "ended_at",  # ended_at: unix seconds of the report, orders epochs across trials
-    # robustness on the shift battery (NaN on epochs not scored): composites, then each shift
-    "rob_seconds",
-    "rob_auc_min",
-    "rob_auc_mean",
-    "rob_loss_mean",
-    "rob_worst_shift",
-    *[f"shift_{m}__{name}" for name in SHIFTS for m in ("auc", "loss")],
-]
 
 
 def is_uri(path: str) -> bool:

@@ -1,0 +1,418 @@
+"""Beyond one machine: the search on a real two-node Ray cluster, with token authentication, and on S3.
+
+Both Ray nodes run on this machine, each started by `ray start --block` in its own process group, with
+a token made for this test (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH). S3 is moto's S3 server on
+127.0.0.1, reached through AWS_ENDPOINT_URL exactly as a real bucket is reached through the AWS
+defaults. The search runs unchanged as `python -m xray_ray.search --address ...`; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import write_kaggle_tree
+from xray_ray import results as R
+
+# Tests that start a two-node Ray cluster are marked slow one by one; the pure unit test runs in `make test-fast`.
+ROOT = Path(__file__).resolve().parents[2]
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the venv's own ray CLI, never a PATH lookup
+BUCKET = "xray-test"
+# Dummy credentials: moto accepts any; the test checks that neither string is written to the bucket.
+ACCESS_KEY = "AKIAXRAYRAYDUMMYKEY1"
+SECRET_KEY = "xrayRayDummySecretKey0123456789abcdefXYZ"
+
+TINY_SPACE = {
+    "name": "cluster",
+    "space": {
+        "image_size": 32,
+        "epochs": 2,
+        "blocks": 1,
+        "double_conv": False,
+        "width": {"type": "categorical", "choices": [4, 8]},
+        "head": "gap",
+        "fc": [8],
+        "lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True},
+        "batch_size": 64,
+    },
+    "searcher": {"algorithm": "optuna", "num_samples": 4, "max_concurrent": 2, "seed": 0},
+    "scheduler": {"algorithm": "fifo", "metric": "val_auc"},
+    "data": {"val_fraction": 0.2, "test_fraction": 0.2},
+}
+# One CPU per node and one per trial: the two concurrent trials cannot share a node, so both nodes train.
+# Augmentation tasks reserve no CPU (they would wait forever behind trials holding every CPU); Ray Data
+# spreads them over the nodes, and each task records the node it really ran on.
+PLACEMENT = ["--cpus-per-trial", "1", "--data-cpus", "0"]
+
+
+@dataclass
+class Cluster:
+    address: str
+    env: dict[str, str]  # what every node, and a driver joining them, has in its environment
+    head_id: str
+    worker_id: str
+    s3_endpoint: str
+    tmp: Path
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (a free port); yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server, tmp_path_factory):
+    """A head (1 CPU, resource 'head') and a second node (1 CPU), token auth on; both stopped afterwards."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    token_file = tmp / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    token_file.chmod(0o600)
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN") and not k.startswith("AWS_")
+    }
+    env.update(
+        {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token_file),
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # stop now, not after Ray's 30 s drain wait
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "XRAY_RAY_CACHE": str(tmp / "cache"),
+            # As rayinit.init_ray does for a local Ray: keep idle workers (torch imported) for the next trial's
+            # augmentation instead of killing them at once, which a 1-CPU node does by default (~10 s each here).
+            "RAY_idle_worker_killing_time_threshold_ms": "600000",
+            "RAY_num_workers_soft_limit": "4",
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": s3_server,
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }
+    )
+    # Short, because Ray's unix sockets live under it and socket paths are limited to 107 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="xrc", dir="/tmp"))
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--num-cpus=1", "--disable-usage-stats", f"--temp-dir={ray_tmp}"]
+    nodes: list[subprocess.Popen] = []
+    try:
+        nodes.append(
+            _start_node(
+                ["--head", f"--port={port}", '--resources={"head": 1}', "--include-dashboard=false", *common],
+                env,
+                tmp / "head.log",
+            )
+        )
+        nodes.append(_start_node([f"--address={address}", *common], env, tmp / "worker.log"))
+        ids = _wait_for_nodes(address, env, 2)
+        head = [n for n, is_head in ids.items() if is_head]
+        assert len(head) == 1, ids
+        worker = [n for n in ids if n != head[0]]
+        yield Cluster(address, env, head[0], worker[0], s3_server, tmp)
+    finally:
+        for proc in reversed(nodes):
+            _stop_node(proc)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def space_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("space") / "cluster.yaml"
+    path.write_text(yaml.safe_dump(TINY_SPACE))
+    return path
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.slow
+def test_token_auth_guards_the_cluster(cluster):
+    """The cluster answers its own token only: a client or a node with a wrong token, or none, is refused."""
+    ok = _ray_status(cluster.address, cluster.env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "2.0 CPU" in ok.stdout and "head" in ok.stdout
+    others = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+    wrong_token = {**others, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    for env in (wrong_token, {**others, "RAY_AUTH_MODE": "disabled"}):
+        refused = _ray_status(cluster.address, env)
+        assert refused.returncode != 0
+        assert "InvalidAuthToken" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
+
+    # A third node with a wrong token cannot join (one connection attempt instead of Ray's ~20 retries).
+    log = cluster.tmp / "intruder.log"
+    once = {**wrong_token, "RAY_gcs_server_port_wait_time_s": "1"}
+    with open(log, "wb") as out:
+        intruder = subprocess.Popen(
+            [*RAY, "start", "--block", f"--address={cluster.address}", "--num-cpus=1", "--disable-usage-stats"],
+            env=once,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 90
+    while not _exited(intruder.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    joined = not _exited(intruder.pid)
+    _stop_node(intruder)
+    assert not joined and intruder.returncode != 0, log.read_text(errors="replace")[-3000:]
+    assert "InvalidAuthToken" in log.read_text(errors="replace")
+    assert len(_wait_for_nodes(cluster.address, cluster.env, 2)) == 2
+
+
+@pytest.mark.slow
+def test_multi_node_refuses_node_local_results(cluster, space_file):
+    results = cluster.tmp / "local-results"
+    proc = _search(
+        cluster,
+        "--data",
+        "synthetic:300",
+        "--space",
+        str(space_file),
+        "--results",
+        str(results),
+        *PLACEMENT,
+        "--no-export",
+    )
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr  # Ray's INFO lines go there too
+    message = errors[0]
+    assert message.startswith("error: this cluster has 2 nodes but --results")
+    assert "node-local" in message and "s3://" in message and "--allow-local-results" in message
+    assert message.endswith(".") and message.count(". ") == 0  # one sentence
+    assert not (results / "cluster" / "tune").exists()  # refused before Tune started
+    assert not (results / "cluster" / "run.json").exists()  # so the corrected command needs no --resume
+
+
+def test_file_uris_count_as_node_local():
+    """file:// is each node's own disk, like a plain path: only --allow-local-results accepts it on a cluster."""
+    assert R.node_local("results") and R.node_local("/mnt/nfs/results") and R.node_local("file:///tmp/r")
+    assert R.node_local("FILE:///tmp/r")
+    assert not R.node_local("s3://bucket/results") and not R.node_local("gs://bucket/results")
+    from xray_ray.search.command import node_local_refusal
+
+    assert "is a node-local path" in node_local_refusal("file:///tmp/r", 2, False)
+    assert node_local_refusal("file:///tmp/r", 2, True) is None  # the user says it is a shared mount
+    assert node_local_refusal("results", 1, False) is None and node_local_refusal("s3://b/r", 3, False) is None
+
+
+@pytest.mark.slow
+def test_a_search_on_both_nodes_reads_and_writes_s3(cluster, space_file):
+    """Images read from S3, results and checkpoints written there, trials and augmentation on both nodes."""
+    s3 = _boto3_client(cluster.s3_endpoint)
+    s3.create_bucket(Bucket=BUCKET)
+    tree = write_kaggle_tree(cluster.tmp / "kaggle" / "chest_xray")
+    for f in sorted(p for p in tree.rglob("*") if p.is_file()):
+        s3.upload_file(str(f), BUCKET, f"chest_xray/{f.relative_to(tree).as_posix()}")
+
+    proc = _search(
+        cluster,
+        "--data",
+        f"s3://{BUCKET}/chest_xray",
+        "--space",
+        str(space_file),
+        "--results",
+        f"s3://{BUCKET}/results",
+        *PLACEMENT,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    fs = pafs.S3FileSystem(
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        region="us-east-1",
+        scheme="http",
+        endpoint_override=cluster.s3_endpoint.removeprefix("http://"),
+    )
+    run = f"{BUCKET}/results/cluster"
+    trials = pq.read_table(f"{run}/trials.parquet", filesystem=fs).to_pandas()
+    epochs = pq.read_table(f"{run}/epochs.parquet", filesystem=fs).to_pandas()
+    with fs.open_input_stream(f"{run}/run.json") as f:
+        info = json.loads(f.read())
+    both = {cluster.head_id, cluster.worker_id}
+    assert len(trials) == 4 and (trials["status"] == "completed").all() and len(epochs) == 8
+    assert set(trials["node_id"]) == both, trials[["trial_id", "node_id"]]  # both nodes wrote checkpoints
+    data_nodes = {n for cell in trials["data_nodes"] for n in cell.split(",")}
+    assert data_nodes == both, trials[["trial_id", "node_id", "data_nodes"]]  # and ran augmentation tasks
+    assert set(epochs["node_id"]) == both and info["resources"]["address"] == cluster.address
+    assert info["status"] == "finished" and info["data"]["spec"] == f"s3://{BUCKET}/chest_xray"
+    assert info["data"]["source"]["images"] == sum(1 for p in tree.rglob("*") if p.is_file())
+    assert info["best"]["trial_id"] in set(trials["trial_id"])
+    for uri in trials["checkpoint_path"]:  # recorded as a URI, not as a path that looks local
+        assert uri.startswith(f"s3://{run}/tune/"), uri
+        assert fs.get_file_info(f"{uri.removeprefix('s3://')}/state.pt").type == pafs.FileType.File, uri
+
+    import onnx
+
+    with fs.open_input_stream(f"{run}/best/model.onnx") as f:
+        onnx.checker.check_model(onnx.load_from_string(f.read()))
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="results/")
+        for o in page.get("Contents", [])
+    ]
+    tune = [k for k in keys if k.startswith("results/cluster/tune/")]
+    assert any(re.fullmatch(r"results/cluster/tune/experiment_state-[^/]+\.json", k) for k in tune), tune
+    trial_dirs = {k.split("/")[3] for k in tune if "/checkpoint_" in k}
+    assert len(trial_dirs) == 4, sorted(trial_dirs)
+    for key in keys:  # nothing the run wrote holds the credentials it used
+        body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        assert ACCESS_KEY.encode() not in body and SECRET_KEY.encode() not in body, key
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_node(args: list[str], env: dict[str, str], log: Path, timeout: float = 180) -> subprocess.Popen:
+    """`ray start --block ARGS` in a new process group; returns once the node says it started."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*RAY, "start", "--block", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while "Ray runtime started" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop_node(proc)
+            raise RuntimeError(f"ray start {' '.join(args)} failed:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.5)
+    return proc
+
+
+def _stop_node(proc: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM to `ray start --block` (it stops its node), then SIGKILL whatever is left of that node.
+
+    The group is the one this test created (start_new_session); its id stays ours while the unreaped
+    `ray start` holds the pid. Ray gives each worker process a group of its own, so the node's workers
+    are noted by pid and start time first; they exit with their raylet, and any that do not are killed.
+    """
+    if proc.returncode is not None:
+        return
+    procs = _processes()
+    group = {pid for pid, (_, pgid, _) in procs.items() if pgid == proc.pid}
+    workers = {pid: start for pid, (ppid, pgid, start) in procs.items() if ppid in group and pgid != proc.pid}
+    os.kill(proc.pid, signal.SIGTERM)  # not proc.send_signal: it would reap an exited `ray start` first
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and not _exited(proc.pid):
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_processes().get(p, (0, 0, ""))[2] == s for p, s in workers.items()):
+        time.sleep(0.2)
+    now = _processes()
+    for pid, start in workers.items():
+        if now.get(pid, (0, 0, ""))[2] == start:  # still that very worker, not a reused pid
+            os.kill(pid, signal.SIGKILL)
+
+
+def _processes() -> dict[int, tuple[int, int, str]]:
+    """{pid: (parent pid, process group, start time)} from /proc (Linux)."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            out[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[19])
+    return out
+
+
+def _exited(pid: int) -> bool:
+    """Whether a child exited, without reaping it (so its pid, and group id, are not reused yet)."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def _ray_status(address: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*RAY, "status", "-v", "--address", address], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def _wait_for_nodes(address: str, env: dict[str, str], n: int, timeout: float = 60) -> dict[str, bool]:
+    """{node id: is head} from `ray status -v` once n nodes are up; the head is the node with 'head'."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = _ray_status(address, env).stdout
+        blocks = re.split(r"^Node: ", out, flags=re.M)[1:]
+        ids = {b.split()[0]: bool(re.search(r"/1\.0 head$", b, flags=re.M)) for b in blocks}
+        if len(ids) >= n or time.monotonic() > deadline:
+            assert len(ids) == n, out
+            return ids
+        time.sleep(1)
+
+
+def _search(cluster: Cluster, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
+    """`python -m xray_ray.search --address <cluster> ARGS` as a driver with the cluster's environment."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xray_ray.search",
+            "--address",
+            cluster.address,
+            "--cache",
+            str(cluster.tmp / "cache"),
+            *args,
+        ],
+        env=cluster.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _boto3_client(endpoint: str):
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+    )

@@ -1,0 +1,125 @@
+"""`python -m xray_ray.data inspect DATA [--json] [--seed S]`: what a data source holds, and how it would split.
+
+Reports images per split and class, patients, byte-identical duplicate groups, skipped files with
+their reasons, and the split that `assign_splits` makes for the seed, without training anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+
+from xray_ray import CLASSES
+from xray_ray.common import cli
+from xray_ray.data.sources import Manifest, load_source
+from xray_ray.data.splits import assign_splits, duplicate_groups
+
+
+def inspect(
+    spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1, min_val_images: int = 100
+) -> dict:
+    """JSON-able summary of a data source and the split it would get (raises UserError/DataError).
+
+    Data without train images (say, only a test/ folder, to score with evaluate) is summarised too; its
+    "split" is None, since a search could not train on it.
+    """
+    start = time.perf_counter()
+    manifest: Manifest = load_source(spec, seed=seed)
+    df = manifest.df
+    split_info = None  # a folder with test/ (or val/) but no train/ can be looked at, though not searched
+    if (df["orig_split"] == "train").any():
+        _, split_info = assign_splits(
+            df, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, min_val_images=min_val_images
+        )
+    dups = duplicate_groups(df)
+    return {
+        "data": spec,
+        "source": manifest.info,
+        "images": int(len(df)),
+        "by_split": manifest.info.get("counts", {}),
+        "patients": int(df["patient"].nunique()),
+        "duplicates": {"groups": len(dups), "images": int(sum(map(len, dups))), "list": dups},
+        "skipped": manifest.skipped.to_dict(orient="records"),
+        "split": split_info,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def format_report(r: dict) -> str:
+    """The human-readable version of `inspect`'s summary."""
+    cols = [*CLASSES, "total"]
+    lines = [
+        f"data: {r['data']} ({r['source']['source']}, {r['seconds']:.1f} s)",
+        "",
+        "images as given:",
+        _table(r["by_split"], cols),
+        f"patients: {r['patients']}",
+        f"byte-identical duplicate groups: {r['duplicates']['groups']} ({r['duplicates']['images']} images)",
+    ]
+    skipped = r["skipped"]
+    lines.append(f"skipped files: {len(skipped)}")
+    for reason, n in Counter(s["reason"] for s in skipped).most_common():
+        example = next(s["path"] for s in skipped if s["reason"] == reason)
+        lines.append(f"  {n:6d}  {reason}  (e.g. {example})")
+    s = r["split"]
+    if s is None:
+        lines += [
+            "",
+            "split: none; the data has no train images, so a search cannot use it (evaluate can "
+            "score its splits with --split).",
+        ]
+        lines += [f"warning: {w}" for w in r["source"].get("warnings", [])]
+        return "\n".join(lines)
+    lines += [
+        "",
+        f"split (seed {s['seed']}, {s['method']}; val: {s['val_source']}, test: {s['test_source']}):",
+        _table({k: {**v, "patients": s["patients"][k]} for k, v in s["counts"].items()}, [*cols, "patients"]),
+    ]
+    if s["leakage"]:
+        lines.append(
+            f"leakage: {len(s['leakage'])} groups in train and in the given val/test; "
+            f"{s['dropped']} train images dropped"
+        )
+        for leak in s["leakage"][:10]:
+            lines.append(
+                f"  {', '.join(leak['patients'])}: kept {leak['kept_split']}, dropped {', '.join(leak['dropped'])}"
+            )
+    for w in [*r["source"].get("warnings", []), *s["warnings"]]:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def _table(rows: dict[str, dict[str, int]], cols: list[str]) -> str:
+    out = ["  " + f"{'':10s}" + "".join(f"{c:>11s}" for c in cols)]
+    for name, row in rows.items():
+        out.append("  " + f"{name:10s}" + "".join(f"{row.get(c, 0):11d}" for c in cols))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (2 for user errors)."""
+    parser = argparse.ArgumentParser(prog="python -m xray_ray.data", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="summarise a data source and the split it would get")
+    p.add_argument("data", help="folder (Kaggle layout), .npz, synthetic[:N] or medmnist[:SIZE]")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--min-val-images", type=int, default=100)
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        report = inspect(
+            args.data,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            min_val_images=args.min_val_images,
+        )
+        print(json.dumps(report, indent=1) if args.json else format_report(report))
+        return 0
+
+    return cli(body)

@@ -1,0 +1,281 @@
+"""Evaluate an exported model on any data source, with onnxruntime (no torch).
+
+    xray-ray evaluate --model results/demo/best --data path/to/chest_xray --split val
+
+Scores one split of a source (a Kaggle-layout folder, a PneumoniaMNIST .npz, or synthetic) at the model
+card's threshold and at 0.5, and prints the metrics with patient-level bootstrap intervals.
+`--split` names the source's own splits (a folder's split sub-folders), or `all`; with `--resplit` it
+names the patient-grouped splits the search made (seed and fractions from the card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from xray_ray import CLASSES
+from xray_ray.common import DEFAULT_MAX_FILE_MB, SHOWN_METRICS, add_model_file_flags, cli, json_safe, one_line
+from xray_ray.errors import DataError, UserError
+from xray_ray.metrics import binary_metrics, bootstrap_ci
+
+SPLITS = ("test", "val", "train", "extra_val", "all")
+TABLE_METRICS = SHOWN_METRICS
+
+
+def summarize(
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    *,
+    groups: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Counts, prevalence and metrics with bootstrap CIs at `threshold` and at 0.5 for one split."""
+    y = np.asarray(y, dtype=np.int64)
+    p = np.asarray(p, dtype=np.float64)
+    pos = int(y.sum())
+    out: dict[str, Any] = {
+        "n": int(len(y)),
+        "patients": len(set(groups)) if groups is not None else None,
+        "prevalence": pos / len(y) if len(y) else math.nan,
+        "counts": {CLASSES[0]: int(len(y) - pos), CLASSES[1]: pos},
+    }
+    groups_arr = np.asarray(groups) if groups is not None else None
+    for key, t in (("at_threshold", threshold), ("at_0.5", 0.5)):
+        block = dict(binary_metrics(y, p, t))
+        block["ci"] = bootstrap_ci(y, p, t, groups=groups_arr, n_boot=n_boot, seed=seed) if len(y) else {}
+        out[key] = block
+    return out
+
+
+def _digest(uid: str, image: np.ndarray) -> tuple[str, str]:
+    return str(uid), hashlib.sha1(np.ascontiguousarray(image).tobytes(), usedforsecurity=False).hexdigest()
+
+
+def _combine(digests: list[tuple[str, str]]) -> str:
+    return hashlib.sha1(repr(sorted(digests)).encode(), usedforsecurity=False).hexdigest()[:16]
+
+
+def fingerprint(uids: Sequence[str], images: np.ndarray) -> str:
+    """Order-free digest of a split's images as the model sees them (uid + resized pixels), so a later
+    evaluation can tell whether it scored the very images the search did."""
+    return _combine([_digest(u, img) for u, img in zip(uids, images)])
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def format_table(summary: Mapping[str, Any], threshold: float) -> str:
+    """The metrics of `summarize` as a plain-text table: one row per metric, value [95% CI]."""
+
+    def cell(block: Mapping[str, Any], name: str) -> str:
+        ci = (block.get("ci") or {}).get(name)
+        if ci is None or any(c is None or (isinstance(c, float) and math.isnan(c)) for c in ci):
+            return _fmt(block.get(name))
+        return f"{_fmt(block.get(name))} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+    heads = (f"threshold {threshold:.4f}", "threshold 0.5")
+    rows = [
+        (("recall (sens.)" if m == "recall" else m), cell(summary["at_threshold"], m), cell(summary["at_0.5"], m))
+        for m in TABLE_METRICS
+    ]
+    w1 = max(len(r[0]) for r in rows)
+    w2 = max(len(heads[0]), *(len(r[1]) for r in rows))
+    lines = [f"{'metric':<{w1}}  {heads[0]:<{w2}}  {heads[1]}"]
+    lines += [f"{a:<{w1}}  {b:<{w2}}  {c}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def _read_rows(rows: list[dict], size: int, threads: int) -> tuple[list[int], np.ndarray, list[tuple[str, str]]]:
+    """Pixels of the rows that decode; (kept indices, uint8 [K, S, S], [(uid, reason)] of the rest)."""
+    from xray_ray.data.images import ImageError
+    from xray_ray.data.sources import read_pixels
+
+    def one(row: dict) -> np.ndarray | str:
+        try:
+            return read_pixels(row, size)
+        except (DataError, ImageError, OSError) as e:  # a file changed or vanished since discovery
+            return str(e) or type(e).__name__
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = list(pool.map(one, rows))
+    kept = [i for i, r in enumerate(results) if not isinstance(r, str)]
+    bad = [(rows[i]["uid"], r) for i, r in enumerate(results) if isinstance(r, str)]
+    pixels = np.stack([results[i] for i in kept]) if kept else np.zeros((0, size, size), np.uint8)
+    return kept, pixels, bad
+
+
+def _search_split(df: pd.DataFrame, card: Mapping[str, Any]) -> pd.DataFrame:
+    """The manifest with the `split` column the search gave it (seed and fractions from the card)."""
+    from xray_ray.data.splits import assign_splits
+
+    how = (card.get("data") or {}).get("split") or {}
+    if "seed" not in how:
+        raise UserError("the model card does not record how the search split its data; drop --resplit.")
+    keys = ("val_fraction", "test_fraction", "min_val_images")
+    df, _ = assign_splits(df, seed=int(how["seed"]), **{k: how[k] for k in keys if k in how})
+    return df
+
+
+def _one_split(df: pd.DataFrame, column: str, split: str, resplit: bool) -> pd.DataFrame:
+    """The rows of `split` in `column` (all rows for "all"); a split the data lacks is a UserError."""
+    if split == "all":
+        return df
+    have = sorted(df[column].astype(str).unique())
+    if split not in have:
+        hint = "" if resplit else " (--resplit splits it as the search did)"
+        raise UserError(
+            f"the data has no '{split}' split, only {', '.join(have) or 'no images'}; choose one of those or all{hint}."
+        )
+    return df[df[column] == split]
+
+
+def _score_rows(model: Any, rows: list[dict], batch_size: int) -> tuple[list, list, list, list, list]:
+    """Read and score the rows in batches: (labels, probability batches, patients, unreadable, digests)."""
+    threads = min(8, os.cpu_count() or 1)
+    labels, probs, patients, unreadable, digests = [], [], [], [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        kept, pixels, bad = _read_rows(chunk, model.image_size, threads)
+        unreadable += bad
+        if kept:
+            probs.append(model.predict(pixels.astype(np.float32)[:, None] / 255.0))
+            labels += [int(chunk[i]["label"]) for i in kept]
+            patients += [str(chunk[i]["patient"]) for i in kept]
+            digests += [_digest(chunk[i]["uid"], img) for i, img in zip(kept, pixels)]
+    return labels, probs, patients, unreadable, digests
+
+
+def _skipped_files(skipped: pd.DataFrame, unreadable: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """The files skipped at discovery, then those that would not decode: [{path, reason}]."""
+    listed = [{"path": str(r["path"]), "reason": str(r["reason"])} for r in skipped.to_dict(orient="records")]
+    return listed + [{"path": str(u), "reason": r} for u, r in unreadable]
+
+
+def evaluate(
+    model_dir: str,
+    data: str,
+    *,
+    split: str = "test",
+    seed: int | None = None,
+    resplit: bool = False,
+    batch_size: int = 64,
+    n_boot: int = 1000,
+    max_file_mb: float = DEFAULT_MAX_FILE_MB,
+    allow_modified_model: bool = False,
+) -> dict[str, Any]:
+    """Score one split of a data source with an exported model; returns a JSON-able result.
+
+    Without `resplit`, splits are the source's own (a folder's train/val/test folders); with it, the
+    patient-grouped split the search made, so "test" is the search's held-out test. `seed` defaults to
+    the search's seed (it decides which synthetic images exist). Files of a folder that are not regular
+    files or exceed `max_file_mb` are skipped without being read; every skipped file is listed in
+    "skipped_files" with its reason.
+    """
+    from xray_ray.data.sources import load_source
+    from xray_ray.serve.runtime import load_exported
+
+    if not max_file_mb > 0:
+        raise UserError(f"--max-file-mb must be positive, got {max_file_mb:g}.")
+    model = load_exported(model_dir, allow_modified=allow_modified_model)
+    if seed is None:  # check_card made it an int or None
+        seed = (model.card.get("data") or {}).get("seed") or 0
+    manifest = load_source(data, seed=seed, max_file_bytes=int(max_file_mb * 2**20))
+    df = _search_split(manifest.df, model.card) if resplit else manifest.df
+    column = "split" if "split" in df.columns else "orig_split"
+    df = _one_split(df, column, split, resplit)
+    if not len(df):
+        raise UserError(f"the data at {data} holds no usable images; check the path.")
+    rows = df.to_dict("records")
+    labels, probs, patients, unreadable, digests = _score_rows(model, rows, batch_size)
+    if not labels:
+        raise UserError(f"none of the {len(rows)} images in split '{split}' could be read.")
+    y, p = np.asarray(labels, np.int64), np.concatenate(probs)
+    summary = summarize(y, p, model.threshold, groups=patients, n_boot=n_boot, seed=seed)
+    searched = ((model.card.get("data") or {}).get("fingerprints") or {}).get(split) if resplit else None
+    return json_safe(
+        {
+            "model": str(model_dir),
+            "data": data,
+            "split": split,
+            "split_column": column,
+            "seed": seed,
+            "threshold": model.threshold,
+            "trial_id": model.card.get("trial_id"),
+            "skipped": int(len(manifest.skipped)) + len(unreadable),
+            "skipped_files": _skipped_files(manifest.skipped, unreadable),
+            "unreadable": [{"uid": u, "reason": r} for u, r in unreadable],
+            "fingerprint": _combine(digests),
+            "same_images_as_search": None if searched is None else searched == _combine(digests),
+            "metrics": summary,
+        }
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (2 for problems the user can fix)."""
+    ap = argparse.ArgumentParser(prog="xray-ray evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="exported model folder (model.json + model.onnx)")
+    ap.add_argument("--data", required=True, help="a Kaggle-layout folder, a .npz, 'synthetic' or 'synthetic:N'")
+    ap.add_argument("--split", default="test", choices=SPLITS, help="which of the source's splits (default test)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument(
+        "--resplit",
+        action="store_true",
+        help="split the data as the search did (patient-grouped; seed and fractions from the card)",
+    )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of synthetic data and of the bootstrap (default: the search's seed)",
+    )
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the 95%% intervals")
+    add_model_file_flags(ap)
+    args = ap.parse_args(argv)
+    return cli(lambda: _main(args))
+
+
+# evaluate()'s keyword options, each the flag of the same name
+EVALUATE_OPTIONS = ("split", "seed", "resplit", "batch_size", "n_boot", "max_file_mb", "allow_modified_model")
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.n_boot < 1:
+        raise UserError("--batch-size and --n-boot must be at least 1.")
+    result = evaluate(args.model, args.data, **{k: getattr(args, k) for k in EVALUATE_OPTIONS})
+    if result["same_images_as_search"] is False:
+        print(
+            f"warning: these are not the images the search scored as '{args.split}' (the data or its "
+            "decoding changed since), so the numbers differ from the model card's.",
+            file=sys.stderr,
+        )
+    if args.json:
+        print(json.dumps(result, allow_nan=False))
+        return 0
+    m = result["metrics"]
+    print(f"model {result['model']} (trial {result['trial_id']}), data {result['data']}, split '{result['split']}'")
+    print(
+        f"{m['n']} images ({m['counts']['PNEUMONIA']} PNEUMONIA, {m['counts']['NORMAL']} NORMAL, "
+        f"prevalence {_fmt(m['prevalence'])}) from {m['patients']} patients; {result['skipped']} skipped"
+    )
+    for f in result["skipped_files"]:  # names quoted as JSON strings: a newline in a name stays on its line
+        print(f"skipped {json.dumps(f['path'], ensure_ascii=False)}: {one_line(f['reason'])}")
+    print(format_table(m, result["threshold"]))
+    print("95% intervals: patient-level bootstrap.")
+    return 0

@@ -1,0 +1,1 @@
+"""Experiments about the search, built on the other wings: controlled ablations and stability over seeds."""
