@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from xray_ray.data.inspect import main
 from xray_ray.data.sources import load_source
+from xray_ray.data.splits import UNMATCHED
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,15 +94,82 @@ def test_inspect_the_real_data(real_data):
     assert dups["groups"] == 24 and dups["images"] == 50
     patient = {u: load_patient(u) for group in dups["list"] for u in group}
     assert all(len({patient[u] for u in group}) == 1 for group in dups["list"])
+    # every name parses; the seed-0 split as docs/results.md gives it (patient keys by series)
+    assert report["source"]["patient_keys"]["patterns"] == {
+        "personN_bacteria_M": 2538,
+        "personN_virus_M": 1345,
+        "NORMAL2-IM-XXXX-YYYY": 752,
+        "IM-XXXX-YYYY": 597,
+        UNMATCHED: 0,
+    }
+    assert report["patients"] == 3669
     split = report["split"]
     assert split["leakage"] == [] and split["counts"]["extra_val"]["total"] == 16
-    assert abs(split["counts"]["val"]["total"] - 522) < 20
+    assert {k: v["total"] for k, v in split["counts"].items()} == {
+        "train": 4164,
+        "val": 525,
+        "test": 527,
+        "extra_val": 16,
+    }
 
 
 def load_patient(uid: str) -> str:
     from xray_ray.data.splits import patient_from_name
 
     return patient_from_name(uid)
+
+
+# named as the Kaggle download is: train and test share person numbers, never within one series
+STANDARD_NAMES = {
+    ("train", "NORMAL"): ["IM-0001-0001.jpeg", "IM-0002-0001.jpeg", "NORMAL2-IM-0001-0001.jpeg", "IM-0003-0001.jpeg"],
+    ("train", "PNEUMONIA"): [
+        "person1_bacteria_1.jpeg",
+        "person1_bacteria_2.jpeg",
+        "person2_virus_3.jpeg",
+        "person3_bacteria_4.jpeg",
+        "person4_virus_5.jpeg",
+        "person5_bacteria_6.jpeg",
+    ],
+    ("test", "NORMAL"): ["NORMAL2-IM-0002-0001.jpeg", "IM-0009-0001.jpeg"],
+    ("test", "PNEUMONIA"): ["person1_virus_7.jpeg", "person2_bacteria_8.jpeg", "person3_virus_9.jpeg"],
+}
+
+
+def test_the_standard_download_loses_no_train_image_to_a_false_leak(make_kaggle_tree, tmp_path, capsys):
+    root = make_kaggle_tree(tmp_path / "chest_xray", STANDARD_NAMES)
+    assert main(["inspect", str(root), "--json", "--min-val-images", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["split"]["leakage"] == [] and report["split"]["dropped"] == 0
+    assert sum(c["total"] for k, c in report["split"]["counts"].items() if k != "test") == 10  # all of train
+    assert report["source"]["patient_keys"]["patterns"]["personN_virus_M"] == 4
+
+
+def test_a_real_leak_drops_exactly_the_train_images_of_it(make_kaggle_tree, tmp_path, capsys):
+    files = {k: list(v) for k, v in STANDARD_NAMES.items()}
+    files[("test", "PNEUMONIA")].append("person1_bacteria_30.jpeg")  # the same series and number as in train
+    root = make_kaggle_tree(tmp_path / "chest_xray", files)
+    # and the same bytes under another name: a copy of a train image in test
+    shutil.copyfile(root / "train/PNEUMONIA/person4_virus_5.jpeg", root / "test/PNEUMONIA/person40_virus_99.jpeg")
+    assert main(["inspect", str(root), "--json", "--min-val-images", "1"]) == 0
+    split = json.loads(capsys.readouterr().out)["split"]
+    dropped = sorted(u for leak in split["leakage"] for u in leak["dropped"])
+    assert dropped == [
+        "train/PNEUMONIA/person1_bacteria_1.jpeg",
+        "train/PNEUMONIA/person1_bacteria_2.jpeg",
+        "train/PNEUMONIA/person4_virus_5.jpeg",
+    ]
+    assert split["dropped"] == 3 and {leak["kept_split"] for leak in split["leakage"]} == {"test"}
+    assert [leak["identical_bytes"] for leak in split["leakage"]].count(True) == 1
+
+
+def test_inspect_shows_how_names_became_patient_keys(make_kaggle_tree, tmp_path, capsys):
+    files = {k: list(v) for k, v in STANDARD_NAMES.items()}
+    files[("train", "NORMAL")].append("scan_17.jpeg")
+    root = make_kaggle_tree(tmp_path / "chest_xray", files)
+    assert main(["inspect", str(root), "--min-val-images", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "      4  personN_virus_M" in out and "      5  personN_bacteria_M" in out
+    assert "matched by none, e.g. train/NORMAL/scan_17.jpeg" in out
 
 
 def test_inspect_accepts_a_folder_with_test_but_no_train(make_kaggle_tree, tmp_path, capsys):

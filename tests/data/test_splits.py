@@ -8,7 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from xray_ray.data.splits import assign_splits, duplicate_groups, group_ids, patient_from_name
+from xray_ray.data.splits import (
+    UNMATCHED,
+    assign_splits,
+    duplicate_groups,
+    group_ids,
+    parse_patient,
+    patient_from_name,
+    patient_key_report,
+)
 from xray_ray.errors import DataError
 
 
@@ -41,10 +49,11 @@ def sides(df: pd.DataFrame, column: str) -> pd.Series:
 @pytest.mark.parametrize(
     "name, patient",
     [
-        ("person1_bacteria_1.jpeg", "person1"),
-        ("person1946_virus_4874.jpeg", "person1946"),
-        ("person447_virus_921_1.jpeg", "person447"),
-        ("train/PNEUMONIA/person12_bacteria_48.jpeg", "person12"),
+        ("person1_bacteria_1.jpeg", "person1_bacteria"),
+        ("person1946_virus_4874.jpeg", "person1946_virus"),
+        ("person447_virus_921_1.jpeg", "person447_virus"),
+        ("train/PNEUMONIA/person12_bacteria_48.jpeg", "person12_bacteria"),
+        ("PERSON12_Bacteria_48.JPEG", "person12_bacteria"),
         ("IM-0115-0001.jpeg", "IM-0115"),
         ("IM-0629-0001-0002.jpeg", "IM-0629"),
         ("NORMAL2-IM-0587-0001-0001.jpeg", "NORMAL2-IM-0587"),
@@ -59,6 +68,26 @@ def test_patient_from_name(name, patient):
 
 def test_normal2_series_is_a_separate_namespace():
     assert patient_from_name("IM-0001-0001.jpeg") != patient_from_name("NORMAL2-IM-0001-0001.jpeg")
+
+
+def test_the_bacteria_and_virus_series_number_their_patients_separately():
+    # person100_virus_184 and person100_bacteria_480 of the Kaggle download are unrelated children
+    assert patient_from_name("person100_virus_184.jpeg") != patient_from_name("person100_bacteria_480.jpeg")
+    assert patient_from_name("person100_virus_184.jpeg") == patient_from_name("person100_virus_185.jpeg")
+
+
+def test_the_patient_key_report_counts_each_pattern_and_lists_what_none_matched():
+    names = ["person1_bacteria_1.jpeg", "person1_virus_2.jpeg", "person2_virus_3.jpeg", "IM-0001-0001.jpeg", "x.png"]
+    report = patient_key_report(names)
+    assert report["patterns"] == {
+        "personN_bacteria_M": 1,
+        "personN_virus_M": 2,
+        "NORMAL2-IM-XXXX-YYYY": 0,
+        "IM-XXXX-YYYY": 1,
+        UNMATCHED: 1,
+    }
+    assert report["unmatched_examples"] == ["x.png"]
+    assert parse_patient("x.png") == ("x", UNMATCHED)
 
 
 def test_groups_join_patients_and_identical_bytes():

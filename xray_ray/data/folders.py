@@ -31,7 +31,7 @@ from xray_ray.data.manifest import (
     orig_counts,
     read_bytes,
 )
-from xray_ray.data.splits import patient_from_name
+from xray_ray.data.splits import patient_from_name, patient_key_report
 from xray_ray.errors import DataError
 
 _WORKERS = 8  # hashing and decoding release the GIL; remote reads overlap too
@@ -205,6 +205,7 @@ def load_folder(spec: str, max_file_bytes: int | None = None) -> Manifest:
         "skipped": len(skipped_df),
         "counts": orig_counts(df),
         "warnings": check_structure(df, split_dirs),
+        "patient_keys": patient_key_report(df["uid"]),
     }
     return Manifest(df, skipped_df, info)
 

@@ -56,6 +56,7 @@ def format_report(r: dict) -> str:
         "images as given:",
         _table(r["by_split"], cols),
         f"patients: {r['patients']}",
+        *_patient_keys(r["source"].get("patient_keys")),
         f"byte-identical duplicate groups: {r['duplicates']['groups']} ({r['duplicates']['images']} images)",
     ]
     skipped = r["skipped"]
@@ -89,6 +90,17 @@ def format_report(r: dict) -> str:
     for w in [*r["source"].get("warnings", []), *s["warnings"]]:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
+
+
+def _patient_keys(report: dict | None) -> list[str]:
+    """How file names became patient keys (folder sources): files per pattern, and those no pattern matched."""
+    if not report:
+        return []
+    out = ["patient keys from file names (files per pattern; each series numbers its patients on its own):"]
+    out += [f"  {n:6d}  {pattern}" for pattern, n in report["patterns"].items()]
+    if report["unmatched_examples"]:
+        out.append(f"  matched by none, e.g. {', '.join(report['unmatched_examples'][:3])}")
+    return out
 
 
 def _table(rows: dict[str, dict[str, int]], cols: list[str]) -> str:

@@ -8,6 +8,7 @@ the source has none) is carved out of the source's train split group by group, c
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -16,29 +17,51 @@ import pandas as pd
 from xray_ray import CLASSES
 from xray_ray.errors import DataError
 
-_PATIENT_PATTERNS = (
-    re.compile(r"^(person\d+)_(?:bacteria|virus)_", re.IGNORECASE),
-    re.compile(r"^(NORMAL2-IM-\d+)-\d+", re.IGNORECASE),
-    re.compile(r"^(IM-\d+)-\d+", re.IGNORECASE),
+# How a Kermany/Kaggle file name gives its patient key: (the pattern as users read it, its regex, the key
+# from the match). Each series numbers its patients on its own, so the key keeps the series:
+# person12_bacteria_3 and person12_virus_40 are two patients, as IM-0012-0001 and NORMAL2-IM-0012-0001 are.
+PATIENT_PATTERNS: tuple[tuple[str, re.Pattern, Callable[[re.Match], str]], ...] = (
+    ("personN_bacteria_M", re.compile(r"^person(\d+)_bacteria_", re.IGNORECASE), lambda m: f"person{m[1]}_bacteria"),
+    ("personN_virus_M", re.compile(r"^person(\d+)_virus_", re.IGNORECASE), lambda m: f"person{m[1]}_virus"),
+    ("NORMAL2-IM-XXXX-YYYY", re.compile(r"^(NORMAL2-IM-\d+)-\d+", re.IGNORECASE), lambda m: m[1].upper()),
+    ("IM-XXXX-YYYY", re.compile(r"^(IM-\d+)-\d+", re.IGNORECASE), lambda m: m[1].upper()),
 )
+UNMATCHED = "none (the file is its own patient)"
 SPLITS = ("train", "val", "test", "extra_val")
 _PRIORITY = {"test": 0, "val": 1, "train": 2}  # which copy survives when a group spans given splits
 
 
-def patient_from_name(filename: str) -> str:
-    """Patient id encoded in a Kermany/Kaggle file name; the file stem when there is none.
+def parse_patient(filename: str) -> tuple[str, str]:
+    """(patient key, the pattern that gave it) for a Kermany/Kaggle file name; the file stem and
+    :data:`UNMATCHED` when no pattern matches.
 
-    personN_bacteria_M / personN_virus_M -> "personN"; IM-XXXX-YYYY -> "IM-XXXX";
-    NORMAL2-IM-XXXX-YYYY -> "NORMAL2-IM-XXXX" (a separate series: its XXXX numbers restart).
+    personN_bacteria_M -> "personN_bacteria"; personN_virus_M -> "personN_virus"; IM-XXXX-YYYY -> "IM-XXXX";
+    NORMAL2-IM-XXXX-YYYY -> "NORMAL2-IM-XXXX". One spelling per patient whatever the file name's case.
     """
     stem = PurePosixPath(filename.replace("\\", "/")).name.rsplit(".", 1)[0]
-    for pattern in _PATIENT_PATTERNS:
+    for name, pattern, key in PATIENT_PATTERNS:
         m = pattern.match(stem)
         if m:
-            pid = m.group(1)
-            # one spelling per patient whatever the file name's case
-            return "person" + pid[6:] if pid.lower().startswith("person") else pid.upper()
-    return stem
+            return key(m), name
+    return stem, UNMATCHED
+
+
+def patient_from_name(filename: str) -> str:
+    """The patient key of a Kermany/Kaggle file name (:func:`parse_patient`); the file stem when there is none."""
+    return parse_patient(filename)[0]
+
+
+def patient_key_report(filenames: Iterable[str], examples: int = 10) -> dict:
+    """How file names were parsed into patient keys: files per pattern (every pattern listed, in order),
+    and the first few files that no pattern matched."""
+    counts = {name: 0 for name, _, _ in PATIENT_PATTERNS} | {UNMATCHED: 0}
+    unmatched = []
+    for f in filenames:
+        _, how = parse_patient(f)
+        counts[how] += 1
+        if how == UNMATCHED and len(unmatched) < examples:
+            unmatched.append(f)
+    return {"patterns": counts, "unmatched_examples": unmatched}
 
 
 def group_ids(df: pd.DataFrame) -> np.ndarray:
