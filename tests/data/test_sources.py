@@ -248,6 +248,36 @@ def test_structural_problems_raise_one_clear_sentence(tmp_path, files, match):
     assert "\n" not in str(err.value)
 
 
+def test_linked_split_and_class_folders_are_followed(make_kaggle_tree, tmp_path):
+    """A shared machine's layout: the data folder's train/ and one class folder are links to the real ones."""
+    real = make_kaggle_tree(tmp_path / "kaggle")
+    data = tmp_path / "mine" / "chest_xray"
+    (data / "test").mkdir(parents=True)
+    os.symlink(real / "train", data / "train")  # a split folder
+    os.symlink(real / "test" / "NORMAL", data / "test" / "NORMAL")  # a class folder
+    os.symlink(real / "test" / "PNEUMONIA", data / "test" / "PNEUMONIA")
+    os.symlink(real / "train" / "NORMAL" / "IM-0001-0001.jpeg", real / "train" / "NORMAL" / "IM-0009-0001.jpeg")
+    m = load_source(str(data))
+    direct = load_source(str(real))
+    assert sorted(m.df["uid"]) == sorted(u for u in direct.df["uid"] if not u.startswith("val/"))
+    assert m.df.set_index("uid")["sha1"].to_dict().items() <= direct.df.set_index("uid")["sha1"].to_dict().items()
+    # a link inside the image tree is still skipped with its reason, never followed
+    skipped = dict(zip(m.skipped["path"], m.skipped["reason"]))
+    assert skipped["train/NORMAL/IM-0009-0001.jpeg"] == "symlink pointing outside the data folder"
+
+
+def test_a_layout_link_that_cannot_be_followed_is_named_in_the_error(tmp_path):
+    data = tmp_path / "chest_xray"
+    data.mkdir()
+    os.symlink(tmp_path / "nowhere", data / "train")
+    os.symlink(data, data / "val")  # a loop
+    with pytest.raises(DataError) as e:
+        load_source(str(data))
+    msg = str(e.value)
+    assert "links skipped: " in msg and "train (broken symlink" in msg and "val (symlink loop" in msg
+    assert len(msg.splitlines()) == 1
+
+
 def test_missing_folder_and_plain_file(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_source(str(tmp_path / "nope"))

@@ -81,10 +81,12 @@ def _open_root(spec: str) -> tuple[pafs.FileSystem, str, SplitResult | None]:
 
 
 def _walk_local(root: str) -> tuple[list[tuple[str, int]], list[str], list[tuple[str, str]]]:
-    """(files with sizes, folders, skipped links) under root, never following symlinks.
+    """(files with sizes, folders, skipped links) under root, never following symlinks inside the image tree.
 
     pyarrow's LocalFileSystem follows symlinks (a link to `..` recurses 40 levels deep) and silently
-    drops broken ones, so local folders are walked with os.scandir instead.
+    drops broken ones, so local folders are walked with os.scandir instead. A link that stands for one of
+    the layout's own folders (chest_xray/, a split folder, a class folder: what a user links on purpose on
+    a shared machine) is followed; every other link is skipped with its reason.
     """
     files, dirs, skipped = [], [], []
     stack = [""]
@@ -98,7 +100,12 @@ def _walk_local(root: str) -> tuple[list[tuple[str, int]], list[str], list[tuple
         for e in entries:
             r = f"{rel}/{e.name}" if rel else e.name
             if e.is_symlink():
-                skipped.append((r, _symlink_reason(root, e.path)))
+                reason = _layout_link_refusal(root, r, e.path)
+                if reason is None:  # a linked layout folder: walked like a folder of its own
+                    dirs.append(r)
+                    stack.append(r)
+                else:
+                    skipped.append((r, reason))
             elif e.is_dir(follow_symlinks=False):
                 dirs.append(r)
                 stack.append(r)
@@ -107,6 +114,30 @@ def _walk_local(root: str) -> tuple[list[tuple[str, int]], list[str], list[tuple
             else:
                 skipped.append((r, "not a regular file"))
     return files, dirs, skipped
+
+
+def _is_layout_folder(parts: tuple[str, ...]) -> bool:
+    """chest_xray, <split>, <split>/<CLASS>, or the same under chest_xray/ (names matched ignoring case)."""
+    names = [p.lower() for p in parts]
+    if names and names[0] == "chest_xray":
+        names = names[1:]
+        if not names:
+            return True
+    return len(names) in (1, 2) and names[0] in _SPLIT_NAMES and (len(names) == 1 or names[1] in _CLASS_NAMES)
+
+
+def _layout_link_refusal(root: str, rel: str, path: str) -> str | None:
+    """None when the link at `rel` is a layout folder linked to a real folder elsewhere (followed);
+    else why it is skipped."""
+    reason = _symlink_reason(root, path)
+    if not _is_layout_folder(tuple(rel.split("/"))) or reason.startswith(("symlink loop", "broken symlink")):
+        return reason
+    target = os.path.realpath(path)
+    if not os.path.isdir(target):
+        return f"{reason}; a linked {rel}/ must point to a folder"
+    if os.path.commonpath([root, target]) == target:
+        return "symlink loop (it points to the data folder or a folder above it)"
+    return None
 
 
 def _symlink_reason(root: str, path: str) -> str:
@@ -162,8 +193,9 @@ def load_folder(spec: str, max_file_bytes: int | None = None) -> Manifest:
     Splits are train/val/test (any may be missing), classes NORMAL/PNEUMONIA, both matched ignoring
     case. uids are relative to the folder holding the splits; `skipped` paths to the given root.
     Skipped with a reason, never fatal: macOS/Jupyter/hidden junk, non-image extensions, a nested
-    second copy of the tree (only the outermost one counts), symlinks (never followed: loops, links
-    out of the root, broken links, and links to files that are used under their own path), and files
+    second copy of the tree (only the outermost one counts), symlinks inside the image tree (never
+    followed: loops, links out of the root, broken links, and links to files that are used under their own
+    path; a linked chest_xray/, split or class folder is followed), and files
     that do not decode (empty, truncated, not an image, decompression bombs). A split folder with no
     usable images, or a val/test without one class, is a warning in info["warnings"], since val and
     test can be carved from train. DataError: the folder is missing, holds no split folders or no
@@ -175,8 +207,10 @@ def load_folder(spec: str, max_file_bytes: int | None = None) -> Manifest:
     dirs |= {tuple(f.split("/"))[:k] for f, _ in files for k in range(1, f.count("/") + 1)}
     base = _find_base({d for d in dirs if not any(p.startswith(".") or p == "__MACOSX" for p in d)})
     if base is None:
+        links = [f"{rel} ({reason})" for rel, reason in skipped if _is_layout_folder(tuple(rel.split("/")))]
+        refused = f"; links skipped: {'; '.join(links[:3])}" if links else ""
         raise DataError(
-            f"{spec} has no train/, val/ or test/ folder (looked in it and in chest_xray/); "
+            f"{spec} has no train/, val/ or test/ folder (looked in it and in chest_xray/{refused}); "
             "arrange images as <split>/<CLASS>/<image>."
         )
     candidates = []
