@@ -486,6 +486,47 @@ def test_ctrl_c_stops_cleanly_prints_the_resume_command_and_resume_completes(tmp
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.slow
+def test_resume_skips_a_cut_short_experiment_state_and_resumes_from_the_one_before(tmp_path, capsys, module_ray):
+    space = space_file(tmp_path, searcher={"num_samples": 2}, space={"epochs": 2})
+    args = search_args(tmp_path, space, "--no-export")
+    assert main(args) == 0
+    tune_dir = tmp_path / "results" / "faults" / "tune"
+    (first,) = sorted(tune_dir.glob("experiment_state-*.json"))
+    # a later session killed while Tune rewrote its state (a plain open-and-write): the newest file is cut short
+    later = "2999-01-01_00-00-00"
+    for f in tune_dir.glob(f"*-{first.stem.removeprefix('experiment_state-')}.*"):
+        shutil.copyfile(f, tune_dir / f.name.replace(first.stem.removeprefix("experiment_state-"), later))
+    _truncate(tune_dir / f"experiment_state-{later}.json")
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"newest experiment state was damaged (experiment_state-{later}.json" in out
+    session = sorted(p.name for p in tune_dir.iterdir() if later in p.name)
+    assert f"damaged-experiment_state-{later}.json" in session
+    assert len(session) >= 2 and all(n.startswith("damaged-") for n in session)  # the session's files go together
+    trials, _ = assert_each_epoch_once(tmp_path / "results" / "faults")
+    assert len(trials) == 2 and (trials["status"] == "completed").all()
+
+
+@pytest.mark.slow
+def test_resume_with_no_whole_experiment_state_is_one_sentence(tmp_path, capsys, module_ray):
+    space = space_file(tmp_path, searcher={"num_samples": 1}, space={"epochs": 1})
+    args = search_args(tmp_path, space, "--no-export")
+    assert main(args) == 0
+    (state,) = (tmp_path / "results" / "faults" / "tune").glob("experiment_state-*.json")
+    _truncate(state)
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "is damaged and no earlier one is whole" in err and "another --name" in err
+    assert (tmp_path / "results" / "faults" / "trials.parquet").exists()  # nothing computed is lost
+
+
 # ---------------------------------------------------------------- faults inside trials
 
 

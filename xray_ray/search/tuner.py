@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 from xray_ray import results as R
 from xray_ray.common import write_bytes_fs
 from xray_ray.config import encode_value
+from xray_ray.errors import UserError
 from xray_ray.search.spaces import SearchSpace
 from xray_ray.search.trial import Runtime
 
@@ -194,6 +195,18 @@ def restored(tune_dir: str, fn: Callable, *, checkpoints_kept: int | None = None
     """
     from ray import tune
 
+    damaged, whole = set_aside_damaged_states(tune_dir)
+    if damaged and whole is None:
+        raise UserError(
+            f"the experiment state in {tune_dir} is damaged and no earlier one is whole, so the run cannot "
+            "be resumed; start it again under another --name (its tables and run.json are kept)."
+        )
+    if damaged:
+        print(
+            f"[xray_ray] the newest experiment state was damaged ({', '.join(damaged)}: cut short by the "
+            f"interruption); set aside as damaged-*, resuming from {whole}",
+            flush=True,
+        )
     if not tune.Tuner.can_restore(tune_dir):
         return None
     print(f"[xray_ray] resuming {tune_dir}", flush=True)
@@ -205,6 +218,37 @@ def restored(tune_dir: str, fn: Callable, *, checkpoints_kept: int | None = None
             flush=True,
         )
     return tune.Tuner.restore(tune_dir, trainable=fn, resume_unfinished=True, resume_errored=True)
+
+
+STATE_PATTERN = "experiment_state-*.json"  # Tune's CKPT_FILE_TMPL: one file a session, named by its start
+
+
+def set_aside_damaged_states(tune_dir: str) -> tuple[list[str], str | None]:
+    """Rename the newest experiment states that do not parse, newest first, until one does.
+
+    Returns (the names set aside, the name of the newest whole state or None). Tune restores from the newest
+    ``experiment_state-<session>.json``, which it rewrites in place (a plain open-and-write) every few
+    seconds: a kill during that write leaves it cut short, and Tune's restore then fails on it. The
+    session's other files (searcher and callback states) go with it, so Tune restores a coherent earlier
+    session; trials that session had not finished train on from their checkpoints.
+    """
+    fs, folder = R.resolve(tune_dir)
+    if fs.get_file_info(folder).type != pafs.FileType.Directory:
+        return [], None
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(folder)) if i.type == pafs.FileType.File]
+    damaged = []
+    for state in sorted(fnmatch.filter(names, STATE_PATTERN), reverse=True):
+        try:
+            with fs.open_input_stream(f"{folder}/{state}") as f:
+                json.loads(f.read())
+            return damaged, state
+        except ValueError:
+            session = state[len("experiment_state-") : -len(".json")]
+            for name in names:
+                if name.rsplit(".", 1)[0].endswith(f"-{session}"):
+                    fs.move(f"{folder}/{name}", f"{folder}/damaged-{name}")
+            damaged.append(state)
+    return damaged, None
 
 
 def forget_lost_checkpoints(tune_dir: str, checkpoints_kept: int) -> list[str]:
@@ -222,7 +266,7 @@ def forget_lost_checkpoints(tune_dir: str, checkpoints_kept: int) -> list[str]:
 
     fs, folder = R.resolve(tune_dir)
     names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(folder)) if i.type == pafs.FileType.File]
-    states = fnmatch.filter(names, "experiment_state-*.json")
+    states = fnmatch.filter(names, STATE_PATTERN)
     if not states:
         return []
     state = f"{folder}/{max(states)}"  # the one Tune restores from
