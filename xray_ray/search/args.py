@@ -54,6 +54,18 @@ def parser_of(description: str, *, ensemble: int, threshold_rule: str) -> argpar
         help="with --resume: run no more trials; write the tables and export the best trial so far",
     )
     p.add_argument(
+        "--mlflow",
+        metavar="URI",
+        default=None,
+        help="also log each trial to MLflow (sqlite:///path.db or an http(s):// server); needs xray_ray[tracking]",
+    )
+    p.add_argument(
+        "--optuna-storage",
+        metavar="URI",
+        default=None,
+        help="keep the searcher's Optuna study there (e.g. sqlite:///results/run/optuna.db), for optuna-dashboard",
+    )
+    p.add_argument(
         "--allow-local-results",
         action="store_true",
         help="accept a local path or file:// URI as results on a multi-node cluster (only for a "

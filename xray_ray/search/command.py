@@ -72,6 +72,8 @@ class SearchOptions:
     tensorboard: bool = False
     export_only: bool = False
     allow_local_results: bool = False
+    mlflow: str | None = None
+    optuna_storage: str | None = None
     argv: tuple[str, ...] | None = None  # the command's arguments, for the resume command (None: sys.argv's)
 
     @classmethod
@@ -115,6 +117,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def log_winner_to_mlflow(uri: str, folder: RunFolder, card: dict[str, Any]) -> None:
+    from xray_ray.search.trackers import log_winner
+
+    if R.is_uri(folder.path):
+        print("[xray_ray] mlflow: the model stays in the results storage (no local folder to upload)", flush=True)
+        return
+    run_id = log_winner(uri, folder.name, card, Path(folder.path) / "best")
+    print(f"[xray_ray] mlflow: the exported model and its figures are on run {run_id}", flush=True)
+
+
 def resume_command(opts: SearchOptions) -> str:
     """The command line that continues this run, quoted for a POSIX shell."""
     argv = [a for a in (sys.argv[1:] if opts.argv is None else opts.argv) if a != "--resume"]
@@ -128,6 +140,10 @@ def run(opts: SearchOptions) -> str:
     """
     space = load_space(opts.space)
     check_flags(opts, space)
+    if opts.mlflow or opts.optuna_storage:  # imported only then: MLflow is an extra
+        from xray_ray.search.trackers import check_trackers
+
+        check_trackers(opts.mlflow, opts.optuna_storage, space)
     check_local_resources(opts.ray)
     space = replace(
         space, num_samples=opts.num_samples or space.num_samples, seed=space.seed if opts.seed is None else opts.seed
@@ -260,13 +276,7 @@ def search_on_ray(
     tune_dir = R.join(run_dir, "tune")
     tuner = restored(tune_dir, fn, checkpoints_kept=CHECKPOINTS_KEPT) if opts.resume else None
     if tuner is None:
-        tuner = search_tuner(
-            fn,
-            space,
-            TunerSettings(
-                tune_dir=tune_dir, concurrent=concurrent, max_failures=opts.max_failures, tensorboard=opts.tensorboard
-            ),
-        )
+        tuner = search_tuner(fn, space, tuner_settings(opts, folder, tune_dir, concurrent))
     print(
         "[xray_ray] --export-only: no more trials; exporting the best so far"
         if opts.export_only
@@ -296,6 +306,24 @@ class Outcome:
     data: dict[int, dict[str, Any]]
     concurrent: int
     wall: float
+
+
+def tuner_settings(opts: SearchOptions, folder: RunFolder, tune_dir: str, concurrent: int) -> TunerSettings:
+    """A new search's Tuner settings, with the trackers' callback and study when their flags are given."""
+    callbacks, study = (), None
+    if opts.mlflow or opts.optuna_storage:
+        from xray_ray.search import trackers
+
+        callbacks = trackers.mlflow_callbacks(opts.mlflow, folder.name, folder.path)
+        study = (trackers.optuna_storage(opts.optuna_storage), folder.name) if opts.optuna_storage else None
+    return TunerSettings(
+        tune_dir=tune_dir,
+        concurrent=concurrent,
+        max_failures=opts.max_failures,
+        tensorboard=opts.tensorboard,
+        callbacks=callbacks,
+        study=study,
+    )
 
 
 def finish(
@@ -339,6 +367,8 @@ def finish(
             threshold_rule=opts.threshold_rule,
         )
         run_info["best"] = {"trial_id": card.get("trial_id"), "threshold": card.get("threshold", {}).get("value")}
+        if opts.mlflow:
+            log_winner_to_mlflow(opts.mlflow, folder, card)
     failure = every_trial_failed(trials)
     if failure:  # the tables and run.json still say what happened to each trial
         run_info.update(status="failed", error=failure)

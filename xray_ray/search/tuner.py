@@ -33,8 +33,11 @@ def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
     trial_loop.run_trial(config, data, runtime)
 
 
-def build_searcher(space: SearchSpace, seed: int):
+def build_searcher(space: SearchSpace, seed: int, study: tuple[Any, str] | None = None):
     """OptunaSearch (TPE, seeded) over the space's parameters, or seeded random search.
+
+    `study`: (Optuna storage, study name) to keep the searcher's study in (``--optuna-storage``); in memory
+    without it.
 
     A space of constants has nothing to search: its configuration is trained num_samples times, trial i
     with seed + i, so that the trials are replicas that differ in their trial seed only.
@@ -60,7 +63,15 @@ def build_searcher(space: SearchSpace, seed: int):
         else:
             dists[p.name] = optuna.distributions.FloatDistribution(float(p.low), float(p.high), log=p.log)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, space.num_samples // 3)))
-    searcher = OptunaSearch(space=dists or None, metric=space.metric, mode=space.mode, sampler=sampler)
+    storage, study_name = study or (None, None)
+    searcher = OptunaSearch(
+        space=dists or None,
+        metric=space.metric,
+        mode=space.mode,
+        sampler=sampler,
+        storage=storage,
+        study_name=study_name,
+    )
     # the run's seed travels in every trial's config: trial_seed() hashes it with the hyperparameters
     return searcher, {**{k: encode_value(v) for k, v in space.constants.items()}, "seed": seed}
 
@@ -301,6 +312,8 @@ class TunerSettings:
     concurrent: int
     max_failures: int
     tensorboard: bool = False
+    callbacks: tuple = ()  # more Tune callbacks (the trackers': search.trackers)
+    study: tuple[Any, str] | None = None  # (Optuna storage, study name) of --optuna-storage
 
 
 def search_tuner(fn: Callable, space: SearchSpace, settings: TunerSettings):
@@ -308,7 +321,7 @@ def search_tuner(fn: Callable, space: SearchSpace, settings: TunerSettings):
     from ray import tune
 
     storage, exp_name = settings.tune_dir.rsplit("/", 1)
-    searcher, param_space = build_searcher(space, space.seed)
+    searcher, param_space = build_searcher(space, space.seed, settings.study)
     return tune.Tuner(
         fn,
         param_space=param_space,
@@ -332,6 +345,7 @@ def search_tuner(fn: Callable, space: SearchSpace, settings: TunerSettings):
             callbacks=[
                 ProgressPrinter(space.metric, space.mode, space.num_samples),
                 *result_loggers(settings.tensorboard),
+                *settings.callbacks,
             ],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
