@@ -19,6 +19,7 @@ MODULE_FORM = {
     "search": ["xray_ray.search"],
     "predict": ["xray_ray", "predict"],
     "evaluate": ["xray_ray", "evaluate"],
+    "adapt": ["xray_ray", "adapt"],
     "inspect": ["xray_ray.data", "inspect"],
     "stability": ["xray_ray", "stability"],
     "ablation": ["xray_ray", "ablation"],

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "search": ("xray_ray.search.command", (), "search CNNs on Ray Tune and export the winner"),
     "predict": ("xray_ray.serve.predict", (), "score images with an exported model (onnxruntime, no torch)"),
     "evaluate": ("xray_ray.serve.evaluate", (), "metrics of an exported model on a labelled data folder"),
+    "adapt": ("xray_ray.serve.adapt", (), "site check: will the card's threshold hold on a new site?"),
     "inspect": ("xray_ray.data.inspect", ("inspect",), "what is in a data folder, and the split a search would use"),
     "stability": ("xray_ray.studies.stability", (), "retrain a run's winner with other seeds on the run's own splits"),
     "ablation": ("xray_ray.studies.ablation", (), "one configuration, each idea on or off, several seeds each"),

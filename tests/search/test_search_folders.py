@@ -22,6 +22,7 @@ from xray_ray.search import command as search
 from xray_ray.search import run_folder
 from xray_ray.search.spaces import load_space
 from xray_ray.serve import runtime
+from xray_ray.serve.runtime import VAL_SCORES_FILE
 from xray_ray.ship import best as ship
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -238,6 +239,7 @@ def test_the_export_file_list_matches_what_the_export_writes():
         export.WEIGHTS_NAME,
         export.CONFIG_NAME,
         "model.json",
+        VAL_SCORES_FILE,
         "report.html",
         *report.PICTURES,
     }

@@ -28,6 +28,7 @@ from xray_ray.errors import UserError
 CONTRACT_VERSION = 1
 CARD_FILE = "model.json"
 ONNX_FILE = "model.onnx"
+VAL_SCORES_FILE = "val_scores.json"  # validation's labels and scores (exports since the site check)
 PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".bin", ".joblib", ".h5", ".keras"}
 
 

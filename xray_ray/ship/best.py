@@ -30,6 +30,7 @@ EXPORT_FILES = frozenset(
         "model.onnx",
         "model.pt",
         "model.json",
+        "val_scores.json",
         "report.html",
         "confusion.png",
         "roc.png",

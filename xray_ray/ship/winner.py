@@ -30,7 +30,7 @@ from xray_ray.model.cnn import CNN
 from xray_ray.model.train import array_batches, predict_probs
 from xray_ray.results import versions
 from xray_ray.serve.evaluate import fingerprint, summarize
-from xray_ray.serve.runtime import load_exported, sha256_file
+from xray_ray.serve.runtime import VAL_SCORES_FILE, load_exported, sha256_file
 from xray_ray.ship import export, report
 
 AGREEMENT_TOLERANCE = 1e-4
@@ -327,9 +327,12 @@ def _write_card(
     t0: float,
 ) -> dict:
     """Add the files' hashes and the pictures to the card; write model.json, the pictures and report.html."""
-    card["files"] = {
-        name: sha256_file(best_dir / name) for name in (export.ONNX_NAME, export.TORCHSCRIPT_NAME, export.WEIGHTS_NAME)
-    }
+    y_val, p_val = preds["val"]
+    # validation's labels and scores, what a site check (xray-ray adapt) compares a new site's scores with
+    scores = {"labels": np.asarray(y_val).astype(int).tolist(), "prob_pneumonia": np.asarray(p_val, float).tolist()}
+    write_text(best_dir / VAL_SCORES_FILE, json.dumps(scores))
+    names = (export.ONNX_NAME, export.TORCHSCRIPT_NAME, export.WEIGHTS_NAME, VAL_SCORES_FILE)
+    card["files"] = {name: sha256_file(best_dir / name) for name in names}
     auc = {s: m["at_threshold"]["roc_auc"] for s, m in metrics.items()}
     test_images = splits["test"].images if "test" in preds else None
     card["pictures"] = report.write_pictures(
