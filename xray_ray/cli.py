@@ -55,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     module, prefix, _ = COMMANDS[args[0]]
+    if args[0] == "adapt" and "--batchnorm" in args:  # re-estimating BatchNorm needs torch: the ship wing's
+        module = "xray_ray.ship.batchnorm"
     return importlib.import_module(module).main([*prefix, *args[1:]])
 
 

@@ -121,6 +121,7 @@ def real_model(tmp_path_factory):
     from xray_ray.data.splits import assign_splits
     from xray_ray.model.cnn import build_model
     from xray_ray.model.train import array_batches, make_loss, train_one_epoch
+    from xray_ray.ship.export import save_config
     from xray_ray.ship.winner import finalize
 
     if not REAL_DATA.is_dir():
@@ -141,6 +142,7 @@ def real_model(tmp_path_factory):
     finalize(
         out, model, {k: splits[k] for k in ("val", "test")}, {"seed": 0}, pd.DataFrame(), pd.DataFrame(), n_boot=50
     )
+    save_config(model.config, out / "config.json")  # as the search's export writes it beside the weights
     return out, splits["test"]
 
 
@@ -217,3 +219,35 @@ def test_adapt_repicks_the_threshold_on_labelled_images(real_model, tmp_path, ca
     assert m.threshold == pytest.approx(r["threshold"]["repicked"])
     assert m.card["adaptation"]["counts"] == {"NORMAL": 80, "PNEUMONIA": 80}
     shutil.rmtree(out)
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_batchnorm_reestimation_writes_a_complete_model_folder(real_model, tmp_path, capsys):
+    """`xray-ray adapt --batchnorm` (the ship wing's, torch): only BatchNorm statistics change; ONNX and
+    TorchScript agree on real images; the card records it and passes the contract."""
+    import torch
+    from safetensors.torch import load_file
+
+    from xray_ray.cli import main as xray_ray
+    from xray_ray.model.robustness import apply_shift
+    from xray_ray.ship.export import check_agreement
+
+    model_dir, test = real_model
+    images, _ = _resampled(test, 0.625, 200, seed=3)
+    site = _write_site(tmp_path / "site", apply_shift("gamma_0.6", images, seed=0))
+    out = tmp_path / "adabn"
+    assert xray_ray(["adapt", "--model", str(model_dir), "--images", str(site), "--batchnorm", "--out", str(out)]) == 0
+    m = load_exported(out)
+    assert m.card["adaptation"]["images"] == 200 and m.card["adaptation"]["batchnorm_layers"] > 0
+    assert m.threshold == load_exported(model_dir).threshold
+    before, after = load_file(model_dir / "weights.safetensors"), load_file(out / "weights.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("running_" in k or "num_batches_tracked" in k for k in changed), sorted(changed)[:5]
+    assert check_agreement(out) < 1e-4
+    x = images.astype(np.float32)[:, None] / 255.0
+    assert not np.allclose(m.predict(x), load_exported(model_dir).predict(x))  # the re-estimate did something
+    capsys.readouterr()
+    # refusals of the torch side: --out required, and not with --labelled
+    assert xray_ray(["adapt", "--model", str(model_dir), "--images", str(site), "--batchnorm"]) == 2
+    assert "give --out" in one_error_line(capsys.readouterr().err)

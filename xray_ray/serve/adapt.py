@@ -94,7 +94,7 @@ def labelled_images(folder: Path) -> tuple[list[Path], np.ndarray]:
     return paths, np.asarray(labels, np.int64)
 
 
-def _check_out(out: str | None) -> Path | None:
+def check_out(out: str | None) -> Path | None:
     if out is None:
         return None
     path = Path(out)
@@ -236,8 +236,8 @@ def format_report(r: dict) -> str:
 
 def run(args: argparse.Namespace) -> dict:
     if args.batchnorm:
-        raise UserError("--batchnorm needs torch and runs through `xray-ray adapt` (the ship wing's command).")
-    out = _check_out(args.out)
+        raise UserError("--batchnorm needs torch: run it as `xray-ray adapt ... --batchnorm --out DIR`.")
+    out = check_out(args.out)
     model_dir = Path(args.model)
     model = load_exported(model_dir)
     if args.n_boot < 20:
