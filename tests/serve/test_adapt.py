@@ -218,6 +218,18 @@ def test_adapt_repicks_the_threshold_on_labelled_images(real_model, tmp_path, ca
     m = load_exported(out)  # a complete model folder under the unchanged contract
     assert m.threshold == pytest.approx(r["threshold"]["repicked"])
     assert m.card["adaptation"]["counts"] == {"NORMAL": 80, "PNEUMONIA": 80}
+    # evaluate gives the adapted threshold's figures and the card's side by side
+    from xray_ray.serve.evaluate import evaluate, format_table
+
+    for cls, label in (("NORMAL", 0), ("PNEUMONIA", 1)):
+        _write_site(tmp_path / "kaggle" / "test" / cls, test.images[test.labels == label][80:140])
+    adapted = evaluate(str(out), str(tmp_path / "kaggle"), n_boot=50)
+    original = evaluate(str(model_dir), str(tmp_path / "kaggle"), n_boot=50)
+    assert adapted["threshold_before_adaptation"] == pytest.approx(original["threshold"])
+    before = adapted["metrics"]["at_threshold_before_adaptation"]
+    assert before["accuracy"] == pytest.approx(original["metrics"]["at_threshold"]["accuracy"])
+    table = format_table(adapted["metrics"], adapted["threshold"], adapted["threshold_before_adaptation"])
+    assert "(adapted)" in table.splitlines()[0] and f"card's {original['threshold']:.4f}" in table
     shutil.rmtree(out)
 
 

@@ -40,8 +40,10 @@ def summarize(
     groups: Sequence[str] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    before_adaptation: float | None = None,
 ) -> dict[str, Any]:
-    """Counts, prevalence and metrics with bootstrap CIs at `threshold` and at 0.5 for one split."""
+    """Counts, prevalence and metrics with bootstrap CIs at `threshold` and at 0.5 for one split, and at
+    `before_adaptation` (an adapted card's original threshold) when given, beside the adapted one."""
     y = np.asarray(y, dtype=np.int64)
     p = np.asarray(p, dtype=np.float64)
     pos = int(y.sum())
@@ -52,7 +54,10 @@ def summarize(
         "counts": {CLASSES[0]: int(len(y) - pos), CLASSES[1]: pos},
     }
     groups_arr = np.asarray(groups) if groups is not None else None
-    for key, t in (("at_threshold", threshold), ("at_0.5", 0.5)):
+    points = [("at_threshold", threshold), ("at_0.5", 0.5)]
+    if before_adaptation is not None:
+        points.insert(1, ("at_threshold_before_adaptation", before_adaptation))
+    for key, t in points:
         block = dict(binary_metrics(y, p, t))
         block["ci"] = bootstrap_ci(y, p, t, groups=groups_arr, n_boot=n_boot, seed=seed) if len(y) else {}
         out[key] = block
@@ -79,8 +84,9 @@ def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def format_table(summary: Mapping[str, Any], threshold: float) -> str:
-    """The metrics of `summarize` as a plain-text table: one row per metric, value [95% CI]."""
+def format_table(summary: Mapping[str, Any], threshold: float, before: float | None = None) -> str:
+    """The metrics of `summarize` as a plain-text table: one row per metric, value [95% CI]; an adapted
+    card's original threshold (`before`) gets a column beside the adapted one."""
 
     def cell(block: Mapping[str, Any], name: str) -> str:
         ci = (block.get("ci") or {}).get(name)
@@ -88,15 +94,14 @@ def format_table(summary: Mapping[str, Any], threshold: float) -> str:
             return _fmt(block.get(name))
         return f"{_fmt(block.get(name))} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
 
-    heads = (f"threshold {threshold:.4f}", "threshold 0.5")
-    rows = [
-        (("recall (sens.)" if m == "recall" else m), cell(summary["at_threshold"], m), cell(summary["at_0.5"], m))
-        for m in TABLE_METRICS
-    ]
-    w1 = max(len(r[0]) for r in rows)
-    w2 = max(len(heads[0]), *(len(r[1]) for r in rows))
-    lines = [f"{'metric':<{w1}}  {heads[0]:<{w2}}  {heads[1]}"]
-    lines += [f"{a:<{w1}}  {b:<{w2}}  {c}" for a, b, c in rows]
+    keys = ["at_threshold", *(["at_threshold_before_adaptation"] if before is not None else []), "at_0.5"]
+    heads = [f"threshold {threshold:.4f}" + (" (adapted)" if before is not None else "")]
+    heads += [f"card's {before:.4f}"] if before is not None else []
+    heads += ["threshold 0.5"]
+    rows = [["recall (sens.)" if m == "recall" else m, *(cell(summary[k], m) for k in keys)] for m in TABLE_METRICS]
+    widths = [max(len(r[i]) for r in [["metric", *heads], *rows]) for i in range(len(heads) + 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(["metric", *heads], widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(lines)
 
 
@@ -205,7 +210,8 @@ def evaluate(
     if not labels:
         raise UserError(f"none of the {len(rows)} images in split '{split}' could be read.")
     y, p = np.asarray(labels, np.int64), np.concatenate(probs)
-    summary = summarize(y, p, model.threshold, groups=patients, n_boot=n_boot, seed=seed)
+    before = model.card["threshold"].get("adapted_from")  # an adapted model: its original threshold beside
+    summary = summarize(y, p, model.threshold, groups=patients, n_boot=n_boot, seed=seed, before_adaptation=before)
     searched = ((model.card.get("data") or {}).get("fingerprints") or {}).get(split) if resplit else None
     return json_safe(
         {
@@ -215,6 +221,7 @@ def evaluate(
             "split_column": column,
             "seed": seed,
             "threshold": model.threshold,
+            "threshold_before_adaptation": before,
             "trial_id": model.card.get("trial_id"),
             "skipped": int(len(manifest.skipped)) + len(unreadable),
             "skipped_files": _skipped_files(manifest.skipped, unreadable),
@@ -276,6 +283,6 @@ def _main(args: argparse.Namespace) -> int:
     )
     for f in result["skipped_files"]:  # names quoted as JSON strings: a newline in a name stays on its line
         print(f"skipped {json.dumps(f['path'], ensure_ascii=False)}: {one_line(f['reason'])}")
-    print(format_table(m, result["threshold"]))
+    print(format_table(m, result["threshold"], result.get("threshold_before_adaptation")))
     print("95% intervals: patient-level bootstrap.")
     return 0
