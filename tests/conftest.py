@@ -91,6 +91,23 @@ def tiny_space_file(
     return path
 
 
+def search_args(tmp: Path, space: Path, *extra: str, data: str = "synthetic:200") -> list[str]:
+    """A small search's command line: results and pixel cache under `tmp`, a 2-CPU local Ray."""
+    return [
+        "--data",
+        data,
+        "--space",
+        str(space),
+        "--results",
+        str(tmp / "results"),
+        "--cache",
+        str(tmp / "cache"),
+        "--num-cpus",
+        "2",
+        *extra,
+    ]
+
+
 def write_kaggle_tree(
     root: Path, files: dict[tuple[str, str], list[str]] = KAGGLE_FILES, *, size: int = 48, seed: int = 0
 ) -> Path:

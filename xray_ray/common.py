@@ -303,3 +303,18 @@ def restore_dir(target: str | os.PathLike, is_whole: Callable[[Path], bool]) -> 
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     return removed
+
+
+@contextlib.contextmanager
+def env_set(**values: str) -> Iterator[None]:
+    """Environment variables set for the block, restored after it."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

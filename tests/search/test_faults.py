@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import png_with_size, tiny_space_file, write_kaggle_tree
+from conftest import png_with_size, search_args, tiny_space_file, write_kaggle_tree
 from xray_ray import results as R
 from xray_ray.data.phantoms import render
 from xray_ray.faults import FAULT_ENV, SWITCH_ENV
@@ -39,22 +39,6 @@ PACKAGE = ROOT / "xray_ray"
 def space_file(tmp: Path, *, name: str = "faults", space: dict | None = None, **sections) -> Path:
     """The shared tiny space (conftest.TINY_SPACE) with `space` entries and whole sections changed."""
     return tiny_space_file(tmp, name=name, space=space, **sections)
-
-
-def search_args(tmp: Path, space: Path, *extra: str, data: str = "synthetic:200") -> list[str]:
-    return [
-        "--data",
-        data,
-        "--space",
-        str(space),
-        "--results",
-        str(tmp / "results"),
-        "--cache",
-        str(tmp / "cache"),
-        "--num-cpus",
-        "2",
-        *extra,
-    ]
 
 
 def one_error_line(err: str) -> str:

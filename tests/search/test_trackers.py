@@ -9,31 +9,14 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, one_error_line, tiny_space_file
+from conftest import ROOT, one_error_line, search_args, tiny_space_file
 from xray_ray.search.command import main
 from xray_ray.search.spaces import load_space
-
-
-def _args(tmp: Path, space: Path, *extra: str) -> list[str]:
-    return [
-        "--data",
-        "synthetic:200",
-        "--space",
-        str(space),
-        "--results",
-        str(tmp / "results"),
-        "--cache",
-        str(tmp / "cache"),
-        "--num-cpus",
-        "2",
-        *extra,
-    ]
 
 
 def _search(args: list[str], **kw) -> subprocess.Popen:
@@ -71,7 +54,7 @@ def test_mlflow_and_optuna_hold_every_trial_once_across_a_resume(tmp_path):
         tmp_path, name="trk", space={"epochs": 2}, searcher={"algorithm": "optuna", "num_samples": 3}
     )
     mlflow_uri, optuna_uri = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
-    args = _args(tmp_path, space, "--mlflow", mlflow_uri, "--optuna-storage", optuna_uri, "--ensemble", "1")
+    args = search_args(tmp_path, space, "--mlflow", mlflow_uri, "--optuna-storage", optuna_uri, "--ensemble", "1")
     proc = _search(args)
     try:
         out, err = _interrupt_after(proc, "epoch 1/2")  # the first trial half-way: it continues on --resume
@@ -139,7 +122,7 @@ def test_mlflow_missing_is_one_sentence_before_anything_starts(tmp_path):
         "sys.exit(main(sys.argv[1:]))\n"
     )
     res = subprocess.run(
-        [sys.executable, "-c", code, *_args(tmp_path, space, "--mlflow", f"sqlite:///{tmp_path}/m.db")],
+        [sys.executable, "-c", code, *search_args(tmp_path, space, "--mlflow", f"sqlite:///{tmp_path}/m.db")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -168,7 +151,7 @@ def _closed_port() -> int:
 )
 def test_an_unusable_tracker_is_one_sentence_and_exit_2_before_training(tmp_path, capsys, flag, uri, says):
     space = tiny_space_file(tmp_path, name="trk", searcher={"algorithm": "optuna"})
-    assert main(_args(tmp_path, space, flag, uri.format(port=_closed_port()))) == 2
+    assert main(search_args(tmp_path, space, flag, uri.format(port=_closed_port()))) == 2
     err = one_error_line(capsys.readouterr().err)
     assert says in err, err
     assert not (tmp_path / "results" / "trk" / "run.json").exists()  # nothing started
@@ -176,5 +159,5 @@ def test_an_unusable_tracker_is_one_sentence_and_exit_2_before_training(tmp_path
 
 def test_optuna_storage_needs_the_optuna_searcher(tmp_path, capsys):
     space = tiny_space_file(tmp_path, name="trk")  # searcher: random
-    assert main(_args(tmp_path, space, "--optuna-storage", f"sqlite:///{tmp_path}/o.db")) == 2
+    assert main(search_args(tmp_path, space, "--optuna-storage", f"sqlite:///{tmp_path}/o.db")) == 2
     assert "searched at random" in one_error_line(capsys.readouterr().err)

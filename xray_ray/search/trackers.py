@@ -14,15 +14,14 @@ and ``optuna.visualization`` open it while the search runs, and ``--resume`` con
 from __future__ import annotations
 
 import math
-import os
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ray.tune.logger import LoggerCallback
 
+from xray_ray.common import env_set
 from xray_ray.config import TrialConfig, decode_config
 from xray_ray.errors import UserError
 
@@ -42,20 +41,8 @@ EPOCH_METRICS = (
 HEADLINE = ("accuracy", "sensitivity", "specificity", "roc_auc", "f1")  # the card's test figures, at its threshold
 
 
-@contextmanager
-def _quick_http() -> Iterator[None]:
-    """One try with a short timeout for the reachability check (MLflow retries for minutes by default)."""
-    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+# one try with a short timeout for the reachability check (MLflow retries for minutes by default)
+QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def _sqlite_folder(uri: str, flag: str) -> None:
@@ -79,7 +66,7 @@ def check_mlflow(uri: str) -> None:
         )
     _sqlite_folder(uri, "--mlflow")
     try:
-        with _quick_http():
+        with env_set(**QUICK_HTTP):
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 (MLflow raises many kinds: connection, SQL, its own)
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""

@@ -9,17 +9,15 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import os
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from xray_ray import results as R
-from xray_ray.common import write_bytes_fs
+from xray_ray.common import env_set, write_bytes_fs
 from xray_ray.config import encode_value
 from xray_ray.errors import UserError
 from xray_ray.search.spaces import SearchSpace
@@ -154,21 +152,6 @@ class ProgressPrinter:
                 print(f"[xray_ray] trial {trial.trial_id} errored; the search goes on", flush=True)
 
         return Progress()
-
-
-@contextmanager
-def env_set(**values: str) -> Iterator[None]:
-    """Environment variables set for the block, restored after it."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def result_loggers(tensorboard: bool = False) -> list:
