@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +71,8 @@ class Cluster:
     worker_id: str
     s3_endpoint: str
     tmp: Path
+    nodes: list[subprocess.Popen]  # the `ray start --block` processes: head first
+    join: list[str]  # the arguments that start one more node of this cluster
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -88,10 +92,9 @@ def s3_server():
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def cluster(s3_server, tmp_path_factory):
+@contextmanager
+def two_nodes(s3_server: str, tmp: Path) -> Iterator[Cluster]:
     """A head (1 CPU, resource 'head') and a second node (1 CPU), token auth on; both stopped afterwards."""
-    tmp = tmp_path_factory.mktemp("cluster")
     token_file = tmp / "auth_token"
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o600)
@@ -136,11 +139,18 @@ def cluster(s3_server, tmp_path_factory):
         head = [n for n, is_head in ids.items() if is_head]
         assert len(head) == 1, ids
         worker = [n for n in ids if n != head[0]]
-        yield Cluster(address, env, head[0], worker[0], s3_server, tmp)
+        join = [f"--address={address}", *common]
+        yield Cluster(address, env, head[0], worker[0], s3_server, tmp, nodes, join)
     finally:
         for proc in reversed(nodes):
             _stop_node(proc)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server, tmp_path_factory):
+    with two_nodes(s3_server, tmp_path_factory.mktemp("cluster")) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +297,126 @@ def test_a_search_on_both_nodes_reads_and_writes_s3(cluster, space_file):
     for key in keys:  # nothing the run wrote holds the credentials it used
         body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
         assert ACCESS_KEY.encode() not in body and SECRET_KEY.encode() not in body, key
+
+
+# 4 trials of 6 epochs, two at a time (one on each node); the second node is killed while two trials both
+# have at least two epochs to go, so it always takes a running trial with it
+LOST_SPACE = {**TINY_SPACE, "name": "lost", "space": {**TINY_SPACE["space"], "epochs": 6}}
+LOST_BUCKET = "xray-lost"
+
+
+def _search_until_both_trained(cluster: Cluster, args: list[str]) -> tuple[subprocess.Popen, list[str]]:
+    """The search started as a driver; returns once two trials are both half-way (one on each node)."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-u",
+            "-m",
+            "xray_ray.search",
+            "--address",
+            cluster.address,
+            "--cache",
+            str(cluster.tmp / "cache"),
+            *args,
+        ],
+        env=cluster.env,
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    # one CPU a node and a trial: two trials that have reported and not finished run on the two nodes
+    seen, last, deadline = [], {}, time.monotonic() + 300
+    while sum(0 < e <= n - 2 for e, n in last.values()) < 2 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        for trial, epoch, of in re.findall(r"trial (\w+) epoch (\d+)/(\d+)", line):
+            last[trial] = (int(epoch), int(of))
+    return proc, seen
+
+
+def _kill_node(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of a node at once (its `ray start`, raylet and object store, and its workers),
+    as a reclaimed spot instance loses them."""
+    procs = _processes()
+    group = {pid for pid, (_, pgid, _) in procs.items() if pgid == proc.pid}
+    workers = {pid for pid, (ppid, pgid, _) in procs.items() if ppid in group and pgid != proc.pid}
+    for pid in group | workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def _lost_node_run(cluster: Cluster, space: Path, name: str, *extra: str) -> tuple[int, str]:
+    """A search on both nodes whose second node is killed while a trial trains there."""
+    args = [
+        "--data",
+        "synthetic:1200",
+        "--space",
+        str(space),
+        "--results",
+        f"s3://{LOST_BUCKET}/lost",
+        "--name",
+        name,
+        *PLACEMENT,
+        "--no-export",
+        *extra,
+    ]
+    proc, seen = _search_until_both_trained(cluster, args)
+    worker = cluster.nodes[-1]
+    _kill_node(worker)
+    try:
+        out, _ = proc.communicate(timeout=420)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, "".join(seen) + out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_lost_worker_node_loses_no_trial_and_doubles_no_epoch(s3_server, tmp_path):
+    """A reclaimed spot worker mid-search: its trial continues from its last checkpoint on the head; and the
+    same kill with --max-failures 0 leaves errored trials (so the test can fail)."""
+    _boto3_client(s3_server).create_bucket(Bucket=LOST_BUCKET)
+    space = tmp_path / "lost.yaml"
+    space.write_text(yaml.safe_dump(LOST_SPACE))
+    fs = pafs.S3FileSystem(
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        region="us-east-1",
+        scheme="http",
+        endpoint_override=s3_server.removeprefix("http://"),
+    )
+
+    def tables(name: str):
+        run = f"{LOST_BUCKET}/lost/{name}"
+        return tuple(pq.read_table(f"{run}/{t}.parquet", filesystem=fs).to_pandas() for t in ("trials", "epochs"))
+
+    (tmp_path / "c").mkdir()
+    with two_nodes(s3_server, tmp_path / "c") as cluster:
+        rc, log = _lost_node_run(cluster, space, "survives")
+        assert rc == 0, log[-4000:]
+        trials, epochs = tables("survives")
+        assert len(trials) == 4 and (trials["status"] == "completed").all(), trials[["trial_id", "status"]]
+        assert not epochs.duplicated(["trial_id", "epoch"]).any() and len(epochs) == 24
+        # the trial that was on the lost node: its first epochs are the lost node's (not trained again, which
+        # would have replaced those rows), the rest the head's, from the checkpoint in the shared storage
+        nodes = epochs.sort_values("epoch").groupby("trial_id")["node_id"].agg(list)
+        moved = [n for n in nodes if n[0] == cluster.worker_id and n[-1] == cluster.head_id]
+        assert moved, {t: [n[:8] for n in v] for t, v in nodes.items()} | {"worker": cluster.worker_id[:8]}
+        assert all(n == sorted(n, key=lambda x: x == cluster.head_id) for n in moved), moved
+
+        cluster.nodes.append(_start_node(cluster.join, cluster.env, cluster.tmp / "worker2.log"))  # a new worker
+        rc, log = _lost_node_run(cluster, space, "fails", "--max-failures", "0")
+        trials, _ = tables("fails")
+        assert (trials["status"] == "errored").any(), (rc, trials[["trial_id", "status"]], log[-3000:])
 
 
 # --------------------------------------------------------------------------- helpers
