@@ -308,17 +308,7 @@ LOST_BUCKET = "xray-lost"
 def _search_until_both_trained(cluster: Cluster, args: list[str]) -> tuple[subprocess.Popen, list[str]]:
     """The search started as a driver; returns once two trials are both half-way (one on each node)."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-u",
-            "-m",
-            "xray_ray.search",
-            "--address",
-            cluster.address,
-            "--cache",
-            str(cluster.tmp / "cache"),
-            *args,
-        ],
+        _driver(cluster, *args),
         env=cluster.env,
         cwd=ROOT,
         text=True,
@@ -515,24 +505,25 @@ def _wait_for_nodes(address: str, env: dict[str, str], n: int, timeout: float = 
         time.sleep(1)
 
 
+def _driver(cluster: Cluster, *args: str) -> list[str]:
+    """`python -u -m xray_ray.search --address <cluster> --cache <its cache> ARGS`."""
+    return [
+        sys.executable,
+        "-u",
+        "-m",
+        "xray_ray.search",
+        "--address",
+        cluster.address,
+        "--cache",
+        str(cluster.tmp / "cache"),
+        *args,
+    ]
+
+
 def _search(cluster: Cluster, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
-    """`python -m xray_ray.search --address <cluster> ARGS` as a driver with the cluster's environment."""
+    """The search as a driver with the cluster's environment, run to its end."""
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "xray_ray.search",
-            "--address",
-            cluster.address,
-            "--cache",
-            str(cluster.tmp / "cache"),
-            *args,
-        ],
-        env=cluster.env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        _driver(cluster, *args), env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
 
 
