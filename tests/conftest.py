@@ -108,6 +108,19 @@ def search_args(tmp: Path, space: Path, *extra: str, data: str = "synthetic:200"
     ]
 
 
+def search_process(args: list[str]) -> subprocess.Popen:
+    """`python -u -m xray_ray.search ARGS` in its own process group (so a test can Ctrl-C it as a terminal
+    does), stdout and stderr piped as text."""
+    return subprocess.Popen(
+        [sys.executable, "-u", "-m", "xray_ray.search", *args],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
 def write_kaggle_tree(
     root: Path, files: dict[tuple[str, str], list[str]] = KAGGLE_FILES, *, size: int = 48, seed: int = 0
 ) -> Path:

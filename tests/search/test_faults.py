@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import png_with_size, search_args, tiny_space_file, write_kaggle_tree
+from conftest import png_with_size, search_args, search_process, tiny_space_file, write_kaggle_tree
 from xray_ray import results as R
 from xray_ray.data.phantoms import render
 from xray_ray.faults import FAULT_ENV, SWITCH_ENV
@@ -433,14 +433,7 @@ def test_ctrl_c_stops_cleanly_prints_the_resume_command_and_resume_completes(tmp
         space={"epochs": 2},
     )
     args = search_args(tmp_path, space, "--no-export")
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "xray_ray.search", *args],
-        cwd=ROOT,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    proc = search_process(args)
     seen: list[str] = []
     try:
         assert _read_until(proc, r"epoch 1/", time.time() + 180, seen), "".join(seen)

@@ -14,21 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, one_error_line, search_args, tiny_space_file
+from conftest import ROOT, one_error_line, search_args, search_process, tiny_space_file
 from xray_ray.search.command import main
 from xray_ray.search.spaces import load_space
-
-
-def _search(args: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-u", "-m", "xray_ray.search", *args],
-        cwd=ROOT,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        **kw,
-    )
 
 
 def _interrupt_after(proc: subprocess.Popen, pattern: str, timeout: float = 240) -> tuple[str, str]:
@@ -55,7 +43,7 @@ def test_mlflow_and_optuna_hold_every_trial_once_across_a_resume(tmp_path):
     )
     mlflow_uri, optuna_uri = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
     args = search_args(tmp_path, space, "--mlflow", mlflow_uri, "--optuna-storage", optuna_uri, "--ensemble", "1")
-    proc = _search(args)
+    proc = search_process(args)
     try:
         out, err = _interrupt_after(proc, "epoch 1/2")  # the first trial half-way: it continues on --resume
     finally:
