@@ -286,12 +286,17 @@ class TrialConfig(_Sizes):
     optimizer: Annotated[Literal["adam", "adamw", "sgd"], BeforeValidator(_as_str)] = "adam"
     lr: Float = Field(1e-3, gt=0)
     weight_decay: Float = Field(0.0, ge=0)
-    schedule: Annotated[Literal["cosine", "constant"], BeforeValidator(_as_str)] = "cosine"
+    # "onecycle": up from lr/25 over the first 30% of steps, then down to lr/250,000 (cosine both ways;
+    # PyTorch's OneCycleLR defaults); it has its own warm-up, so warmup_epochs must be 0 with it
+    schedule: Annotated[Literal["cosine", "constant", "onecycle"], BeforeValidator(_as_str)] = "cosine"
     warmup_epochs: Int = Field(0, ge=0)  # below epochs
     class_weighting: Annotated[Literal["none", "balanced"], BeforeValidator(_as_str)] = "none"
     label_smoothing: Float = Field(0.0, ge=0, lt=0.5)
     ema: Annotated[Float, AfterValidator(_ema_rule)] = 0.0
     swa: Float = Field(0.0, ge=0, lt=1)  # share of the last epochs whose weights are averaged; 0: off
+    # which epoch's weights a trial keeps: the best by the search's metric, or the last one's (with swa:
+    # the average of the last epochs)
+    keep: Annotated[Literal["best", "last"], BeforeValidator(_as_str)] = "best"
     # "balanced": each epoch draws both classes equally often (rows repeated or left out)
     sampler: Annotated[Literal["none", "balanced"], BeforeValidator(_as_str)] = "none"
     mixup: Float = Field(0.0, ge=0, le=1)  # Beta(alpha, alpha) of mixup between images of a batch; 0: off
@@ -314,13 +319,15 @@ class TrialConfig(_Sizes):
     def _rules_between_fields(self):
         if self.warmup_epochs and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs must be below epochs, got {self.warmup_epochs} with epochs={self.epochs}.")
+        if self.schedule == "onecycle" and self.warmup_epochs:
+            raise ValueError("schedule onecycle has its own warm-up; set warmup_epochs to 0 with it.")
         if self.swa and self.ema:
             raise ValueError("swa and ema both average weights; switch one of them off.")
         return self
 
 
 # the fields that take part in a rule between fields: a space's check tries their corners together
-LINKED_FIELDS = ("image_size", "blocks", "epochs", "warmup_epochs", "swa", "ema")
+LINKED_FIELDS = ("image_size", "blocks", "epochs", "warmup_epochs", "swa", "ema", "schedule")
 
 
 def model_sizes(cfg: TrialConfig) -> dict[str, Any]:

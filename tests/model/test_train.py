@@ -118,3 +118,29 @@ def test_standardized_model_ignores_exposure_and_contrast():
         torch.testing.assert_close(m(x), m(x * 1.4 + 0.1), atol=2e-3, rtol=2e-3)
         plain = build_model(image_size=32, blocks=2, double_conv=False, width=4, fc=(), head="gap").eval()
         assert not torch.allclose(plain(x), plain(x * 1.4 + 0.1), atol=1e-3)
+
+
+def test_one_cycle_follows_torch_one_cycle_lr():
+    """schedule onecycle is OneCycleLR with its defaults, step for step, over the trial's own epochs."""
+    cfg = TrialConfig(epochs=10, lr=2e-3, schedule="onecycle")
+    ours_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    ours = make_scheduler(ours_opt, cfg, steps_per_epoch=7)
+    ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=cfg.lr, total_steps=70)
+    seen_ours, seen_ref = [], []
+    for _ in range(70):
+        seen_ours.append(ours.get_last_lr()[0])
+        seen_ref.append(ref.get_last_lr()[0])
+        for opt, sched in ((ours_opt, ours), (ref_opt, ref)):
+            opt.step()
+            sched.step()
+    assert np.allclose(seen_ours, seen_ref, rtol=1e-6, atol=1e-12)
+    assert seen_ours[0] == pytest.approx(cfg.lr / 25) and max(seen_ours) == pytest.approx(cfg.lr)
+    assert int(np.argmax(seen_ours)) == 20 and seen_ours[-1] < cfg.lr / 1e5
+
+
+def test_one_cycle_refuses_a_second_warm_up():
+    from xray_ray.errors import UserError
+
+    with pytest.raises(UserError, match="onecycle has its own warm-up"):
+        TrialConfig.from_dict({"epochs": 10, "schedule": "onecycle", "warmup_epochs": 1})

@@ -64,14 +64,25 @@ def make_optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+# one cycle (Smith and Topin 2019), by OneCycleLR's defaults: pct_start, div_factor, final_div_factor
+ONE_CYCLE_RISE, ONE_CYCLE_DIV, ONE_CYCLE_FINAL_DIV = 0.3, 25.0, 1e4
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrialConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule over the trial's own epochs: linear warm-up, then cosine to 0 or constant."""
+    """Per-step schedule over the trial's own epochs: linear warm-up, then cosine to 0 or constant; or one cycle."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = cfg.warmup_epochs * steps_per_epoch
+    rise = max(1.0, ONE_CYCLE_RISE * total - 1)  # OneCycleLR's phase ends: the peak, then the last step
 
     def factor(step: int) -> float:
+        if cfg.schedule == "onecycle":  # as torch.optim.lr_scheduler.OneCycleLR with its defaults
+            start, end = 1 / ONE_CYCLE_DIV, 1 / (ONE_CYCLE_DIV * ONE_CYCLE_FINAL_DIV)
+            if step <= rise:
+                return 1 + (start - 1) * 0.5 * (1 + math.cos(math.pi * step / rise))
+            progress = min(1.0, (step - rise) / max(1.0, total - 1 - rise))
+            return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
         if warm and step < warm:
             return (step + 1) / warm
         if cfg.schedule == "constant":

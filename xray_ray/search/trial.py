@@ -60,7 +60,7 @@ def release_freed_memory() -> None:
 
 # settings added after the first release: left out of the seed's hash while at their default, so that a
 # configuration that does not use them draws exactly what it drew before they existed
-_LATER_SETTINGS = ("standardize", "swa", "sampler", "mixup", "crop", "erase")
+_LATER_SETTINGS = ("standardize", "swa", "sampler", "mixup", "crop", "erase", "keep")
 
 
 def trial_seed(cfg: TrialConfig) -> int:

@@ -91,12 +91,16 @@ class TrialState:
         }
 
     def keep_if_better(
-        self, current: float, epoch: int, net: torch.nn.Module, better: Callable[[float, float], bool]
+        self, current: float, epoch: int, net: torch.nn.Module, better: Callable[[float, float], bool], keep: str
     ) -> None:
-        """Keep `net`'s weights when `current` beats the best so far."""
+        """Keep `net`'s weights when `current` beats the best so far, or every epoch's with keep "last"."""
         best = self.best
         # epochs not scored on the battery have no robustness metric (NaN): a finite value always beats it
-        if best is None or (math.isfinite(current) and (not math.isfinite(best) or better(current, best))):
+        if (
+            keep == "last"
+            or best is None
+            or (math.isfinite(current) and (not math.isfinite(best) or better(current, best)))
+        ):
             self.best, self.best_epoch = current, epoch
             self.best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if k != "n_averaged"}
 
@@ -265,5 +269,5 @@ def run_trial(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
         net = state.net(epoch)
         val_metrics, t_rob = loop.evaluate(net, epoch)
         t2 = time.perf_counter()
-        state.keep_if_better(val_metrics.get(runtime.metric, float("nan")), epoch, net, loop.better)
+        state.keep_if_better(val_metrics.get(runtime.metric, float("nan")), epoch, net, loop.better, cfg.keep)
         loop.report(state, epoch, loop.row(state, epoch, stats, val_metrics, (t0, t1, t_rob, t2)))

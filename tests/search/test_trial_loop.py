@@ -1,0 +1,25 @@
+"""Which epoch's weights a trial keeps: the best by the search's metric, or the last epoch's (keep: last)."""
+
+import operator
+
+import pytest
+import torch
+
+from xray_ray.search.trial_loop import TrialState
+
+
+def _state() -> TrialState:
+    return TrialState(torch.nn.Linear(2, 1), None, None, None, None, swa_from=99)
+
+
+@pytest.mark.parametrize(("keep", "kept_epoch"), [("best", 1), ("last", 3)])
+def test_keep_best_or_last(keep, kept_epoch):
+    state = _state()
+    nets = {}
+    for epoch, metric in ((1, 0.9), (2, 0.7), (3, 0.8)):
+        net = torch.nn.Linear(2, 1)
+        nets[epoch] = net
+        state.keep_if_better(metric, epoch, net, operator.gt, keep)
+    assert state.best_epoch == kept_epoch
+    assert state.best == {1: 0.9, 3: 0.8}[kept_epoch]
+    assert torch.equal(state.best_state["weight"], nets[kept_epoch].weight.detach())
