@@ -3,15 +3,18 @@ search's overhead, and whether every trial failed."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.fs as pafs
 
 from xray_ray.config import TrialConfig, decode_config, encode_value
 from xray_ray.model.robustness import COMPOSITES, SHIFTS
 from xray_ray.search.spaces import SearchSpace
+from xray_ray.search.trial import HISTORY_FILE
 
 TRIAL_COLUMNS = [
     "trial_id",
@@ -116,9 +119,7 @@ def collect(grid, space: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
         cfg = decode_config(res.config or {})
         # a trial that never reported has no metrics: its id is in its folder name, trainable_<id>_<n>_...
         trial_id = (res.metrics or {}).get("trial_id") or "_".join(Path(res.path).name.split("_")[1:3])
-        hist = res.metrics_dataframe if res.metrics_dataframe is not None else pd.DataFrame()
-        if len(hist) and "epoch" in hist:
-            hist = hist.dropna(subset=["epoch"]).drop_duplicates(subset=["epoch"], keep="last").sort_values("epoch")
+        hist = _with_checkpointed_epochs(res.metrics_dataframe, res)
         for _, h in hist.iterrows():
             erows.append({"trial_id": trial_id, **{c: h.get(c) for c in EPOCH_COLUMNS if c != "trial_id"}})
         last = hist.iloc[-1] if len(hist) else {}
@@ -162,6 +163,48 @@ def collect(grid, space: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
         trials = trials.reset_index(drop=True)
     epochs = pd.DataFrame(erows, columns=EPOCH_COLUMNS)
     return trials, epochs
+
+
+def _with_checkpointed_epochs(reported: pd.DataFrame | None, res) -> pd.DataFrame:
+    """A trial's epochs as Tune's result files hold them, with any they lost taken from its newest checkpoint.
+
+    Each checkpoint carries the trial's epoch reports so far (``history.json``), and reaches storage before
+    Tune's driver writes the epoch to ``result.json``, which it copies to storage with the experiment state
+    every few seconds. A kill during that copy can leave a state that marks the trial finished beside a
+    result file cut short (which Tune then cannot read at all) or one a few epochs behind; resumed, Tune does
+    not rewrite a finished trial's files, so without this its epochs would be lost from the tables.
+    """
+    hist = reported if reported is not None and "epoch" in reported else pd.DataFrame()
+    saved = pd.DataFrame(_checkpointed_history(res))
+    if len(saved) and "epoch" in saved:
+        known = set(hist["epoch"].dropna().astype(int)) if len(hist) else set()
+        missing = saved[~saved["epoch"].astype(int).isin(known)]
+        if len(missing):
+            hist = pd.concat([hist, missing], ignore_index=True) if len(hist) else missing
+    if len(hist):
+        hist = hist.dropna(subset=["epoch"]).drop_duplicates(subset=["epoch"], keep="last").sort_values("epoch")
+    return hist.reset_index(drop=True)
+
+
+def _checkpointed_history(res) -> list[dict[str, Any]]:
+    """The epoch reports in the trial's newest checkpoint that has them (by its last epoch's end); [] if none."""
+    fs, folder = res.filesystem, res.path
+    try:
+        found = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    except OSError:  # pragma: no cover - storage unreachable: Tune's own files are all there is
+        return []
+    best: list[dict[str, Any]] = []
+    for info in found:
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/{HISTORY_FILE}") as f:
+                rows = json.loads(f.read())
+        except (OSError, ValueError):  # a checkpoint of an older version, or one being written
+            continue
+        if rows and (not best or rows[-1].get("ended_at", 0) > best[-1].get("ended_at", 0)):
+            best = rows
+    return best
 
 
 _ROB_COLUMNS = [c for c in TRIAL_COLUMNS if c.startswith(("rob_", "shift_")) and c != "rob_epoch"]

@@ -36,6 +36,9 @@ class Runtime:
     faults: str = ""  # the tests' faults to inject (xray_ray.faults.spec()): empty outside those tests
 
 
+# in each trial checkpoint: the trial's epoch reports so far, as JSON (the tables fill epochs Tune's files lost)
+HISTORY_FILE = "history.json"
+
 # the robustness columns of an epoch that was not scored on the battery
 UNSCORED: dict[str, Any] = {
     **{f"shift_{m}__{n}": float("nan") for n in SHIFTS for m in ("auc", "loss")},

@@ -12,7 +12,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from xray_ray.model.train import (
     predict_probs,
     train_one_epoch,
 )
-from xray_ray.search.trial import UNSCORED, Runtime, release_freed_memory, trial_seed
+from xray_ray.search.trial import HISTORY_FILE, UNSCORED, Runtime, release_freed_memory, trial_seed
 
 
 @dataclass
@@ -57,6 +57,9 @@ class TrialState:
     best: float | None = None
     best_epoch: int = 0
     best_state: dict[str, torch.Tensor] | None = None
+    # every epoch's report so far, also across restarts: a checkpoint carries it (history.json) because Tune's
+    # own result files reach storage later than the checkpoint and can be cut short by a kill in between
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def net(self, epoch: int) -> torch.nn.Module:
         """The weights evaluated after `epoch`: EMA's, SWA's once it averages, else the model's."""
@@ -120,6 +123,8 @@ def build_state(cfg: TrialConfig, steps: int, device: torch.device) -> TrialStat
     if ckpt is not None:  # a restarted trial continues where its last checkpoint left it
         with ckpt.as_directory() as cdir:
             state.load(torch.load(Path(cdir) / "state.pt", map_location=device, weights_only=True))
+            if (Path(cdir) / HISTORY_FILE).exists():
+                state.history = json.loads((Path(cdir) / HISTORY_FILE).read_text())
     return state
 
 
@@ -237,11 +242,13 @@ class EpochLoop:
         }
 
     def report(self, state: TrialState, epoch: int, row: dict[str, Any]) -> None:
-        """Checkpoint (the training state, the best weights, the config) and report the epoch to Tune."""
+        """Checkpoint (the training state, the best weights, the config, the epochs so far) and report the epoch."""
+        state.history = [*(h for h in state.history if h["epoch"] < epoch), row]
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state.saved(epoch), Path(tmp) / "state.pt")
             save_file({k: v.contiguous() for k, v in state.best_state.items()}, str(Path(tmp) / "best.safetensors"))
             (Path(tmp) / "config.json").write_text(json.dumps(self.cfg.to_dict()))
+            (Path(tmp) / HISTORY_FILE).write_text(json.dumps(state.history))
             tune.report(row, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
