@@ -1,6 +1,7 @@
 """Result files: atomic writes, metadata inside Parquet, any pyarrow filesystem."""
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -45,3 +46,63 @@ def test_unwritable_location_fails_early(tmp_path):
             R.probe_writable(target)
     finally:
         ro.chmod(0o700)
+
+
+def test_a_remote_storage_waits_out_an_outage_but_not_a_missing_file(tmp_path, monkeypatch):
+    """results.PatientStorage on moto's S3 server: a write while the server is down lands once it is back;
+    a missing file is an error at once; with little patience the outage is an error; the start-up probe
+    never waits."""
+    import socket
+    import threading
+    import time
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "AKIAXRAYRAYDUMMYKEY2",
+        "AWS_SECRET_ACCESS_KEY": "dummy",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }.items():
+        monkeypatch.setenv(k, v)
+    servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)]
+    servers[0].start()
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="patient")
+        R.write_json({"a": 1}, "s3://patient/run/run.json")
+        servers[0].stop()
+
+        def back() -> None:
+            time.sleep(8)
+            servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+            servers[-1].start()
+
+        threading.Thread(target=back, daemon=True).start()
+        t0 = time.monotonic()
+        R.write_json({"a": 2}, "s3://patient/run/run.json")  # waits for the server
+        assert time.monotonic() - t0 >= 7
+        assert R.read_json("s3://patient/run/run.json") == {"a": 2}
+        t0 = time.monotonic()
+        with pytest.raises(FileNotFoundError):
+            R.read_json("s3://patient/run/missing.json")
+        assert time.monotonic() - t0 < 5  # not retried
+
+        servers[-1].stop()
+        monkeypatch.setenv(R.PATIENCE_ENV, "1")
+        with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+            R.write_json({"a": 3}, "s3://patient/run/run.json")
+        monkeypatch.setenv(R.PATIENCE_ENV, "300")
+        t0 = time.monotonic()
+        with pytest.raises(OSError):
+            R.probe_writable("s3://patient/run")
+        assert time.monotonic() - t0 < 60  # pyarrow's own few retries, not the patience
+    finally:
+        servers[-1].stop()

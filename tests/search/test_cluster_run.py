@@ -12,12 +12,14 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -112,12 +114,7 @@ def two_nodes(s3_server: str, tmp: Path) -> Iterator[Cluster]:
             # augmentation instead of killing them at once, which a 1-CPU node does by default (~10 s each here).
             "RAY_idle_worker_killing_time_threshold_ms": "600000",
             "RAY_num_workers_soft_limit": "4",
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": s3_server,
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            **_aws_env(s3_server),
         }
     )
     # Short, because Ray's unix sockets live under it and socket paths are limited to 107 bytes.
@@ -407,6 +404,142 @@ def test_a_lost_worker_node_loses_no_trial_and_doubles_no_epoch(s3_server, tmp_p
         rc, log = _lost_node_run(cluster, space, "fails", "--max-failures", "0")
         trials, _ = tables("fails")
         assert (trials["status"] == "errored").any(), (rc, trials[["trial_id", "status"]], log[-3000:])
+        assert re.search(r"trials errored .* run: python -m xray_ray\.search .*--resume$", log, re.M), log[-3000:]
+
+
+HEAD_BUCKET = "xray-head"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_lost_head_resumes_on_a_new_cluster_from_the_shared_storage(s3_server, tmp_path):
+    """The driver and the head node SIGKILLed mid-search (the second node then stopped: the cluster is gone);
+    the resume command the search printed, run on a new cluster, finishes the search from S3: every trial
+    once, no epoch lost or doubled, the trials that were running going on from their checkpoints."""
+    _boto3_client(s3_server).create_bucket(Bucket=HEAD_BUCKET)
+    space = tmp_path / "head.yaml"
+    space.write_text(yaml.safe_dump({**LOST_SPACE, "name": "head"}))
+    args = ["--data", "synthetic:1200", "--space", str(space), "--results", f"s3://{HEAD_BUCKET}/runs"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    with two_nodes(s3_server, tmp_path / "old") as old:
+        proc, seen = _search_until_both_trained(old, [*args, *PLACEMENT, "--no-export"])
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, which runs on the head
+        proc.wait()
+        _kill_node(old.nodes[0])  # the head
+        old_nodes = {old.head_id, old.worker_id}
+        said = [line for line in seen if "continue it with: " in line]
+        assert len(said) == 1, "".join(seen)[-3000:]
+        resume = shlex.split(said[0].split("continue it with: ", 1)[1])
+    with two_nodes(s3_server, tmp_path / "new") as new:
+        assert resume[:3] == ["python", "-m", "xray_ray.search"] and resume[-1] == "--resume", resume
+        at = resume.index("--address")
+        # the new cluster's address in place of the old one (with `--address auto` on the head, as
+        # docs/cluster.md runs it, the printed command is run as it is)
+        argv = [*resume[3:at], "--address", new.address, *resume[at + 2 :]]
+        done = subprocess.run(
+            [sys.executable, "-u", "-m", "xray_ray.search", *argv],
+            env=new.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        new_nodes = {new.head_id, new.worker_id}
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "[xray_ray] resuming" in done.stdout, done.stdout[-3000:]
+    fs = pafs.S3FileSystem(
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        region="us-east-1",
+        scheme="http",
+        endpoint_override=s3_server.removeprefix("http://"),
+    )
+    run = f"{HEAD_BUCKET}/runs/head"
+    trials = pq.read_table(f"{run}/trials.parquet", filesystem=fs).to_pandas()
+    epochs = pq.read_table(f"{run}/epochs.parquet", filesystem=fs).to_pandas()
+    assert len(trials) == 4 and (trials["status"] == "completed").all(), trials[["trial_id", "status"]]
+    assert not epochs.duplicated(["trial_id", "epoch"]).any() and len(epochs) == 24
+    assert set(epochs["node_id"]) <= old_nodes | new_nodes
+    # the trials that were running when the head went: their first epochs trained on the old cluster, the
+    # rest on the new one from their checkpoints on S3 (trained again from epoch 1, the old rows would be gone)
+    nodes = epochs.sort_values("epoch").groupby("trial_id")["node_id"].agg(list)
+    moved = [n for n in nodes if n[0] in old_nodes and n[-1] in new_nodes]
+    assert moved, {t: [x[:8] for x in v] for t, v in nodes.items()}
+    assert all(n == sorted(n, key=lambda x: x in new_nodes) for n in moved), moved
+
+
+OUTAGE_BUCKET = "xray-outage"
+OUTAGE_S = 30
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_storage_outage_mid_search_is_ridden_out(tmp_path):
+    """The S3 server goes away for 30 s while trials train and checkpoint to it, and comes back: the search
+    carries on and ends well, every trial once, no epoch lost or doubled (without R.PatientStorage the
+    checkpoint uploads fail within seconds and the trials error)."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()  # moto keeps its buckets in this process: a server started again on the port serves them
+    _boto3_client(endpoint).create_bucket(Bucket=OUTAGE_BUCKET)
+    space = tmp_path / "outage.yaml"
+    space.write_text(yaml.safe_dump({**LOST_SPACE, "name": "outage"}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
+    env.update(_aws_env(endpoint), XRAY_RAY_CACHE=str(tmp_path / "cache"), RAY_USAGE_STATS_ENABLED="0")
+    cmd = [sys.executable, "-u", "-m", "xray_ray.search", "--data", "synthetic:1200", "--space", str(space)]
+    cmd += ["--results", f"s3://{OUTAGE_BUCKET}/runs", "--cache", str(tmp_path / "cache"), "--no-export"]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    lines: list[str] = []
+    training = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(r"trial \w+ epoch 2/6", line):
+                training.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert training.wait(300), "".join(lines)[-4000:]
+        server.stop()  # refused connections from here on, as from an endpoint that went away
+        gone = time.monotonic()
+        time.sleep(OUTAGE_S)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        back = time.monotonic()
+        proc.wait(timeout=600)
+        reader.join(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        server.stop()
+        server.start()  # for the tables below
+    log = "".join(lines)
+    assert proc.returncode == 0, log[-4000:]
+    assert back - gone >= OUTAGE_S
+    fs = pafs.S3FileSystem(
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        region="us-east-1",
+        scheme="http",
+        endpoint_override=f"127.0.0.1:{port}",
+    )
+    run = f"{OUTAGE_BUCKET}/runs/outage"
+    trials = pq.read_table(f"{run}/trials.parquet", filesystem=fs).to_pandas()
+    epochs = pq.read_table(f"{run}/epochs.parquet", filesystem=fs).to_pandas()
+    server.stop()
+    assert len(trials) == 4 and (trials["status"] == "completed").all(), trials[["trial_id", "status"]]
+    assert not epochs.duplicated(["trial_id", "epoch"]).any() and len(epochs) == 24
+    assert all(sorted(g) == list(range(1, 7)) for g in epochs.groupby("trial_id")["epoch"].agg(list))
+    assert "storage does not answer" in log and "errored" not in log, log[-4000:]  # met, and waited out
 
 
 # --------------------------------------------------------------------------- helpers
@@ -525,6 +658,18 @@ def _search(cluster: Cluster, *args: str, timeout: float = 420) -> subprocess.Co
     return subprocess.run(
         _driver(cluster, *args), env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
+
+
+def _aws_env(endpoint: str) -> dict[str, str]:
+    """What points a process's S3 clients (pyarrow's, boto3's) at the test server, with dummy credentials."""
+    return {
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
 
 
 def _boto3_client(endpoint: str):

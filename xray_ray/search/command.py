@@ -285,6 +285,8 @@ def search_on_ray(
         f"up to {space.max_epochs} epochs each",
         flush=True,
     )
+    if not opts.export_only:  # what a kill -9, a lost head or a lost machine leaves to run (docs/cluster.md)
+        print(f"[xray_ray] if this search stops before its end, continue it with: {resume_command(opts)}", flush=True)
     grid = fit(tuner, results_only=opts.export_only)
     trials, epochs = collect(grid, space)
     meta = {"run": folder.name, "space": space.to_dict(), "seed": space.seed, "versions": run_info["versions"]}
@@ -375,5 +377,13 @@ def finish(
     R.write_json(run_info, run_json)
     if failure:
         raise UserError(failure)
+    errored = int((trials["status"] == "errored").sum()) if len(trials) else 0
+    if errored:  # a fault beyond --max-failures (a storage outage longer than its patience, a lost node)
+        print(
+            f"[xray_ray] {errored} of {len(trials)} trials errored (each has an error.txt under "
+            f"{R.join(run_dir, 'tune')}); "
+            f"to train them on from their last checkpoints run: {resume_command(opts)}",
+            flush=True,
+        )
     print(f"[xray_ray] done in {out.wall:.0f}s; results in {run_dir}", flush=True)
     return run_dir

@@ -223,7 +223,7 @@ def _checkpoint_uri(checkpoint) -> str | None:
     """Where a checkpoint lives: Tune's path drops the scheme of remote storage (s3://), so it is put back."""
     if checkpoint is None:
         return None
-    scheme = getattr(checkpoint.filesystem, "type_name", "local")
+    scheme = getattr(checkpoint.filesystem, "type_name", "local").removeprefix("py::")  # R.PatientStorage's
     return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
 
 

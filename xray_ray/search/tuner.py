@@ -201,7 +201,8 @@ def restored(tune_dir: str, fn: Callable, *, checkpoints_kept: int | None = None
             f"interruption); set aside as damaged-*, resuming from {whole}",
             flush=True,
         )
-    if not tune.Tuner.can_restore(tune_dir):
+    path, fs = tune_storage(tune_dir)
+    if not tune.Tuner.can_restore(path, storage_filesystem=fs):
         return None
     print(f"[xray_ray] resuming {tune_dir}", flush=True)
     lost = forget_lost_checkpoints(tune_dir, checkpoints_kept) if checkpoints_kept else []
@@ -211,7 +212,17 @@ def restored(tune_dir: str, fn: Callable, *, checkpoints_kept: int | None = None
             f"({', '.join(lost)}); they train again from their first epoch",
             flush=True,
         )
-    return tune.Tuner.restore(tune_dir, trainable=fn, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner.restore(path, trainable=fn, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+
+
+def tune_storage(tune_dir: str) -> tuple[str, Any]:
+    """Tune's (path, filesystem) for an experiment folder: remote storage through R.resolve's patient
+    filesystem (an outage makes the driver's syncing and the trials' checkpoint uploads wait), node-local
+    storage as it is (filesystem None: Tune resolves it)."""
+    if R.node_local(tune_dir):
+        return tune_dir, None
+    fs, path = R.resolve(tune_dir)
+    return path, fs
 
 
 STATE_PATTERN = "experiment_state-*.json"  # Tune's CKPT_FILE_TMPL: one file a session, named by its start
@@ -303,7 +314,8 @@ def search_tuner(fn: Callable, space: SearchSpace, settings: TunerSettings):
     """A new Tuner for the search: the space's searcher and scheduler, progress lines, one kept checkpoint."""
     from ray import tune
 
-    storage, exp_name = settings.tune_dir.rsplit("/", 1)
+    experiment, fs = tune_storage(settings.tune_dir)
+    storage, exp_name = experiment.rsplit("/", 1)
     searcher, param_space = build_searcher(space, space.seed, settings.study)
     return tune.Tuner(
         fn,
@@ -324,6 +336,7 @@ def search_tuner(fn: Callable, space: SearchSpace, settings: TunerSettings):
         run_config=tune.RunConfig(
             name=exp_name,
             storage_path=storage,
+            storage_filesystem=fs,
             verbose=0,
             callbacks=[
                 ProgressPrinter(space.metric, space.mode, space.num_samples),
