@@ -253,13 +253,7 @@ def test_a_search_on_both_nodes_reads_and_writes_s3(cluster, space_file):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
-    fs = pafs.S3FileSystem(
-        access_key=ACCESS_KEY,
-        secret_key=SECRET_KEY,
-        region="us-east-1",
-        scheme="http",
-        endpoint_override=cluster.s3_endpoint.removeprefix("http://"),
-    )
+    fs = _s3_fs(cluster.s3_endpoint)
     run = f"{BUCKET}/results/cluster"
     trials = pq.read_table(f"{run}/trials.parquet", filesystem=fs).to_pandas()
     epochs = pq.read_table(f"{run}/epochs.parquet", filesystem=fs).to_pandas()
@@ -374,13 +368,7 @@ def test_a_lost_worker_node_loses_no_trial_and_doubles_no_epoch(s3_server, tmp_p
     _boto3_client(s3_server).create_bucket(Bucket=LOST_BUCKET)
     space = tmp_path / "lost.yaml"
     space.write_text(yaml.safe_dump(LOST_SPACE))
-    fs = pafs.S3FileSystem(
-        access_key=ACCESS_KEY,
-        secret_key=SECRET_KEY,
-        region="us-east-1",
-        scheme="http",
-        endpoint_override=s3_server.removeprefix("http://"),
-    )
+    fs = _s3_fs(s3_server)
 
     def tables(name: str):
         run = f"{LOST_BUCKET}/lost/{name}"
@@ -448,13 +436,7 @@ def test_a_lost_head_resumes_on_a_new_cluster_from_the_shared_storage(s3_server,
         new_nodes = {new.head_id, new.worker_id}
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "[xray_ray] resuming" in done.stdout, done.stdout[-3000:]
-    fs = pafs.S3FileSystem(
-        access_key=ACCESS_KEY,
-        secret_key=SECRET_KEY,
-        region="us-east-1",
-        scheme="http",
-        endpoint_override=s3_server.removeprefix("http://"),
-    )
+    fs = _s3_fs(s3_server)
     run = f"{HEAD_BUCKET}/runs/head"
     trials = pq.read_table(f"{run}/trials.parquet", filesystem=fs).to_pandas()
     epochs = pq.read_table(f"{run}/epochs.parquet", filesystem=fs).to_pandas()
@@ -525,13 +507,7 @@ def test_a_storage_outage_mid_search_is_ridden_out(tmp_path):
     log = "".join(lines)
     assert proc.returncode == 0, log[-4000:]
     assert back - gone >= OUTAGE_S
-    fs = pafs.S3FileSystem(
-        access_key=ACCESS_KEY,
-        secret_key=SECRET_KEY,
-        region="us-east-1",
-        scheme="http",
-        endpoint_override=f"127.0.0.1:{port}",
-    )
+    fs = _s3_fs(endpoint)
     run = f"{OUTAGE_BUCKET}/runs/outage"
     trials = pq.read_table(f"{run}/trials.parquet", filesystem=fs).to_pandas()
     epochs = pq.read_table(f"{run}/epochs.parquet", filesystem=fs).to_pandas()
@@ -670,6 +646,17 @@ def _aws_env(endpoint: str) -> dict[str, str]:
         "AWS_CONFIG_FILE": os.devnull,
         "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
     }
+
+
+def _s3_fs(endpoint: str) -> pafs.S3FileSystem:
+    """pyarrow's S3 filesystem on the test server, to read back what a search wrote there."""
+    return pafs.S3FileSystem(
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        region="us-east-1",
+        scheme="http",
+        endpoint_override=endpoint.removeprefix("http://"),
+    )
 
 
 def _boto3_client(endpoint: str):
