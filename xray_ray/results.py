@@ -101,8 +101,9 @@ class PatientStorage(pafs.FileSystemHandler):
     that fails with a network error (see TRANSIENT) is tried again with backoff until the storage answers
     or `patience` has passed; any other error (NotFound, AccessDenied) is raised at once. A file is written
     from a local spool in one go when its stream closes, and read whole when opened, so a retry never
-    leaves half a file: an upload is all or nothing. Say so in the docs: reads and writes hold a file in
-    memory or a temporary file.
+    leaves half a file: an upload is all or nothing. The price: a file read is held in memory, and a file
+    written is spooled in memory up to 64 MB and in a temporary file beyond (checkpoints and tables, not
+    multi-GB objects).
     """
 
     def __init__(self, fs: pafs.FileSystem, patience: float):
