@@ -276,6 +276,12 @@ class CNNConfig(_Sizes):
         return [max(1, round(min(self.max_width, self.width * self.growth**i))) for i in range(self.blocks)]
 
 
+# what keep_metric may name: a metric every epoch reports (the search's METRICS), or empty for the search's own
+KeepMetric = Literal[
+    "", "val_auc", "val_loss", "val_acc", "val_score", "val_brier", "rob_auc_min", "rob_auc_mean", "rob_loss_mean"
+]
+
+
 class TrialConfig(_Sizes):
     """Everything one trial needs: model sizes (CNNConfig's fields), training and augmentation settings."""
 
@@ -297,6 +303,9 @@ class TrialConfig(_Sizes):
     # which epoch's weights a trial keeps: the best by the search's metric, or the last one's (with swa:
     # the average of the last epochs)
     keep: Annotated[Literal["best", "last"], BeforeValidator(_as_str)] = "best"
+    # the metric whose best epoch `keep: best` keeps; empty: the search's own metric. A robustness composite
+    # here has the battery scored every epoch. Selection changes no training step, so it never enters the seed
+    keep_metric: Annotated[KeepMetric, BeforeValidator(_as_str)] = ""
     # "balanced": each epoch draws both classes equally often (rows repeated or left out)
     sampler: Annotated[Literal["none", "balanced"], BeforeValidator(_as_str)] = "none"
     mixup: Float = Field(0.0, ge=0, le=1)  # Beta(alpha, alpha) of mixup between images of a batch; 0: off
@@ -323,11 +332,13 @@ class TrialConfig(_Sizes):
             raise ValueError("schedule onecycle has its own warm-up; set warmup_epochs to 0 with it.")
         if self.swa and self.ema:
             raise ValueError("swa and ema both average weights; switch one of them off.")
+        if self.keep_metric and self.keep == "last":
+            raise ValueError("keep_metric chooses the best epoch; with keep: last there is none to choose, drop one.")
         return self
 
 
 # the fields that take part in a rule between fields: a space's check tries their corners together
-LINKED_FIELDS = ("image_size", "blocks", "epochs", "warmup_epochs", "swa", "ema", "schedule")
+LINKED_FIELDS = ("image_size", "blocks", "epochs", "warmup_epochs", "swa", "ema", "schedule", "keep", "keep_metric")
 
 
 def model_sizes(cfg: TrialConfig) -> dict[str, Any]:

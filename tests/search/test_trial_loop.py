@@ -23,3 +23,26 @@ def test_keep_best_or_last(keep, kept_epoch):
     assert state.best_epoch == kept_epoch
     assert state.best == {1: 0.9, 3: 0.8}[kept_epoch]
     assert torch.equal(state.best_state["weight"], nets[kept_epoch].weight.detach())
+
+
+def test_keep_metric_is_checked_and_never_enters_the_trial_seed():
+    from xray_ray.config import TrialConfig
+    from xray_ray.errors import UserError
+    from xray_ray.search.trial import trial_seed
+
+    base = TrialConfig.from_dict({"image_size": 32, "blocks": 2})
+    assert trial_seed(base) == trial_seed(base.replace(keep_metric="rob_loss_mean"))
+    assert trial_seed(base) != trial_seed(base.replace(keep="last"))
+    with pytest.raises(UserError, match="keep_metric"):
+        TrialConfig.from_dict({"image_size": 32, "blocks": 2, "keep_metric": "val_f1"})
+    with pytest.raises(UserError, match="keep: last"):
+        TrialConfig.from_dict({"image_size": 32, "blocks": 2, "keep": "last", "keep_metric": "val_auc"})
+
+
+def test_keep_metric_names_exactly_the_metrics_a_space_may_name():
+    from typing import get_args
+
+    from xray_ray.config import KeepMetric
+    from xray_ray.search.spaces import METRICS
+
+    assert set(get_args(KeepMetric)) == {"", *METRICS}

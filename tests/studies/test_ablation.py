@@ -76,3 +76,24 @@ def test_an_ablation_trains_each_arm_with_each_seed_and_scores_them_alike(tmp_pa
     info = json.loads((out / "ablation.json").read_text())
     assert info["seeds"] == [1, 2] and "| base |" in info["table"] and info["versions"]["torch"]
     assert "| mixup |" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # starts a local Ray and trains 2 tiny models for 3 epochs
+def test_keep_metric_arms_train_the_same_weights_and_keep_the_epoch_their_metric_picks(tmp_path):
+    base = {**BASE, "epochs": 3}
+    path = arms_file(tmp_path, {"val_auc": {}, "rob": {"keep_metric": "rob_auc_min"}}, base)
+    args = ["--data", "synthetic:80", "--arms", str(path), "--seeds", "1", "--results", str(tmp_path / "out")]
+    assert main([*args, "--name", "sel"]) == 0
+    epochs = {}
+    for result in (tmp_path / "out" / "sel" / "tune").glob("*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        epochs[rows[0]["config"]["arm"]] = pd.DataFrame(rows).set_index("epoch")
+    assert set(epochs) == {"val_auc", "rob"}
+    # the same seed, so the same training: selection is left out of the trial's seed
+    assert epochs["val_auc"]["train_loss"].tolist() == epochs["rob"]["train_loss"].tolist()
+    assert epochs["val_auc"]["val_auc"].tolist() == epochs["rob"]["val_auc"].tolist()
+    rob = epochs["rob"]["rob_auc_min"]
+    assert rob.notna().all(), "a robustness keep_metric scores the battery every epoch"
+    assert epochs["val_auc"]["rob_auc_min"].iloc[:-1].isna().all(), "the base scores only its last epoch"
+    assert epochs["rob"]["best_epoch"].iloc[-1] == int(rob.idxmax())
+    assert epochs["val_auc"]["best_epoch"].iloc[-1] == int(epochs["val_auc"]["val_auc"].idxmax())

@@ -66,9 +66,16 @@ def release_freed_memory() -> None:
 _LATER_SETTINGS = ("standardize", "swa", "sampler", "mixup", "crop", "erase", "keep")
 
 
+# settings that change no training step (which epoch's weights are kept): never in the seed's hash, so that
+# configurations differing only in them train the very same weights
+_SELECTION_SETTINGS = ("keep_metric",)
+
+
 def trial_seed(cfg: TrialConfig) -> int:
     """A seed fixed by the run's seed and the trial's own hyperparameters."""
     d, default = cfg.to_dict(), TrialConfig.defaults()
+    for k in _SELECTION_SETTINGS:
+        del d[k]
     for k in _LATER_SETTINGS:
         if d[k] == default[k]:
             del d[k]

@@ -29,6 +29,7 @@ from xray_ray.data.augment import strengths_of
 from xray_ray.data.streams import Prefetch, epoch_batches, node_code, rows_for
 from xray_ray.faults import inject_fault
 from xray_ray.model.cnn import build_model
+from xray_ray.model.robustness import COMPOSITES
 from xray_ray.model.robustness import score as shift_score
 from xray_ray.model.train import (
     array_batches,
@@ -40,6 +41,7 @@ from xray_ray.model.train import (
     predict_probs,
     train_one_epoch,
 )
+from xray_ray.search.spaces import METRICS
 from xray_ray.search.trial import HISTORY_FILE, UNSCORED, Runtime, release_freed_memory, trial_seed
 
 
@@ -137,7 +139,11 @@ class EpochLoop:
         self.device_name = f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
         self.loss_fn = make_loss(cfg, runtime.pos_fraction)
         self.eval_loss = make_loss(cfg.replace(label_smoothing=0.0, class_weighting="none"), runtime.pos_fraction)
-        self.better = (lambda a, b: a > b) if runtime.mode == "max" else (lambda a, b: a < b)
+        # the metric whose best epoch is kept: the space's, unless the trial names its own (keep_metric)
+        self.keep_metric = cfg.keep_metric or runtime.metric
+        mode = METRICS[cfg.keep_metric] if cfg.keep_metric else runtime.mode
+        self.better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+        self.score_every_epoch = self.keep_metric in COMPOSITES
         self.node_id = ray.get_runtime_context().get_node_id()
         self.codes = {node_code(n["NodeID"]): n["NodeID"] for n in ray.nodes()}
         self.data_nodes: set[str] = set()
@@ -205,7 +211,8 @@ class EpochLoop:
         }
         t_rob = time.perf_counter()
         val_metrics.update(UNSCORED)  # every row carries the same columns (Tune's CSV keeps the first row's)
-        if self.shifted is not None and (epoch == self.cfg.epochs or epoch in self.runtime.score_epochs):
+        scored = epoch == self.cfg.epochs or epoch in self.runtime.score_epochs or self.score_every_epoch
+        if self.shifted is not None and scored:
             val_metrics.update(
                 shift_score(lambda im: self.probs(net, im, np.zeros(len(im), np.int64))[1], self.shifted)
             )
@@ -276,5 +283,5 @@ def run_trial(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
         net = state.net(epoch)
         val_metrics, t_rob = loop.evaluate(net, epoch)
         t2 = time.perf_counter()
-        state.keep_if_better(val_metrics.get(runtime.metric, float("nan")), epoch, net, loop.better, cfg.keep)
+        state.keep_if_better(val_metrics.get(loop.keep_metric, float("nan")), epoch, net, loop.better, cfg.keep)
         loop.report(state, epoch, loop.row(state, epoch, stats, val_metrics, (t0, t1, t_rob, t2)))
