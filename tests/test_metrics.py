@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 
+from xray_ray import metrics as M
 from xray_ray.errors import UserError
 from xray_ray.metrics import (
     CI_METRICS,
@@ -217,3 +218,54 @@ def test_choose_threshold_refuses_impossible_requests():
         choose_threshold([0, 0], [0.1, 0.2])
     with pytest.raises(UserError, match="target sensitivity"):
         choose_threshold([0, 1], [0.1, 0.2], 0.0)
+
+
+def _three_class_sample(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    probs = rng.dirichlet([1, 1, 1], n)
+    probs[np.arange(n), y] += 0.3
+    return y, probs / probs.sum(axis=1, keepdims=True)
+
+
+def test_multiclass_metrics_agree_with_their_definitions():
+    y, probs = _three_class_sample()
+    m = M.multiclass_metrics(y, probs, ["NORMAL", "BACTERIA", "VIRUS"])
+    pred = probs.argmax(axis=1)
+
+    def pairwise_auc(pos, neg):
+        return np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg])
+
+    aucs = [pairwise_auc(probs[y == c, c], probs[y != c, c]) for c in range(3)]
+    assert m["macro_auc"] == pytest.approx(np.mean(aucs)) == pytest.approx(M.macro_auc(y, probs))
+    assert m["balanced_accuracy"] == pytest.approx(np.mean([np.mean(pred[y == c] == c) for c in range(3)]))
+    f1 = [2 * np.sum((pred == c) & (y == c)) / (np.sum(pred == c) + np.sum(y == c)) for c in range(3)]
+    assert m["macro_f1"] == pytest.approx(np.mean(f1))
+    assert m["log_loss"] == pytest.approx(-np.mean(np.log(probs[np.arange(len(y)), y])))
+    assert m["accuracy"] == pytest.approx(np.mean(pred == y))
+    assert m["confusion"] == [[int(np.sum((y == t) & (pred == p))) for p in range(3)] for t in range(3)]
+    virus = m["per_class"]["VIRUS"]
+    assert virus["n"] == int(np.sum(y == 2)) and virus["auc"] == pytest.approx(aucs[2])
+    assert virus["specificity"] == pytest.approx(np.mean(pred[y != 2] != 2))
+
+
+def test_multiclass_bootstrap_brackets_the_estimate_and_resamples_patients():
+    y, probs = _three_class_sample()
+    classes = ["NORMAL", "BACTERIA", "VIRUS"]
+    m = M.multiclass_metrics(y, probs, classes)
+    ci = M.multiclass_bootstrap(y, probs, classes, groups=np.arange(len(y)) // 3, n_boot=300)
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc"):
+        assert ci[key][0] < m[key] < ci[key][1], key
+    assert ci["sensitivity__VIRUS"][0] < m["per_class"]["VIRUS"]["sensitivity"] < ci["sensitivity__VIRUS"][1]
+    # a patient's images move together, so intervals widen when each patient is 30 copies of one image
+    wide = M.multiclass_bootstrap(
+        np.repeat(y[:10], 30),
+        np.repeat(probs[:10], 30, axis=0),
+        classes,
+        groups=np.repeat(np.arange(10), 30),
+        n_boot=300,
+    )
+    narrow = M.multiclass_bootstrap(np.repeat(y[:10], 30), np.repeat(probs[:10], 30, axis=0), classes, n_boot=300)
+    assert wide["accuracy"][1] - wide["accuracy"][0] > 2 * (narrow["accuracy"][1] - narrow["accuracy"][0])
+    with pytest.raises(ValueError, match=r"\[N, 3\]"):
+        M.multiclass_metrics(y, probs[:, :2], classes)

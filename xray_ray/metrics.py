@@ -1,9 +1,10 @@
-"""Binary classification metrics, bootstrap intervals and threshold choice, in numpy only.
+"""Classification metrics, bootstrap intervals and threshold choice, in numpy only.
 
 Every metric is computed from per-image weights: all ones for the point estimate, bootstrap counts
 (how often each image, or each patient's images, was drawn) for a whole matrix of resamples at once.
 One implementation therefore serves both, and 1000 resamples of a test set cost a few matrix products.
-Labels: 0 = NORMAL, 1 = PNEUMONIA; scores are P(PNEUMONIA). Undefined ratios are nan, never errors.
+Binary labels: 0 = NORMAL, 1 = PNEUMONIA; scores are P(PNEUMONIA). K classes (K > 2): labels 0..K-1, probabilities
+[N, K], the decision the arg-max. Undefined ratios are nan, never errors.
 """
 
 from __future__ import annotations
@@ -180,3 +181,121 @@ def choose_threshold(y: Any, p: Any, target_sensitivity: float = 0.95) -> float:
     # the chosen threshold passes that exact check. Ties at the k-th score only add sensitivity.
     k = int(np.argmax(np.arange(1, positives.size + 1) / positives.size >= target_sensitivity))
     return float(positives[k])
+
+
+# ---- K classes (K > 2): probabilities [N, K], decision = arg-max -------------------------------------------
+
+
+def _check_k(y: Any, probs: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y)
+    probs = np.asarray(probs, dtype=np.float64)
+    if y.ndim != 1 or probs.shape != (y.size, k):
+        raise ValueError(f"labels must be [N] and probabilities [N, {k}], got shapes {y.shape} and {probs.shape}")
+    if y.size and (y.min() < 0 or y.max() >= k):
+        raise ValueError(f"labels must lie in 0..{k - 1}")
+    if not np.isfinite(probs).all():
+        raise ValueError("probabilities must be finite (no nan or inf)")
+    return y.astype(np.int64), probs
+
+
+def macro_auc(y: Any, probs: Any) -> float:
+    """Mean one-vs-rest ROC AUC over the classes present in `y` (nan when fewer than two are present)."""
+    y, probs = _check_k(y, probs, np.asarray(probs).shape[-1])
+    present = np.unique(y)
+    if present.size < 2:
+        return float("nan")
+    return float(np.mean([roc_auc(y == c, probs[:, c]) for c in present]))
+
+
+def _k_weighted(y: np.ndarray, pred: np.ndarray, probs: np.ndarray, k: int, w: np.ndarray) -> dict[str, np.ndarray]:
+    """Arg-max metrics for each row of weights w [B, n]: confusion [B, K, K] and what follows from it."""
+    cells = y * k + pred
+    conf = np.stack([w[:, cells == i].sum(axis=1) for i in range(k * k)], axis=1).reshape(len(w), k, k)
+    n = conf.sum(axis=(1, 2))
+    tp = np.diagonal(conf, axis1=1, axis2=2)
+    true_n, pred_n = conf.sum(axis=2), conf.sum(axis=1)
+    sens = _ratio(tp, true_n)
+    spec = _ratio(n[:, None] - true_n - pred_n + tp, n[:, None] - true_n)
+    prec = _ratio(tp, pred_n)
+    f1 = _ratio(2 * tp, true_n + pred_n)
+    out = {"accuracy": _ratio(tp.sum(axis=1), n), "confusion": conf, "sens": sens, "spec": spec, "prec": prec}
+    with np.errstate(invalid="ignore"):
+        out["balanced_accuracy"] = np.nanmean(np.where(true_n > 0, sens, np.nan), axis=1)
+        out["macro_f1"] = np.nanmean(np.where(true_n > 0, f1, np.nan), axis=1)
+    out["f1"] = f1
+    picked = np.clip(probs[np.arange(y.size), y], 1e-12, 1.0)
+    out["log_loss"] = _ratio(w @ -np.log(picked), n)
+    aucs = np.stack([_rank_metrics((y == c).astype(np.int64), probs[:, c], w)[0] for c in range(k)], axis=1)
+    out["auc"] = aucs
+    with np.errstate(invalid="ignore"):
+        out["macro_auc"] = np.nanmean(np.where(true_n > 0, aucs, np.nan), axis=1)
+    return out
+
+
+def multiclass_metrics(y: Any, probs: Any, classes: Any) -> dict[str, Any]:
+    """Arg-max metrics of K-class probabilities: accuracy, balanced accuracy, macro F1, macro one-vs-rest AUC,
+    log-loss, the K x K confusion matrix (rows true, columns predicted) and each class's one-vs-rest figures."""
+    classes = [str(c) for c in classes]
+    k = len(classes)
+    y, probs = _check_k(y, probs, k)
+    m = _k_weighted(y, probs.argmax(axis=1), probs, k, np.ones((1, y.size)))
+    with np.errstate(all="ignore"):  # a class absent from y has nan figures, never a warning
+        per_class = {
+            name: {
+                "n": int((y == i).sum()),
+                "sensitivity": float(m["sens"][0, i]),
+                "specificity": float(m["spec"][0, i]),
+                "precision": float(m["prec"][0, i]),
+                "f1": float(m["f1"][0, i]),
+                "auc": float(m["auc"][0, i]),
+            }
+            for i, name in enumerate(classes)
+        }
+    return {
+        "n": int(y.size),
+        "accuracy": float(m["accuracy"][0]),
+        "balanced_accuracy": float(m["balanced_accuracy"][0]),
+        "macro_f1": float(m["macro_f1"][0]),
+        "macro_auc": float(m["macro_auc"][0]),
+        "log_loss": float(m["log_loss"][0]),
+        "confusion": m["confusion"][0].astype(np.int64).tolist(),
+        "per_class": per_class,
+    }
+
+
+def multiclass_bootstrap(
+    y: Any, probs: Any, classes: Any, groups: Any = None, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of accuracy, balanced_accuracy, macro_f1, macro_auc and, per class,
+    ``sensitivity__NAME``, ``specificity__NAME`` and ``auc__NAME``; whole groups (patients) resampled when given."""
+    classes = [str(c) for c in classes]
+    k = len(classes)
+    y, probs = _check_k(y, probs, k)
+    pred = probs.argmax(axis=1)
+    gid = np.arange(y.size) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    n_groups = int(gid.max()) + 1 if y.size else 0
+    names = ["accuracy", "balanced_accuracy", "macro_f1", "macro_auc"]
+    names += [f"{m}__{c}" for c in classes for m in ("sensitivity", "specificity", "auc")]
+    if n_groups == 0:
+        return {k_: (float("nan"), float("nan")) for k_ in names}
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[np.ndarray]] = {k_: [] for k_ in names}
+    chunk = max(1, _CHUNK_CELLS // max(y.size, n_groups) // max(1, k))
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        picks = rng.integers(0, n_groups, size=(b, n_groups)) + n_groups * np.arange(b)[:, None]
+        counts = np.bincount(picks.ravel(), minlength=b * n_groups).reshape(b, n_groups)
+        with np.errstate(all="ignore"):
+            m = _k_weighted(y, pred, probs, k, counts[:, gid].astype(np.float64))
+        for key in names[:4]:
+            draws[key].append(m[key])
+        for i, c in enumerate(classes):
+            for short, key in (("sens", "sensitivity"), ("spec", "specificity"), ("auc", "auc")):
+                draws[f"{key}__{c}"].append(m[short][:, i])
+    out = {}
+    for key in names:
+        values = np.concatenate(draws[key])
+        values = values[~np.isnan(values)]
+        lo, hi = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if values.size else (np.nan,) * 2
+        out[key] = (float(lo), float(hi))
+    return out
