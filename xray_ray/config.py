@@ -278,7 +278,17 @@ class CNNConfig(_Sizes):
 
 # what keep_metric may name: a metric every epoch reports (the search's METRICS), or empty for the search's own
 KeepMetric = Literal[
-    "", "val_auc", "val_loss", "val_acc", "val_score", "val_brier", "rob_auc_min", "rob_auc_mean", "rob_loss_mean"
+    "",
+    "val_auc",
+    "val_loss",
+    "val_acc",
+    "val_score",
+    "val_brier",
+    "val_balanced_acc",
+    "val_macro_f1",
+    "rob_auc_min",
+    "rob_auc_mean",
+    "rob_loss_mean",
 ]
 
 

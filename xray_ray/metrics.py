@@ -299,3 +299,47 @@ def multiclass_bootstrap(
         lo, hi = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if values.size else (np.nan,) * 2
         out[key] = (float(lo), float(hi))
     return out
+
+
+# ---- either kind of scores: P(second class) [N] for two classes, probabilities [N, K] for K > 2 ------------
+
+
+def auc_of(y: Any, p: Any) -> float:
+    """ROC AUC of two-class scores, the macro one-vs-rest AUC of K-class probabilities."""
+    return macro_auc(y, p) if np.ndim(p) == 2 else roc_auc(y, p)
+
+
+def log_loss_of(y: Any, p: Any, eps: float = 1e-7) -> float:
+    """Mean cross-entropy of the true class (nan for no images)."""
+    y, p = np.asarray(y, dtype=np.int64), np.asarray(p, dtype=np.float64)
+    if not y.size:
+        return float("nan")
+    picked = p[np.arange(y.size), y] if p.ndim == 2 else np.where(y == 1, p, 1 - p)
+    return float(-np.mean(np.log(np.clip(picked, eps, 1.0))))
+
+
+def brier_of(y: Any, p: Any) -> float:
+    """Brier score: mean squared error of the probabilities; for K classes half the squared distance to the
+    one-hot label, so that two classes give the same figure either way."""
+    y, p = np.asarray(y, dtype=np.int64), np.asarray(p, dtype=np.float64)
+    if p.ndim == 2:
+        return float(np.mean(np.sum((p - np.eye(p.shape[1])[y]) ** 2, axis=1)) / 2)
+    return float(np.mean((p - y) ** 2))
+
+
+def predicted_class(p: Any) -> np.ndarray:
+    """The decision without a chosen threshold: p >= 0.5 for two classes, the arg-max for K."""
+    p = np.asarray(p)
+    return p.argmax(axis=1) if p.ndim == 2 else (p >= 0.5).astype(np.int64)
+
+
+def decision_metrics(y: Any, p: Any, k: int = 2) -> dict[str, float]:
+    """Balanced accuracy and macro F1 of the decision without a chosen threshold (:func:`predicted_class`):
+    ``val_balanced_acc`` and ``val_macro_f1`` of an epoch's report."""
+    y = np.asarray(y, dtype=np.int64)
+    if not y.size:
+        return {"val_balanced_acc": float("nan"), "val_macro_f1": float("nan")}
+    pred = predicted_class(p)
+    probs = np.asarray(p, dtype=np.float64) if np.ndim(p) == 2 else np.stack([1 - np.asarray(p), np.asarray(p)], 1)
+    m = _k_weighted(y, pred, probs, k, np.ones((1, y.size)))
+    return {"val_balanced_acc": float(m["balanced_accuracy"][0]), "val_macro_f1": float(m["macro_f1"][0])}

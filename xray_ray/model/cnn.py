@@ -1,7 +1,8 @@
 """The CNN family: one parameterised class and a small registry of named presets.
 
-A model is `CNN(CNNConfig(...))`: `blocks` conv blocks (conv3x3-BN-ReLU, optionally twice, then a
-2x2 max-pool and channel dropout), a "flatten" or "gap" head, `fc` hidden layers and one logit.
+A model is `CNN(CNNConfig(...), num_classes)`: `blocks` conv blocks (conv3x3-BN-ReLU, optionally twice,
+then a 2x2 max-pool and channel dropout), a "flatten" or "gap" head, `fc` hidden layers and one logit (two
+classes) or one per class (K > 2).
 CNNConfig (its defaults and the family's limits) lives in xray_ray.config, beside TrialConfig, whose
 model fields are the same. The input contract (size, scaling, normalisation) travels with the model,
 so the pipeline and every exported graph agree on what a pixel means.
@@ -39,14 +40,20 @@ def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
 
 
 class CNN(nn.Module):
-    """Binary classifier: float32 [N, C, S, S] in [0, 1] -> one logit per image, shape [N]."""
+    """Classifier: float32 [N, C, S, S] in [0, 1] -> one logit per image [N] for two classes (of the second
+    class), K logits per image [N, K] for K > 2 classes."""
 
     # TorchScript need not see the Python config; forward() never reads it.
     __jit_ignored_attributes__ = ["config"]
 
-    def __init__(self, config: CNNConfig) -> None:
+    def __init__(self, config: CNNConfig, num_classes: int = 2) -> None:
         super().__init__()
+        if num_classes < 2:
+            raise UserError(f"a classifier needs at least two classes, got {num_classes}.")
         self.config = config
+        self.num_classes = num_classes
+        # two classes keep one logit (sigmoid), so every binary model is what it was before K classes
+        self.outputs = 1 if num_classes == 2 else num_classes
         # Attributes, not globals: TorchScript cannot read closed-over floats.
         self.norm_mean = NORM_MEAN
         self.norm_std = NORM_STD
@@ -73,11 +80,11 @@ class CNN(nn.Module):
         for size in config.fc:
             head += [nn.Linear(features, size), nn.ReLU(inplace=True), nn.Dropout(config.dropout)]
             features = size
-        head.append(nn.Linear(features, 1))
+        head.append(nn.Linear(features, self.outputs))
         self.classifier = nn.Sequential(*head)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x float32 [N, C, S, S] in [0, 1] -> logits [N]."""
+        """x float32 [N, C, S, S] in [0, 1] -> logits [N] (two classes) or [N, K]."""
         if self.standardize:
             # each image to zero mean and unit spread: exposure and contrast of the site no longer matter
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -86,7 +93,8 @@ class CNN(nn.Module):
         else:
             x = (x - self.norm_mean) / self.norm_std
         x = self.pool(self.features(x))
-        return self.classifier(torch.flatten(x, 1)).squeeze(-1)
+        logits = self.classifier(torch.flatten(x, 1))
+        return logits.squeeze(-1) if self.outputs == 1 else logits
 
     def input_contract(self) -> dict[str, Any]:
         """What a caller must feed the model, in words and numbers (saved beside every export)."""
@@ -121,20 +129,22 @@ PRESETS: dict[str, CNNConfig] = {
 }
 
 
-def build_model(preset: str | None = None, **sizes: Any) -> CNN:
-    """A CNN from a preset name or from explicit CNNConfig sizes, never both; image_size may join a preset."""
+def build_model(preset: str | None = None, num_classes: int = 2, **sizes: Any) -> CNN:
+    """A CNN from a preset name or from explicit CNNConfig sizes, never both; image_size may join a preset.
+
+    ``num_classes`` is the data's, not a size: two give one logit, K > 2 give K."""
     names = CNNConfig.field_names()
     unknown = sorted(set(sizes) - set(names))
     if unknown:
         raise UserError(f"unknown model size {unknown[0]!r}; the sizes are {', '.join(sorted(names))}.")
     if preset is None:
-        return CNN(CNNConfig(**sizes))
+        return CNN(CNNConfig(**sizes), num_classes)
     if preset not in PRESETS:
         raise UserError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     extra = sorted(set(sizes) - {"image_size"})
     if extra:
         raise UserError(f"give a preset or explicit sizes, not both: preset {preset!r} was combined with {extra[0]!r}.")
-    return CNN(PRESETS[preset].replace(**sizes))
+    return CNN(PRESETS[preset].replace(**sizes), num_classes)
 
 
 def count_params(model: nn.Module) -> int:

@@ -196,11 +196,12 @@ def summarize(per_shift: Mapping[str, tuple[float, float]]) -> dict[str, float |
 
 
 def score(predict: Callable[[np.ndarray], np.ndarray], shifted: Mapping[str, np.ndarray]) -> dict[str, float | str]:
-    """AUC and log-loss of ``predict`` (uint8 [M,S,S] -> P(PNEUMONIA) [M]) under every shift of a battery.
+    """AUC and log-loss of ``predict`` (uint8 [M,S,S] -> P(PNEUMONIA) [M], or class probabilities [M, K] for
+    K > 2 classes: macro one-vs-rest AUC and cross-entropy) under every shift of a battery.
 
     Returns ``shift_auc__<name>``, ``shift_loss__<name>`` per shift and the composites of ``summarize``.
     """
-    from xray_ray.metrics import roc_auc
+    from xray_ray.metrics import log_loss_of, macro_auc, roc_auc
 
     y = shifted["labels"]
     per: dict[str, tuple[float, float]] = {}
@@ -208,7 +209,7 @@ def score(predict: Callable[[np.ndarray], np.ndarray], shifted: Mapping[str, np.
         if name == "labels":
             continue
         p = predict(images)
-        per[name] = (roc_auc(y, p), log_loss(y, p))
+        per[name] = (roc_auc(y, p), log_loss(y, p)) if p.ndim == 1 else (macro_auc(y, p), log_loss_of(y, p))
     out: dict[str, float | str] = {}
     for name, (auc, loss) in per.items():
         out[f"shift_auc__{name}"] = auc

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,8 +37,14 @@ def array_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> It
         }
 
 
-def make_loss(cfg: TrialConfig, pos_fraction: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Binary cross-entropy on logits, with optional class balancing and label smoothing."""
+def make_loss(
+    cfg: TrialConfig, pos_fraction: float, class_fractions: Sequence[float] = ()
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Binary cross-entropy on one logit (two classes, ``pos_fraction`` the second's share of train), or
+    softmax cross-entropy on K logits when ``class_fractions`` names K > 2 shares; with optional class
+    balancing and label smoothing. Targets are labels, or soft targets (mixup): [B] for two classes, [B, K]."""
+    if len(class_fractions) > 2:
+        return _softmax_loss(cfg, class_fractions)
     pos_weight = None
     if cfg.class_weighting == "balanced" and 0 < pos_fraction < 1:
         pos_weight = torch.tensor((1 - pos_fraction) / pos_fraction)
@@ -50,6 +56,22 @@ def make_loss(cfg: TrialConfig, pos_fraction: float) -> Callable[[torch.Tensor, 
             y = y * (1 - ls) + 0.5 * ls
         pw = pos_weight.to(logits.device) if pos_weight is not None else None
         return F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pw)
+
+    return loss_fn
+
+
+def _softmax_loss(cfg: TrialConfig, fractions: Sequence[float]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """K-class cross-entropy; "balanced" weighting gives each class the weight 1 / (K * its share of train)."""
+    weight = None
+    if cfg.class_weighting == "balanced":
+        shares = torch.tensor([max(float(f), 1e-6) for f in fractions])
+        weight = 1.0 / (len(fractions) * shares)
+    ls = cfg.label_smoothing
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        target = labels if labels.is_floating_point() else labels.long()
+        w = weight.to(logits.device) if weight is not None else None
+        return F.cross_entropy(logits.float(), target, weight=w, label_smoothing=ls)
 
     return loss_fn
 
@@ -121,11 +143,13 @@ def train_one_epoch(
     on_batch: Callable[[dict], None] | None = None,
     mixup: float = 0.0,
     generator: torch.Generator | None = None,
+    num_classes: int = 2,
 ) -> dict[str, float]:
     """Train over ``batches`` once. Returns mean loss, images, seconds inside steps, images per second.
 
     ``mixup`` > 0 blends each batch with a shuffled copy of itself, images and labels alike, by a weight
     drawn from Beta(mixup, mixup) (Zhang et al., ICLR 2018); ``generator`` makes those draws repeatable.
+    With ``num_classes`` > 2 the blended labels are soft targets [B, K].
     """
     model.train()
     device = torch.device(device)
@@ -137,7 +161,7 @@ def train_one_epoch(
         x = to_input(batch["image"], device)
         y = batch["label"].to(device, non_blocking=True)
         if mixup > 0 and len(y) > 1:
-            x, y = mix(x, y, mixup, generator)
+            x, y = mix(x, y, mixup, generator, num_classes)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
         loss = loss_fn(logits, y)
@@ -169,10 +193,11 @@ def train_one_epoch(
 
 
 def mix(
-    x: torch.Tensor, y: torch.Tensor, alpha: float, generator: torch.Generator | None = None
+    x: torch.Tensor, y: torch.Tensor, alpha: float, generator: torch.Generator | None = None, num_classes: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup of a batch with a permutation of itself; labels become the same blend (binary cross-entropy
-    is linear in its target, so this equals blending the two losses)."""
+    """Mixup of a batch with a permutation of itself; labels become the same blend (cross-entropy is linear
+    in its target, so this equals blending the two losses): a float [B] for two classes, one-hot rows
+    blended into [B, K] for K > 2."""
     lam = (
         float(torch.distributions.Beta(alpha, alpha).sample().item())
         if generator is None
@@ -181,7 +206,7 @@ def mix(
         )
     )
     perm = torch.randperm(len(y), generator=generator).to(x.device)
-    yf = y.float()
+    yf = y.float() if num_classes == 2 else F.one_hot(y.long(), num_classes).float()
     return lam * x + (1 - lam) * x[perm], lam * yf + (1 - lam) * yf[perm]
 
 
@@ -189,7 +214,8 @@ def mix(
 def predict_probs(
     model: nn.Module, batches: Iterable[dict[str, Any]], *, device: torch.device | str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities of PNEUMONIA) over ``batches``, model in eval mode."""
+    """(labels, probabilities) over ``batches``, model in eval mode: P(second class) [N] from a one-logit
+    model (two classes), softmax rows [N, K] from a K-logit one."""
     model.eval()
     device = torch.device(device)
     ys, ps = [], []
@@ -197,7 +223,8 @@ def predict_probs(
         x = to_input(batch["image"], device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)
-        ps.append(torch.sigmoid(logits.float()).cpu().numpy())
+        logits = logits.float()
+        ps.append((torch.softmax(logits, dim=1) if logits.ndim == 2 else torch.sigmoid(logits)).cpu().numpy())
         ys.append(batch["label"].cpu().numpy())
     if not ps:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)

@@ -33,7 +33,7 @@ from xray_ray.search.args import check_flags, options_of, parser_of
 from xray_ray.search.ray_setup import DATA_SLOT, RayOptions, check_local_resources, data_slot, ray_session, trial_slots
 from xray_ray.search.run_data import MAX_LISTED_SKIPS, RunData, load_data, trial_data
 from xray_ray.search.run_folder import RunFolder, check_run_name, open_run
-from xray_ray.search.spaces import SearchSpace, load_space
+from xray_ray.search.spaces import DEFAULT_METRIC_K, METRICS, SearchSpace, load_space
 from xray_ray.search.tables import collect, every_trial_failed, overhead, print_leaderboard
 from xray_ray.search.trial import Runtime
 from xray_ray.search.tuner import CHECKPOINTS_KEPT, TunerSettings, fit, restored, rungs, search_tuner, trial_trainable
@@ -52,6 +52,7 @@ class SearchOptions:
 
     data: str = "synthetic"
     space: str = "search_spaces/smoke.yaml"
+    labels: str | None = None  # None: the space's data.labels
     results: str = "results"
     name: str | None = None
     num_samples: int | None = None
@@ -184,6 +185,8 @@ def run_info_of(
             "skipped_files": manifest.skipped.head(MAX_LISTED_SKIPS).to_dict(orient="records"),
             "splits": loaded.split_info,
             "image_sizes": space.image_sizes,
+            "classes": list(loaded.classes),
+            "labels": opts.labels or space.labels,
         },
         "resources": {
             "cpus_per_trial": opts.cpus_per_trial,
@@ -204,6 +207,8 @@ def search(opts: SearchOptions, space: SearchSpace, folder: RunFolder) -> str:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds") if previous is None else previous["started"]
     t_start = time.time()
     loaded = load_data(opts, space)
+    if len(loaded.classes) > 2 and not space.metric_given:
+        space = replace(space, metric=DEFAULT_METRIC_K, mode=METRICS[DEFAULT_METRIC_K])
     run_info = run_info_of(opts, space, folder, started, loaded)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     with ray_session(opts.ray):
@@ -237,11 +242,14 @@ TRIAL_RESOURCES = ("cpus_per_trial", "gpus_per_trial", "data_cpus", "data_tasks"
 def runtime_of(opts: SearchOptions, space: SearchSpace, loaded: RunData, slot: Any, run_dir: str) -> Runtime:
     """What every trial is given: its resources, the metric, the positive fraction of train, the rungs."""
     train_labels = next(iter(loaded.prepared.values())).splits["train"].labels
+    n_classes = len(loaded.classes)
     return Runtime(
         **{k: getattr(opts, k) for k in TRIAL_RESOURCES},
         metric=space.metric,
         mode=space.mode,
         pos_fraction=float(np.mean(train_labels)) if len(train_labels) else 0.5,
+        classes=tuple(loaded.classes),
+        class_fractions=tuple(float(np.mean(train_labels == c)) for c in range(n_classes)) if len(train_labels) else (),
         data_slot=slot,
         score_epochs=rungs(space),
         fault_dir=None if R.is_uri(run_dir) else str(Path(run_dir) / "tune" / ".faults"),

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from xray_ray import CLASSES
 from xray_ray.data.balance import balanced_repeats
 from xray_ray.data.prepare import prepare
 from xray_ray.data.sources import load_source
@@ -24,12 +25,14 @@ class RunData:
     manifest: Any
     split_info: dict[str, Any]
     prepared: dict[int, Any]
+    classes: tuple[str, ...] = CLASSES  # in label order
 
 
 def load_data(opts: Any, space: SearchSpace) -> RunData:
     """Read the source, split it by patient, prepare each image size once (or find it in the cache)."""
     print(f"[xray_ray] loading data from {opts.data} ...", flush=True)
-    manifest = load_source(opts.data, seed=space.seed)
+    labels = getattr(opts, "labels", None) or space.labels
+    manifest = load_source(opts.data, seed=space.seed, labels=labels)
     df, split_info = assign_splits(
         manifest.df, seed=space.seed, val_fraction=space.val_fraction, test_fraction=space.test_fraction
     )
@@ -42,7 +45,9 @@ def load_data(opts: Any, space: SearchSpace) -> RunData:
     for need in ("train", "val"):
         if need not in next(iter(prepared.values())).splits:
             raise UserError(f"the data has no '{need}' images after splitting; add more images per class.")
-    return RunData(manifest=manifest, split_info=split_info, prepared=prepared)
+    classes = tuple(manifest.info.get("classes", CLASSES))
+    print(f"[xray_ray] classes: {', '.join(classes)}", flush=True)
+    return RunData(manifest=manifest, split_info=split_info, prepared=prepared, classes=classes)
 
 
 def trial_data(prepared: dict, seed: int) -> dict[int, dict[str, Any]]:

@@ -24,6 +24,9 @@ from xray_ray.errors import UserError
 # validation AUC saturates on a hold-out of train and ranked the ablation's arms against the other
 # evidence (docs/results.md, "The defaults and why")
 DEFAULT_METRIC = "rob_auc_min"
+# K > 2 classes compare on the macro one-vs-rest AUC (val_auc) unless the space names a metric
+DEFAULT_METRIC_K = "val_auc"
+LABELS = ("folder", "subtype")  # where labels come from: the class folders, or the Kaggle file names' subtype
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class SearchSpace:
     seed: int = 0
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    labels: str = "folder"  # "subtype": NORMAL / BACTERIA / VIRUS from the Kaggle file names
+    metric_given: bool = True  # False: the file names no metric (K > 2 classes then compare on val_auc)
     source: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -91,7 +96,8 @@ class SearchSpace:
                 "reduction_factor": self.reduction_factor,
                 "max_t": self.max_epochs,
             },
-            "data": {"val_fraction": self.val_fraction, "test_fraction": self.test_fraction},
+            "data": {"val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
+            | ({"labels": self.labels} if self.labels != "folder" else {}),
         }
 
 
@@ -101,6 +107,9 @@ METRICS = {
     "val_acc": "max",
     "val_score": "max",
     "val_brier": "min",
+    # the decision's balanced accuracy and macro F1 (arg-max for K > 2 classes, p >= 0.5 for two)
+    "val_balanced_acc": "max",
+    "val_macro_f1": "max",
     # robustness composites over the shift battery (xray_ray.model.robustness): worst and mean AUC, mean log-loss
     "rob_auc_min": "max",
     "rob_auc_mean": "max",
@@ -109,7 +118,7 @@ METRICS = {
 _TOP_KEYS = {"name", "space", "searcher", "scheduler", "data"}
 _SEARCHER_KEYS = {"algorithm", "num_samples", "max_concurrent", "seed"}
 _SCHEDULER_KEYS = {"algorithm", "metric", "mode", "grace_period", "reduction_factor"}
-_DATA_KEYS = {"val_fraction", "test_fraction"}
+_DATA_KEYS = {"val_fraction", "test_fraction", "labels"}
 _PARAM_KEYS = {"type", "low", "high", "log", "choices"}
 
 
@@ -177,6 +186,8 @@ def parse_space(doc: Any, default_name: str = "space") -> SearchSpace:
         reduction_factor=_int_at(scheduler, "reduction_factor", 2, "scheduler", lo=2),
         val_fraction=_frac_at(data, "val_fraction", 0.1),
         test_fraction=_frac_at(data, "test_fraction", 0.1),
+        labels=_choice_at(data, "labels", "folder", LABELS, "data"),
+        metric_given="metric" in scheduler,
     )
     if out.grace_period > out.max_epochs:
         raise UserError(

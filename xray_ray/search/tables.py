@@ -27,6 +27,8 @@ TRIAL_COLUMNS = [
     "best_val_auc",
     "best_val_loss",
     "best_val_acc",
+    "best_val_balanced_acc",
+    "best_val_macro_f1",
     "last_val_auc",
     "wall_seconds",
     "images_per_s",
@@ -49,6 +51,8 @@ EPOCH_COLUMNS = [
     "val_acc",
     "val_brier",
     "val_score",
+    "val_balanced_acc",
+    "val_macro_f1",
     "lr",
     "seconds",
     "step_seconds",
@@ -146,6 +150,8 @@ def collect(grid, space: SearchSpace) -> tuple[pd.DataFrame, pd.DataFrame]:
                 "best_val_auc": float(best_row["val_auc"]) if len(best_row) else None,
                 "best_val_loss": float(best_row["val_loss"]) if len(best_row) else None,
                 "best_val_acc": float(best_row["val_acc"]) if len(best_row) else None,
+                "best_val_balanced_acc": _float_or_none(best_row, "val_balanced_acc"),
+                "best_val_macro_f1": _float_or_none(best_row, "val_macro_f1"),
                 "last_val_auc": float(last["val_auc"]) if len(hist) else None,
                 "wall_seconds": float(hist["seconds"].sum()) if len(hist) else 0.0,
                 "images_per_s": float(hist["images_per_s"].median()) if len(hist) else None,
@@ -240,6 +246,12 @@ def _trial_statuses(grid) -> dict[str, str]:
         return {t.trial_id: t.status for t in ExperimentAnalysis(grid.experiment_path).trials}
     except (OSError, ValueError, AttributeError):  # pragma: no cover - no state file: every early end reads "stopped"
         return {}
+
+
+def _float_or_none(row: Any, column: str) -> float | None:
+    """A column of an epoch row as a float; None when the row is empty or older than the column."""
+    value = row.get(column) if len(row) else None
+    return None if value is None or pd.isna(value) else float(value)
 
 
 def _best_row(hist: pd.DataFrame, space: SearchSpace) -> pd.Series:

@@ -29,6 +29,9 @@ class Runtime:
     metric: str
     mode: str
     pos_fraction: float
+    # the data's classes in label order; with K > 2 the model has K logits and each class's share of train
+    classes: tuple[str, ...] = ("NORMAL", "PNEUMONIA")
+    class_fractions: tuple[float, ...] = ()
     prefetch: bool = True  # start each next epoch's Ray Data stream while the current one validates
     data_slot: str | None = None  # custom resource capping augmentation tasks across trials (local runs)
     score_epochs: tuple[int, ...] = ()  # epochs scored on the shift battery besides each trial's last (ASHA's rungs)

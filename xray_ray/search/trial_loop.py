@@ -110,9 +110,9 @@ class TrialState:
             self.best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items() if k != "n_averaged"}
 
 
-def build_state(cfg: TrialConfig, steps: int, device: torch.device) -> TrialState:
+def build_state(cfg: TrialConfig, steps: int, device: torch.device, num_classes: int = 2) -> TrialState:
     """The model, optimizer, schedule and weight averages; restored from Tune's checkpoint when there is one."""
-    model = build_model(**model_sizes(cfg)).to(device)
+    model = build_model(num_classes=num_classes, **model_sizes(cfg)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
@@ -137,7 +137,9 @@ class EpochLoop:
         self.cfg, self.runtime, self.seed, self.device = cfg, runtime, seed, device
         self.train_ds, self.val = d["train"], d["val"]
         self.device_name = f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
-        self.loss_fn = make_loss(cfg, runtime.pos_fraction)
+        self.k = len(runtime.classes)
+        fractions = runtime.class_fractions if self.k > 2 else ()
+        self.loss_fn = make_loss(cfg, runtime.pos_fraction, fractions)
         self.eval_loss = make_loss(cfg.replace(label_smoothing=0.0, class_weighting="none"), runtime.pos_fraction)
         # the metric whose best epoch is kept: the space's, unless the trial names its own (keep_metric)
         self.keep_metric = cfg.keep_metric or runtime.metric
@@ -185,6 +187,7 @@ class EpochLoop:
             on_batch=lambda b: seen_nodes.update(b["node"].unique().tolist()),
             mixup=self.cfg.mixup,
             generator=torch.Generator().manual_seed(self.seed * 7919 + epoch),
+            num_classes=self.k,
         )
         if state.swa is not None and epoch >= state.swa_from:
             state.swa.update_parameters(state.model)
@@ -197,17 +200,21 @@ class EpochLoop:
     def evaluate(self, net: torch.nn.Module, epoch: int) -> tuple[dict[str, Any], float]:
         """Validation metrics, with the shift battery's at the rungs and the last epoch; and when robustness began."""
         y, p = self.probs(net, self.val.images, self.val.labels)
-        with torch.no_grad():
-            logit = torch.logit(torch.from_numpy(p).clamp(1e-6, 1 - 1e-6))
-            val_loss = float(self.eval_loss(logit, torch.from_numpy(y)))
-        auc = M.roc_auc(y, p)
-        brier = float(np.mean((p - y) ** 2))
+        if p.ndim == 1:
+            with torch.no_grad():
+                logit = torch.logit(torch.from_numpy(p).clamp(1e-6, 1 - 1e-6))
+                val_loss = float(self.eval_loss(logit, torch.from_numpy(y)))
+        else:  # K classes: the cross-entropy of the true class
+            val_loss = M.log_loss_of(y, p)
+        auc, brier = M.auc_of(y, p), M.brier_of(y, p)
+        # K > 2: val_auc is the macro one-vs-rest AUC and val_acc the arg-max accuracy (the columns keep their names)
         val_metrics = {
             "val_auc": auc,
             "val_loss": val_loss,
-            "val_acc": float(np.mean((p >= 0.5) == y)),
+            "val_acc": float(np.mean(M.predicted_class(p) == y)),
             "val_brier": brier,
             "val_score": auc - brier,
+            **M.decision_metrics(y, p, self.k),
         }
         t_rob = time.perf_counter()
         val_metrics.update(UNSCORED)  # every row carries the same columns (Tune's CSV keeps the first row's)
@@ -269,7 +276,7 @@ def run_trial(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: 
     torch.manual_seed(seed)
     device = torch.device("cuda" if runtime.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
     d = data[cfg.image_size]
-    state = build_state(cfg, max(1, math.ceil(d["n_train"] / cfg.batch_size)), device)
+    state = build_state(cfg, max(1, math.ceil(d["n_train"] / cfg.batch_size)), device, len(runtime.classes))
     loop = EpochLoop(cfg, runtime, d, seed, device)
     upcoming = loop.stream(state.start_epoch) if state.start_epoch <= cfg.epochs else None
     for epoch in range(state.start_epoch, cfg.epochs + 1):

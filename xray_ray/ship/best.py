@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.fs as pafs
 
+from xray_ray import CLASSES
 from xray_ray import results as R
 from xray_ray.common import is_temp_name, replace_dir, write_text
 from xray_ray.config import TrialConfig, decode_config, model_sizes
@@ -79,7 +80,23 @@ def trial_model(result) -> tuple[TrialConfig, Any]:
 
     cfg = TrialConfig.from_dict(decode_config(result.config))
     with result.checkpoint.as_directory() as cdir:
-        return cfg, load_weights(build_model(**model_sizes(cfg)), Path(cdir) / "best.safetensors")
+        weights = Path(cdir) / "best.safetensors"
+        model = build_model(num_classes=classes_in_weights(weights), **model_sizes(cfg))
+        return cfg, load_weights(model, weights)
+
+
+def classes_in_weights(path: Path) -> int:
+    """How many classes a CNN's safetensors weights tell apart: its last layer's outputs (one logit: two)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        last = max((k for k in f.keys() if k.startswith("classifier.") and k.endswith(".weight")), key=_layer_index)
+        outputs = int(f.get_slice(last).get_shape()[0])
+    return 2 if outputs == 1 else outputs
+
+
+def _layer_index(key: str) -> int:
+    return int(key.split(".")[1])
 
 
 def trained_models(grid, describe: Callable[[dict[str, Any]], str]) -> Iterator[tuple[Any, TrialConfig, Any]]:
@@ -153,6 +170,7 @@ def export_best(
 ) -> dict:
     """Write the model to ship (the winner, or an ensemble) into best/, then evaluate and export it there."""
     from xray_ray.ship.export import save_weights
+    from xray_ray.ship.multiclass import finalize_multiclass
     from xray_ray.ship.winner import finalize
 
     remote = R.is_uri(run_dir)
@@ -164,10 +182,13 @@ def export_best(
     best_dir = scratch / "best" if remote else Path(run_dir) / f"best.new-{secrets.token_hex(4)}"
     best_dir.mkdir(parents=True)
     try:
-        save_weights(model, best_dir / "weights.safetensors")
+        classes = tuple((run_info.get("data") or {}).get("classes") or CLASSES)
+        if len(classes) > 2:  # the model's head: a CNN's config.json says it (an ensemble's says it itself)
+            config = {**config, "num_classes": len(classes)} if config.get("kind") != "ensemble" else config
+        save_weights(model, best_dir / "weights.safetensors", classes)
         write_text(best_dir / "config.json", json.dumps(config, indent=2))
         size = model.config.image_size
-        card = finalize(
+        card = (finalize_multiclass if len(classes) > 2 else finalize)(
             best_dir,
             model,
             prepared[size].splits,

@@ -34,12 +34,14 @@ class EnsembleConfig:
     trial_ids: tuple[str, ...]
     image_size: int
     in_channels: int = 1
+    num_classes: int = 2
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": "ensemble",
             "image_size": self.image_size,
             "in_channels": self.in_channels,
+            **({"num_classes": self.num_classes} if self.num_classes != 2 else {}),
             "members": [
                 {"trial_id": t, "weight": w, "config": dict(m)}
                 for t, w, m in zip(self.trial_ids, self.weights, self.members)
@@ -55,11 +57,13 @@ class EnsembleConfig:
             trial_ids=tuple(str(m["trial_id"]) for m in members),
             image_size=int(d["image_size"]),
             in_channels=int(d.get("in_channels", 1)),
+            num_classes=int(d.get("num_classes", 2)),
         )
 
 
 class Ensemble(nn.Module):
-    """Weighted mean of member CNNs' probabilities; forward returns its logit (so sigmoid gives the mean)."""
+    """Weighted mean of member CNNs' probabilities; forward returns its logit (so sigmoid gives the mean), or
+    for K > 2 classes its log (so softmax gives the mean)."""
 
     __jit_ignored_attributes__ = ["config"]
     __jit_unused_properties__ = ["primary"]
@@ -71,12 +75,15 @@ class Ensemble(nn.Module):
         w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
         w = w / w.sum()
         size = max(m.config.image_size for m in members)
+        self.num_classes = int(members[0].num_classes)
+        self.outputs = int(members[0].outputs)
         self.config = EnsembleConfig(
             members=tuple(m.config.to_dict() for m in members),
             weights=tuple(float(x) for x in w),
             trial_ids=tuple(map(str, trial_ids)),
             image_size=size,
             in_channels=members[0].config.in_channels,
+            num_classes=self.num_classes,
         )
         self.members = nn.ModuleList(members)
         self.register_buffer("weights", w)
@@ -91,7 +98,15 @@ class Ensemble(nn.Module):
         return self.members[max(at_size, key=lambda i: float(self.weights[i]))]
 
     def forward(self, x: Tensor) -> Tensor:
-        """x float32 [N, C, S, S] in [0, 1] -> logit of the weighted mean probability [N]."""
+        """x float32 [N, C, S, S] in [0, 1] -> logit of the weighted mean probability [N]; for K > 2 classes
+        the log of the weighted mean of the members' softmax [N, K]."""
+        if self.outputs > 1:
+            q = torch.zeros(x.shape[0], self.outputs, dtype=x.dtype, device=x.device)
+            for i, member in enumerate(self.members):
+                s = self.sizes[i]
+                xi = x if s == self.size else F.interpolate(x, size=[s, s], mode="bilinear", align_corners=False)
+                q = q + self.weights[i] * torch.softmax(member(xi), dim=1)
+            return torch.log(q.clamp_min(1e-7))
         p = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         for i, member in enumerate(self.members):
             s = self.sizes[i]
@@ -111,7 +126,7 @@ class Ensemble(nn.Module):
 def from_config(d: Mapping[str, Any]) -> Ensemble:
     """An Ensemble with fresh weights from ``EnsembleConfig.to_dict()`` (load its safetensors next)."""
     cfg = EnsembleConfig.from_dict(d)
-    return Ensemble([CNN(CNNConfig(**m)) for m in cfg.members], cfg.weights, cfg.trial_ids)
+    return Ensemble([CNN(CNNConfig(**m), cfg.num_classes) for m in cfg.members], cfg.weights, cfg.trial_ids)
 
 
 def greedy_select(
@@ -149,23 +164,30 @@ def greedy_select(
 
 
 def metric_fn(metric: str, y: np.ndarray, y_shifted: np.ndarray | None = None) -> Callable[[Preds], float]:
-    """The search's selection metric computed on (averaged) predictions: clean ``val`` and the shifts."""
-    from xray_ray.metrics import roc_auc
+    """The search's selection metric computed on (averaged) predictions: clean ``val`` and the shifts
+    (P(second class) [N] for two classes, probabilities [N, K] for K > 2)."""
+    from xray_ray.metrics import auc_of, brier_of, decision_metrics, log_loss_of, predicted_class
     from xray_ray.model.robustness import log_loss, summarize
+
+    def loss(labels: np.ndarray, v: np.ndarray) -> float:
+        return log_loss(labels, v) if v.ndim == 1 else log_loss_of(labels, v)
 
     def clean(p: Preds) -> float:
         v = p["val"]
-        auc, brier = roc_auc(y, v), float(np.mean((v - y) ** 2))
-        return {
+        auc, brier = auc_of(y, v), brier_of(y, v)
+        values = {
             "val_auc": auc,
-            "val_loss": log_loss(y, v),
-            "val_acc": float(np.mean((v >= 0.5) == y)),
+            "val_loss": loss(y, v),
+            "val_acc": float(np.mean(predicted_class(v) == y)),
             "val_brier": brier,
             "val_score": auc - brier,
-        }[metric]
+        }
+        if metric not in values:  # only the decision metrics are left
+            values.update(decision_metrics(y, v, v.shape[1] if v.ndim == 2 else 2))
+        return values[metric]
 
     def shifted(p: Preds) -> float:
-        per = {k: (roc_auc(y_shifted, v), log_loss(y_shifted, v)) for k, v in p.items() if k != "val"}
+        per = {k: (auc_of(y_shifted, v), loss(y_shifted, v)) for k, v in p.items() if k != "val"}
         return float(summarize(per)[metric])
 
     return shifted if metric.startswith("rob_") else clean

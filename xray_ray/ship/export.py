@@ -1,9 +1,11 @@
-"""Torch side of export: safetensors weights, TorchScript and ONNX graphs that output P(PNEUMONIA).
+"""Torch side of export: safetensors weights, TorchScript and ONNX graphs that output class probabilities.
 
 A search's `best/` folder holds `config.json` (the trial's flat config) and `weights.safetensors`.
 Weights are only ever read from safetensors, never from pickles. Both exported graphs take the
 model's input contract as is (float32 [N, 1, S, S], uint8/255, normalisation inside) and return
-sigmoid probabilities [N]; each carries the contract as metadata.
+sigmoid probabilities [N] of the second class (two classes: ``prob_pneumonia`` for NORMAL / PNEUMONIA,
+``prob_positive`` for another pair), or softmax probabilities ``probs`` [N, K] for K > 2 classes; each
+carries the contract (and the class names, in output order) as metadata.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from xray_ray import CLASSES
 from xray_ray.common import atomic_file, json_safe, write_bytes, write_text
 from xray_ray.errors import UserError
 from xray_ray.model.cnn import CNN, CNNConfig, config_from_dict
@@ -34,17 +37,32 @@ ONNX_NAME = "model.onnx"
 TORCHSCRIPT_NAME = "model.pt"
 INPUT_NAME = "image"
 OUTPUT_NAME = "prob_pneumonia"
+POSITIVE_OUTPUT_NAME = "prob_positive"  # two classes other than NORMAL / PNEUMONIA
+PROBS_OUTPUT_NAME = "probs"  # K > 2 classes
 
 
-def contract(model: CNN) -> dict[str, Any]:
-    """The metadata every export carries: contract version, input contract, model config, I/O names."""
+def output_of(classes: Sequence[str]) -> tuple[str, str]:
+    """(output name, what it means) of a model of these classes (in label order)."""
+    classes = tuple(classes)
+    if len(classes) > 2:
+        return PROBS_OUTPUT_NAME, f"probability of each class per image, in the order {', '.join(classes)}"
+    if classes == CLASSES:
+        return OUTPUT_NAME, "probability of PNEUMONIA (class 1) per image"
+    return POSITIVE_OUTPUT_NAME, f"probability of {classes[1]} (class 1, the positive class) per image"
+
+
+def contract(model: CNN, classes: Sequence[str] = CLASSES) -> dict[str, Any]:
+    """The metadata every export carries: contract version, input contract, model config, I/O names (and the
+    class names, unless they are NORMAL / PNEUMONIA)."""
+    name, meaning = output_of(classes)
     return {
         "contract_version": CONTRACT_VERSION,
         "input": INPUT_NAME,
-        "output": OUTPUT_NAME,
-        "output_meaning": "probability of PNEUMONIA (class 1) per image",
+        "output": name,
+        "output_meaning": meaning,
         "input_contract": model.input_contract(),
         "config": model.config.to_dict(),
+        **({"classes": list(classes)} if tuple(classes) != CLASSES else {}),
     }
 
 
@@ -54,10 +72,10 @@ def _target(path: str | os.PathLike) -> Path:
     return target
 
 
-def save_weights(model: CNN, path: str | os.PathLike) -> None:
+def save_weights(model: CNN, path: str | os.PathLike, classes: Sequence[str] = CLASSES) -> None:
     """Write the model's state dict as safetensors (with the contract as string metadata)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": "pt", "xray_ray": json.dumps(contract(model), sort_keys=True)}
+    metadata = {"format": "pt", "xray_ray": json.dumps(contract(model, classes), sort_keys=True)}
     write_bytes(_target(path), save(state, metadata=metadata))
 
 
@@ -109,20 +127,24 @@ def load_model(best_dir: str | os.PathLike) -> CNN:
         from xray_ray.ship.ensemble import from_config
 
         return load_weights(from_config(config), best / WEIGHTS_NAME).eval()
-    model = CNN(config_from_dict(config))
+    model = CNN(config_from_dict(config), int(config.get("num_classes", 2)))
     return load_weights(model, best / WEIGHTS_NAME).eval()
 
 
 class ProbabilityModel(nn.Module):
-    """Wraps a CNN: image float32 [N, 1, S, S] in [0, 1] -> P(PNEUMONIA) [N]."""
+    """Wraps a CNN: image float32 [N, 1, S, S] in [0, 1] -> P(second class) [N], or [N, K] for K > 2."""
 
     def __init__(self, cnn: CNN) -> None:
         super().__init__()
         self.cnn = cnn
+        self.outputs = int(cnn.outputs)
 
     def forward(self, image: Tensor) -> Tensor:
-        """Sigmoid of the CNN's logits."""
-        return torch.sigmoid(self.cnn(image))
+        """Sigmoid of the CNN's logit, or softmax of its K logits."""
+        logits = self.cnn(image)
+        if self.outputs > 1:
+            return torch.softmax(logits, dim=1)
+        return torch.sigmoid(logits)
 
 
 def _frozen_copy(model: CNN) -> ProbabilityModel:
@@ -135,23 +157,25 @@ def _example(model: CNN, n: int = 2) -> Tensor:
     return torch.rand(n, model.config.in_channels, s, s)
 
 
-def export_torchscript(model: CNN, path: str | os.PathLike) -> None:
+def export_torchscript(model: CNN, path: str | os.PathLike, classes: Sequence[str] = CLASSES) -> None:
     """Save a scripted ProbabilityModel (dynamic batch) with the contract as extra file `xray_ray.json`."""
     wrapped = _frozen_copy(model)
     with warnings.catch_warnings():
         # TorchScript is deprecated upstream but still the format a plain libtorch/C++ user can load.
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(wrapped)
-        extra = {"xray_ray.json": json.dumps(contract(model), sort_keys=True)}
+        extra = {"xray_ray.json": json.dumps(contract(model, classes), sort_keys=True)}
         with atomic_file(_target(path)) as f:
             torch.jit.save(scripted, f, _extra_files=extra)
 
 
-def export_onnx(model: CNN, path: str | os.PathLike, opset: int = 17) -> None:
-    """Save a single-file ONNX graph: input "image" float32 [N,1,S,S] -> "prob_pneumonia" float32 [N]."""
+def export_onnx(model: CNN, path: str | os.PathLike, opset: int = 17, classes: Sequence[str] = CLASSES) -> None:
+    """Save a single-file ONNX graph: input "image" float32 [N,1,S,S] -> "prob_pneumonia" float32 [N] (or
+    ``output_of(classes)``'s name: [N] for two classes, [N, K] for K > 2)."""
     import onnx  # imported here: only exporting needs it
 
     wrapped = _frozen_copy(model)
+    output, _ = output_of(classes)
     # The TorchScript-based exporter, not the dynamo one: dynamo only implements opset >= 18 and its
     # down-conversion to 17 fails for the "gap" head (ReduceMean axes), while this one writes opset 17
     # natively for every head, and many times faster. It is deprecated upstream (torch is pinned).
@@ -163,16 +187,19 @@ def export_onnx(model: CNN, path: str | os.PathLike, opset: int = 17) -> None:
             (_example(model),),
             raw,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=[output],
             opset_version=opset,
             dynamo=False,
-            dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
+            dynamic_axes={INPUT_NAME: {0: "N"}, output: {0: "N"}},
         )
         proto = onnx.load(raw)
-    proto.doc_string = "xray_ray CNN: P(PNEUMONIA) for grayscale chest X-rays"
+    proto.doc_string = f"xray_ray CNN: {output_of(classes)[1]}, for grayscale chest X-rays"
+    if tuple(classes) == CLASSES:
+        proto.doc_string = "xray_ray CNN: P(PNEUMONIA) for grayscale chest X-rays"
     for key, value in {
-        "xray_ray": json.dumps(contract(model), sort_keys=True),
+        "xray_ray": json.dumps(contract(model, classes), sort_keys=True),
         "contract_version": str(CONTRACT_VERSION),
+        **({"classes": json.dumps(list(classes))} if tuple(classes) != CLASSES else {}),
     }.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -204,7 +231,7 @@ def check_agreement(
     dims = session.get_inputs()[0].shape  # ["N", C, S, S]
     rng = np.random.default_rng(seed)
     image = (rng.integers(0, 256, size=(n, *dims[1:]), dtype=np.uint8) / np.float32(255)).astype(np.float32)
-    (from_onnx,) = session.run([OUTPUT_NAME], {INPUT_NAME: image})
+    (from_onnx,) = session.run([session.get_outputs()[0].name], {INPUT_NAME: image})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.load(str(ts_path), map_location="cpu")

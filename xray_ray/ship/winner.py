@@ -11,7 +11,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ def _agreement(best_dir: Path, images: np.ndarray) -> tuple[float, int]:
     """Max |TorchScript - ONNX| over real images plus random ones (fresh onnxruntime session)."""
     x = (images.astype(np.float32) / 255.0)[:, None]
     session = ort.InferenceSession(str(best_dir / export.ONNX_NAME), providers=["CPUExecutionProvider"])
-    (from_onnx,) = session.run([export.OUTPUT_NAME], {export.INPUT_NAME: x})
+    (from_onnx,) = session.run([session.get_outputs()[0].name], {export.INPUT_NAME: x})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.load(str(best_dir / export.TORCHSCRIPT_NAME), map_location="cpu")
@@ -74,19 +74,19 @@ def write_json_atomic(obj: Any, path: Path) -> None:
     write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
-def _counts(arr: SplitArrays) -> dict[str, int]:
-    pos = int(np.sum(arr.labels == 1))
+def _counts(arr: SplitArrays, classes: Sequence[str] = CLASSES) -> dict[str, int]:
+    labels = np.asarray(arr.labels)
     return {
-        "n": len(arr.labels),
-        CLASSES[0]: len(arr.labels) - pos,
-        CLASSES[1]: pos,
+        "n": len(labels),
+        **{name: int(np.sum(labels == i)) for i, name in enumerate(classes)},
         "patients": len(set(arr.patients)),
     }
 
 
-def _trial_facts(
+def trial_facts(
     best_dir: Path, run_info: Mapping[str, Any], trials: pd.DataFrame, epochs: pd.DataFrame
 ) -> dict[str, Any]:
+    """The card's trial section: which trial (or ensemble) won, on what, its config and training time."""
     config_path = best_dir / export.CONFIG_NAME
     config = export.load_config(config_path) if config_path.exists() else {}
     chosen = dict(run_info.get("winner") or {})
@@ -112,7 +112,10 @@ def _trial_facts(
     }
 
 
-def _data_summary(run_info: Mapping[str, Any], splits: Mapping[str, SplitArrays]) -> dict[str, Any]:
+def data_summary(
+    run_info: Mapping[str, Any], splits: Mapping[str, SplitArrays], classes: Sequence[str] = CLASSES
+) -> dict[str, Any]:
+    """The card's data section: source, splits, per-split counts by class, fingerprints."""
     data = dict(run_info.get("data") or {})
     split_info = dict(data.pop("splits", {}) or {})
     return {
@@ -122,12 +125,13 @@ def _data_summary(run_info: Mapping[str, Any], splits: Mapping[str, SplitArrays]
         "seed": run_info.get("seed", split_info.get("seed")),
         "split_method": split_info.get("method"),
         "split": split_info,
-        "counts": {name: _counts(arr) for name, arr in splits.items()},
+        "counts": {name: _counts(arr, classes) for name, arr in splits.items()},
         "fingerprints": {name: fingerprint(arr.uids, arr.images) for name, arr in splits.items()},
     }
 
 
-def _input_contract(model: CNN) -> dict[str, Any]:
+def input_contract_of(model: CNN) -> dict[str, Any]:
+    """The card's input section: what a caller feeds the exported graph."""
     s = model.config.image_size
     return {
         "name": export.INPUT_NAME,
@@ -148,12 +152,17 @@ def shift_report(
     model: CNN, val: SplitArrays, battery: Mapping[str, np.ndarray]
 ) -> tuple[dict, np.ndarray, np.ndarray]:
     """The model's scores on the shift battery of validation, and its pooled (labels, probabilities)."""
+    from xray_ray.metrics import log_loss_of, macro_auc
     from xray_ray.model.robustness import SHIFTS, log_loss, summarize
     from xray_ray.ship.ensemble import candidate_preds
 
     preds = candidate_preds(model, val.images, battery)
     y = battery["labels"]
-    per = {name: (roc_auc(y, p), log_loss(y, p)) for name, p in preds.items() if name != "val"}
+    per = {
+        name: (roc_auc(y, p), log_loss(y, p)) if p.ndim == 1 else (macro_auc(y, p), log_loss_of(y, p))
+        for name, p in preds.items()
+        if name != "val"
+    }
     report_ = {
         "images": int(len(y)),
         "shifts": {name: {"what": SHIFTS[name], "auc": auc, "log_loss": loss} for name, (auc, loss) in per.items()},
@@ -191,35 +200,37 @@ def finalize(
         raise ValueError("finalize needs a non-empty 'val' split to choose the threshold on")
     model = model.cpu().eval()
 
+    classes = tuple((run_info.get("data") or {}).get("classes") or CLASSES)
     preds = {s: split_probs(model, splits[s]) for s in VALIDATION_SPLITS if s in splits and len(splits[s])}
     threshold, method, robustness = _fix_threshold(
         model, splits["val"], preds["val"], battery, threshold_rule, target_sensitivity
     )
     metrics = _score_test(model, splits, preds, threshold, n_boot, seed)
     at_val = metrics["val"]["at_threshold"]
-    diff, checked = _export_checked(model, best_dir, splits["val"].images[:64])
+    diff, checked = export_checked(model, best_dir, splits["val"].images[:64], classes)
 
-    trial = _trial_facts(best_dir, run_info, trials, epochs)
+    trial = trial_facts(best_dir, run_info, trials, epochs)
     card: dict[str, Any] = {
         "contract_version": export.CONTRACT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "trial_id": trial["id"],
-        "classes": list(CLASSES),
-        "input": _input_contract(model),
-        "output": _output_section(),
-        "threshold": _threshold_section(threshold, method, threshold_rule, target_sensitivity, at_val),
+        "classes": list(classes),
+        **({"positive_class": classes[1]} if classes != CLASSES else {}),
+        "input": input_contract_of(model),
+        "output": output_section(classes),
+        "threshold": _threshold_section(threshold, method, threshold_rule, target_sensitivity, at_val, classes),
         "model": model.config.to_dict(),
         **({"ensemble": dict(ensemble)} if ensemble else {}),
         **({"robustness": robustness} if robustness is not None else {}),
         "trial": trial,
         "metrics": metrics,
         "bootstrap": {"n_boot": n_boot, "unit": "patient", "alpha": 0.05, "seed": seed},
-        "data": _data_summary(run_info, splits),
-        "export": _export_section(diff, checked),
+        "data": data_summary(run_info, splits, classes),
+        "export": export_section(diff, checked),
         "versions": {k: v for k, v in versions().items() if k != "platform"},
         "git_commit": run_info.get("git_commit"),
     }
-    card = _write_card(best_dir, card, model, preds, metrics, splits, trials, epochs, t0)
+    card = write_card(best_dir, card, model, preds, metrics, splits, trials, epochs, t0)
     # read back the way predict and evaluate will: card fields, graph contract, model.onnx's sha256
     load_exported(best_dir)
     return card
@@ -238,17 +249,18 @@ def _score_test(
     }
 
 
-def _output_section() -> dict[str, Any]:
-    """The model card's description of the model's output."""
+def output_section(classes: Sequence[str] = CLASSES) -> dict[str, Any]:
+    """The model card's description of the model's output: [N] for two classes, [N, K] for K > 2."""
+    name, meaning = export.output_of(classes)
     return {
-        "name": export.OUTPUT_NAME,
-        "shape": ["N"],
+        "name": name,
+        "shape": ["N"] if len(classes) == 2 else ["N", len(classes)],
         "dtype": "float32",
-        "meaning": "probability of PNEUMONIA (class 1) per image",
+        "meaning": meaning,
     }
 
 
-def _export_section(diff: float, checked: int) -> dict[str, Any]:
+def export_section(diff: float, checked: int) -> dict[str, Any]:
     """The model card's export files and how closely ONNX and TorchScript agreed on `checked` images."""
     return {
         "onnx": export.ONNX_NAME,
@@ -284,12 +296,14 @@ def _fix_threshold(
     return threshold, method, robustness
 
 
-def _export_checked(model: CNN, best_dir: Path, images: np.ndarray) -> tuple[float, int]:
+def export_checked(
+    model: CNN, best_dir: Path, images: np.ndarray, classes: Sequence[str] = CLASSES
+) -> tuple[float, int]:
     """Weights (unless there), TorchScript and ONNX into best_dir; (their largest difference, images compared)."""
     if not (best_dir / export.WEIGHTS_NAME).exists():
-        export.save_weights(model, best_dir / export.WEIGHTS_NAME)
-    export.export_torchscript(model, best_dir / export.TORCHSCRIPT_NAME)
-    export.export_onnx(model, best_dir / export.ONNX_NAME)
+        export.save_weights(model, best_dir / export.WEIGHTS_NAME, classes)
+    export.export_torchscript(model, best_dir / export.TORCHSCRIPT_NAME, classes)
+    export.export_onnx(model, best_dir / export.ONNX_NAME, classes=classes)
     diff, checked = _agreement(best_dir, images)
     if not diff < AGREEMENT_TOLERANCE:
         raise RuntimeError(
@@ -299,12 +313,17 @@ def _export_checked(model: CNN, best_dir: Path, images: np.ndarray) -> tuple[flo
 
 
 def _threshold_section(
-    threshold: float, method: str, threshold_rule: str, target_sensitivity: float, at_val: Mapping[str, Any]
+    threshold: float,
+    method: str,
+    threshold_rule: str,
+    target_sensitivity: float,
+    at_val: Mapping[str, Any],
+    classes: Sequence[str] = CLASSES,
 ) -> dict:
     """The card's threshold: its value, rule and how it was chosen, and what it gives on validation."""
     return {
         "value": threshold,
-        "rule": "PNEUMONIA when prob_pneumonia >= value, else NORMAL",
+        "rule": f"{classes[1]} when {export.output_of(classes)[0]} >= value, else {classes[0]}",
         "method": method,
         "split": "val",
         "rule_name": threshold_rule,
@@ -315,7 +334,7 @@ def _threshold_section(
     }
 
 
-def _write_card(
+def write_card(
     best_dir: Path,
     card: dict,
     model: CNN,
@@ -326,25 +345,32 @@ def _write_card(
     epochs: pd.DataFrame,
     t0: float,
 ) -> dict:
-    """Add the files' hashes and the pictures to the card; write model.json, the pictures and report.html."""
+    """Add the files' hashes and the pictures to the card; write model.json, the pictures and report.html.
+
+    A K-class card (K > 2) has no threshold: its pictures and report show the arg-max decision."""
     y_val, p_val = preds["val"]
+    k_classes = len(card["classes"]) > 2
     # validation's labels and scores, what a site check (xray-ray adapt) compares a new site's scores with
-    scores = {"labels": np.asarray(y_val).astype(int).tolist(), "prob_pneumonia": np.asarray(p_val, float).tolist()}
+    scores = {
+        "labels": np.asarray(y_val).astype(int).tolist(),
+        ("probs" if k_classes else "prob_pneumonia"): np.asarray(p_val, float).tolist(),
+    }
     write_text(best_dir / VAL_SCORES_FILE, json.dumps(scores))
     names = (export.ONNX_NAME, export.TORCHSCRIPT_NAME, export.WEIGHTS_NAME, VAL_SCORES_FILE)
     card["files"] = {name: sha256_file(best_dir / name) for name in names}
-    auc = {s: m["at_threshold"]["roc_auc"] for s, m in metrics.items()}
+    auc = {s: m["macro_auc"] if k_classes else m["at_threshold"]["roc_auc"] for s, m in metrics.items()}
     test_images = splits["test"].images if "test" in preds else None
     card["pictures"] = report.write_pictures(
         best_dir,
         model=getattr(model, "primary", model),
         preds=preds,
         auc=auc,
-        threshold=card["threshold"]["value"],
+        threshold=None if k_classes else card["threshold"]["value"],
         test_images=test_images,
         trials=trials,
         epochs=epochs,
         winner=card["trial"]["id"],
+        **({"classes": tuple(card["classes"])} if k_classes else {}),
     )
     card["report"] = "report.html"
     card["finalize_seconds"] = round(time.perf_counter() - t0, 2)
