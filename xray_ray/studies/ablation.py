@@ -56,6 +56,10 @@ REPORTED = (
     "shiftrule_shifted_test_specificity",
     "shiftrule_shifted_test_sensitivity",
     "extra_val_accuracy",
+    # K > 2 classes (arg-max): balanced accuracy and macro F1
+    "test_balanced_accuracy",
+    "test_macro_f1",
+    "shifted_test_balanced_accuracy",
 )
 
 
@@ -123,6 +127,30 @@ def evaluate_probs(preds: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[s
     if "extra_val" in preds:
         out["extra_val_accuracy"] = _binary(*preds["extra_val"], t_clean)["accuracy"]
         out["shiftrule_extra_val_accuracy"] = _binary(*preds["extra_val"], t_shift)["accuracy"]
+    return out
+
+
+def evaluate_probs_k(preds: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """The reported metrics of K > 2 classes (probabilities [N, K], the arg-max decision): macro one-vs-rest
+    AUC where the binary tables have the AUC, accuracy, balanced accuracy and macro F1 where they have the
+    figures at a threshold; the battery's composites on the macro AUC and cross-entropy."""
+    from xray_ray.metrics import log_loss_of, macro_auc, multiclass_metrics
+    from xray_ray.model.robustness import summarize
+
+    def figures(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+        m = multiclass_metrics(y, p, range(p.shape[1]))
+        return {k: float(m[k]) for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")}
+
+    out: dict[str, float] = {"val_auc": macro_auc(*preds["val"])}
+    per = {k.split(":", 1)[1]: (macro_auc(*v), log_loss_of(*v)) for k, v in preds.items() if k.startswith("battery:")}
+    out.update({k: v for k, v in summarize(per).items() if k != "rob_worst_shift"})
+    if "test" in preds:
+        test = figures(*preds["test"])
+        out["test_auc"] = test.pop("macro_auc")
+        out.update({f"test_{k}": v for k, v in test.items()})
+        out.update({f"shifted_test_{k}": v for k, v in figures(*preds["test_shifted"]).items() if k != "macro_auc"})
+    if "extra_val" in preds:
+        out["extra_val_accuracy"] = figures(*preds["extra_val"])["accuracy"]
     return out
 
 
@@ -213,10 +241,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise UserError(f"--seeds must be distinct non-negative integers, got {args.seeds}.")
     run_dir = str(Path(args.results).resolve() / (args.name or spec["name"]))
-    manifest = load_source(args.data, seed=spec["split_seed"])
+    manifest = load_source(args.data, seed=spec["split_seed"], labels=args.labels)
+    spec["classes"] = tuple(manifest.info.get("classes", ("NORMAL", "PNEUMONIA")))
     df, split_info = assign_splits(manifest.df, seed=spec["split_seed"], **spec["data"])
     prepared = {s: prepare(df, s, args.cache) for s in spec["sizes"]}
     request = {"arms": spec["arms"], "seeds": list(args.seeds), "data": args.data, "split_seed": spec["split_seed"]}
+    if args.labels != "folder":
+        request["labels"] = args.labels
     request_loc = R.join(run_dir, "request.json")
     if R.exists(request_loc) and R.read_json(request_loc) != json.loads(json.dumps(request)):
         raise UserError(f"{run_dir} holds another ablation; repeat that call to finish it, or choose another --name.")
@@ -253,7 +284,10 @@ def _train_arms(args: argparse.Namespace, spec: dict[str, Any], run_dir: str, pr
         cpus = ray.cluster_resources().get("CPU", 1)
         concurrent = max(1, min(args.max_concurrent or int(cpus), int(cpus)))
         train_labels = next(iter(prepared.values())).splits["train"].labels
+        classes = spec.get("classes", ("NORMAL", "PNEUMONIA"))
         runtime = Runtime(
+            classes=tuple(classes),
+            class_fractions=tuple(float(np.mean(train_labels == c)) for c in range(len(classes))),
             cpus_per_trial=1.0,
             gpus_per_trial=0.0,
             data_cpus=0.0,
@@ -303,6 +337,7 @@ def _score_runs(grid, spec: dict[str, Any], prepared: dict) -> pd.DataFrame:
         for s, p in prepared.items()
     }
     rows, by_arm = [], {}
+    score = evaluate_probs_k if len(spec.get("classes", ())) > 2 else evaluate_probs
     for res, cfg, model in trained_models(grid, lambda c: f"run {c.get('arm')} seed {c.get('seed')}"):
         preds = predictions(model, prepared[cfg.image_size].splits, batteries[cfg.image_size])
         by_arm.setdefault(res.config["arm"], []).append(preds)
@@ -315,12 +350,12 @@ def _score_runs(grid, spec: dict[str, Any], prepared: dict) -> pd.DataFrame:
                 "best_epoch": int(res.metrics["best_epoch"]),
                 "seconds": float(hist["seconds"].sum()),
                 "rob_seconds": float(hist["rob_seconds"].sum()),
-                **evaluate_probs(preds),
+                **score(preds),
             }
         )
     for arm, members in by_arm.items():  # the mean of the seeds' probabilities: an ensemble of the arm
         mean = {k: (members[0][k][0], np.mean([m[k][1] for m in members], axis=0)) for k in members[0]}
-        rows.append({"arm": arm, "kind": "ensemble", "seed": -1, **evaluate_probs(mean)})
+        rows.append({"arm": arm, "kind": "ensemble", "seed": -1, **score(mean)})
     return pd.DataFrame(rows)
 
 
@@ -329,6 +364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="folder (Kaggle layout), .npz, 'synthetic[:N]', or a URI")
     ap.add_argument("--arms", required=True, help="arms YAML file, e.g. ablations/generalisation.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="trial seeds of every arm")
+    ap.add_argument(
+        "--labels",
+        choices=("folder", "subtype"),
+        default="folder",
+        help="classes from the class folders, or NORMAL/BACTERIA/VIRUS from Kaggle file names",
+    )
     ap.add_argument("--results", default="results", help="results root folder")
     ap.add_argument("--name", default=None, help="folder name under --results (default: the arms file's name)")
     ap.add_argument("--max-concurrent", type=int, default=None, help="runs at once (default: one per CPU)")
