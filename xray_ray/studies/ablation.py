@@ -38,6 +38,7 @@ from xray_ray.search.run_data import trial_data
 from xray_ray.search.trial import Runtime
 from xray_ray.search.tuner import ProgressPrinter, fit, restored, result_loggers, trial_trainable
 from xray_ray.ship.best import trained_models
+from xray_ray.studies.selection import arm_metric, epoch_model, kept_epoch, training_arms
 
 TARGET_SENSITIVITY = 0.95
 REPORTED = (
@@ -86,10 +87,13 @@ def load_arms(path: str | Path) -> dict[str, Any]:
         except UserError as e:
             raise UserError(f"arm '{name}': {e}") from None
     sizes = {a["image_size"] for a in arms.values()}
+    trained, source = training_arms(arms)
     return {
         "name": str(doc.get("name", p.stem)),
         "base": base.to_dict(),
         "arms": arms,
+        "trained": trained,  # what trains: arms that differ only in keep_metric share one run
+        "source": source,  # each arm -> the trained arm it selects its epoch from
         "sizes": sorted(sizes),
         "data": dict(doc.get("data") or {"val_fraction": 0.1, "test_fraction": 0.1}),
         "split_seed": int(doc.get("split_seed", 0)),
@@ -241,7 +245,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise UserError(f"--seeds must be distinct non-negative integers, got {args.seeds}.")
     run_dir = str(Path(args.results).resolve() / (args.name or spec["name"]))
-    manifest = load_source(args.data, seed=spec["split_seed"], labels=args.labels)
+    labels = {"labels": args.labels} if args.labels != "folder" else {}  # (until the data wing takes labels)
+    manifest = load_source(args.data, seed=spec["split_seed"], **labels)
     spec["classes"] = tuple(manifest.info.get("classes", ("NORMAL", "PNEUMONIA")))
     df, split_info = assign_splits(manifest.df, seed=spec["split_seed"], **spec["data"])
     prepared = {s: prepare(df, s, args.cache) for s in spec["sizes"]}
@@ -302,12 +307,12 @@ def _train_arms(args: argparse.Namespace, spec: dict[str, Any], run_dir: str, pr
         fn = trial_trainable(data, runtime, {"cpu": 1.0})
         tuner = restored(R.join(run_dir, "tune"), fn)
         if tuner is None:
-            arms = spec["arms"]
+            arms = spec["trained"]
             params: dict[str, Any] = {"arm": tune.grid_search(list(arms)), "seed": tune.grid_search(list(args.seeds))}
             for key in spec["base"]:
                 if key != "seed":
                     params[key] = tune.sample_from(lambda config, k=key: encode_value(arms[config["arm"]][k]))
-            progress = ProgressPrinter("val_auc", "max", len(arms) * len(args.seeds))
+            progress = ProgressPrinter("val_auc", "max", len(arms) * len(args.seeds))  # runs that train
             tuner = tune.Tuner(
                 fn,
                 param_space=params,
@@ -338,21 +343,27 @@ def _score_runs(grid, spec: dict[str, Any], prepared: dict) -> pd.DataFrame:
     }
     rows, by_arm = [], {}
     score = evaluate_probs_k if len(spec.get("classes", ())) > 2 else evaluate_probs
+    k = len(spec.get("classes", ())) or 2
     for res, cfg, model in trained_models(grid, lambda c: f"run {c.get('arm')} seed {c.get('seed')}"):
-        preds = predictions(model, prepared[cfg.image_size].splits, batteries[cfg.image_size])
-        by_arm.setdefault(res.config["arm"], []).append(preds)
         hist = res.metrics_dataframe
-        rows.append(
-            {
-                "arm": res.config["arm"],
-                "kind": "seed",
-                "seed": cfg.seed,
-                "best_epoch": int(res.metrics["best_epoch"]),
-                "seconds": float(hist["seconds"].sum()),
-                "rob_seconds": float(hist["rob_seconds"].sum()),
-                **score(preds),
-            }
-        )
+        for arm in [a for a, src in spec["source"].items() if src == res.config["arm"]]:
+            epoch, net = int(res.metrics["best_epoch"]), model
+            if list(spec["source"].values()).count(res.config["arm"]) > 1:  # a shared run: the arm's own epoch
+                epoch = kept_epoch(hist, arm_metric(spec["arms"][arm]))
+                net = epoch_model(res, epoch, k)
+            preds = predictions(net, prepared[cfg.image_size].splits, batteries[cfg.image_size])
+            by_arm.setdefault(arm, []).append(preds)
+            rows.append(
+                {
+                    "arm": arm,
+                    "kind": "seed",
+                    "seed": cfg.seed,
+                    "best_epoch": epoch,
+                    "seconds": float(hist["seconds"].sum()),
+                    "rob_seconds": float(hist["rob_seconds"].sum()),
+                    **score(preds),
+                }
+            )
     for arm, members in by_arm.items():  # the mean of the seeds' probabilities: an ensemble of the arm
         mean = {k: (members[0][k][0], np.mean([m[k][1] for m in members], axis=0)) for k in members[0]}
         rows.append({"arm": arm, "kind": "ensemble", "seed": -1, **score(mean)})
