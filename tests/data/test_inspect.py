@@ -59,6 +59,41 @@ def test_inspect_text_runs_as_a_module(kaggle_dir):
     assert train_line.split()[1:4] == ["8", "12", "20"]
 
 
+def test_inspect_k_classes_json_and_text(tmp_path, make_kaggle_tree, capsys):
+    files = {
+        ("train", "NORMAL"): ["IM-0001-0001.jpeg", "IM-0001-0002.jpeg", "IM-0002-0001.jpeg"],
+        ("train", "PNEUMONIA"): ["person1_bacteria_1.jpeg", "person2_virus_2.jpeg"],
+        ("train", "tb"): ["tb-1.jpeg", "tb-2.jpeg", "tb-3.jpeg", "tb-4.jpeg"],
+        ("test", "TB"): ["tb-9.jpeg"],
+    }
+    root = make_kaggle_tree(tmp_path / "d", files)
+    assert main(["inspect", str(root), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["classes"] == ["NORMAL", "PNEUMONIA", "TB"]
+    assert report["by_split"]["train"] == {"NORMAL": 3, "PNEUMONIA": 2, "TB": 4, "total": 9}
+    assert report["patients_by_class"] == {"NORMAL": 2, "PNEUMONIA": 2, "TB": 5}
+    split = report["split"]
+    assert set(split["patients_by_class"]) == set(split["counts"])
+    assert split["patients_by_class"]["test"] == {"NORMAL": 0, "PNEUMONIA": 0, "TB": 1}
+    assert sum(p["TB"] for p in split["patients_by_class"].values()) == 5
+    res = run_cli("inspect", str(root))
+    assert res.returncode == 0, res.stderr
+    assert "classes (3, labels 0..2): NORMAL, PNEUMONIA, TB" in res.stdout
+    assert "patients: 9 (NORMAL 2, PNEUMONIA 2, TB 5)" in res.stdout and "patients per class:" in res.stdout
+    header = next(line for line in res.stdout.splitlines() if line.split()[:3] == ["NORMAL", "PNEUMONIA", "TB"])
+    assert header.split() == ["NORMAL", "PNEUMONIA", "TB", "total"]
+
+
+def test_inspect_subtype_labels(kaggle_dir, capsys):
+    assert main(["inspect", str(kaggle_dir), "--labels", "subtype", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["classes"] == ["NORMAL", "BACTERIA", "VIRUS"]
+    assert report["by_split"]["train"] == {"NORMAL": 8, "BACTERIA": 8, "VIRUS": 4, "total": 20}
+    assert report["patients_by_class"]["VIRUS"] == 6  # train 4, val 1, test 1: one image each
+    res = run_cli("inspect", "synthetic:100", "--labels", "subtype")
+    assert res.returncode == 2 and res.stderr.startswith("error: --labels subtype") and res.stderr.count("\n") == 1
+
+
 def test_inspect_synthetic_text(capsys):
     assert main(["inspect", "synthetic:100", "--seed", "1"]) == 0
     out = capsys.readouterr().out

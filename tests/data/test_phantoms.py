@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
 import pytest
 
 from xray_ray.data.images import resize_gray
-from xray_ray.data.phantoms import render
+from xray_ray.data.manifest import order_classes
+from xray_ray.data.phantoms import PHANTOM_CLASSES, render
 
 
 def auc(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -54,9 +56,52 @@ def test_pneumonia_only_brightens_the_lungs():
         assert (np.abs(diff[:, -6:]) <= 1).all()
 
 
-def test_rejects_bad_labels():
+@pytest.mark.parametrize("label", [-1, len(PHANTOM_CLASSES)])
+def test_rejects_bad_labels(label):
     with pytest.raises(ValueError):
-        render(0, 0, 2)
+        render(0, 0, label)
+
+
+def test_labels_0_and_1_render_the_same_pixels_as_before_more_classes_existed():
+    h = hashlib.sha1(usedforsecurity=False)
+    for seed in (0, 7):
+        for i in range(20):
+            for label in (0, 1):
+                h.update(render(seed, i, label).tobytes())
+                h.update(render(seed, i, label, size=64).tobytes())
+    assert h.hexdigest() == "8fc9f42a2ac6ba8e3be3889c491dfb23b57734c9"  # main before issue 21
+
+
+def test_phantom_class_names_are_in_label_order():
+    assert order_classes(reversed(PHANTOM_CLASSES)) == PHANTOM_CLASSES
+
+
+@pytest.mark.parametrize("label", range(2, len(PHANTOM_CLASSES)))
+def test_each_further_class_only_brightens_the_lungs_in_its_own_way(label):
+    for i in range(5):
+        normal, sick = render(1, i, 0).astype(int), render(1, i, label).astype(int)
+        diff = sick - normal
+        assert diff.min() >= -1 and diff.sum() > 500, (i, diff.sum())
+        assert (np.abs(diff[:6]) <= 1).all() and (np.abs(diff[:, :6]) <= 1).all()
+        assert (np.abs(diff[:, -6:]) <= 1).all()
+        for other in range(1, len(PHANTOM_CLASSES)):
+            if other != label:
+                assert not np.array_equal(render(1, i, other), render(1, i, label))
+
+
+def test_a_global_linear_model_tells_the_six_classes_apart():
+    k, n = len(PHANTOM_CLASSES), 600
+    y = np.random.default_rng(11).permutation(np.arange(n) % k)
+    x = np.stack([resize_gray(render(7, i, int(label)), 16) for i, label in enumerate(y)]).reshape(n, -1) / 255.0
+    train, test = slice(0, 400), slice(400, n)
+    mu, sd = x[train].mean(0), x[train].std(0) + 1e-6
+    z = (x - mu) / sd
+    a = z[train]
+    w = np.linalg.solve(a.T @ a + 100 * np.eye(a.shape[1]), a.T @ (np.eye(k)[y[train]] - 1 / k))
+    pred = (z[test] @ w).argmax(1)
+    recall = [(pred[y[test] == c] == c).mean() for c in range(k)]
+    # measured: 0.52 accuracy, every class's recall 0.23 or more; chance is 1/6
+    assert (pred == y[test]).mean() > 0.4 and min(recall) > 1 / k, recall
 
 
 def test_rendering_is_fast():

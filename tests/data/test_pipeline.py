@@ -201,6 +201,28 @@ def test_balanced_resampling_evens_the_classes_and_gives_copies_their_own_draws(
     assert not np.array_equal(resample(batch, rep, seed=0, epoch=2)["idx"], out["idx"])
 
 
+def test_balanced_resampling_evens_k_classes():
+    from xray_ray.data.balance import balanced_repeats, resample
+
+    labels = np.repeat(np.arange(4), [100, 300, 600, 1000])
+    rep = balanced_repeats(labels)
+    assert rep == pytest.approx({0: 5.0, 1: 5 / 3, 2: 5 / 6, 3: 0.5})  # n / (K * n_label)
+    assert sum(rep[c] * n for c, n in zip(range(4), [100, 300, 600, 1000])) == pytest.approx(len(labels))
+    batch = {"label": labels, "idx": np.arange(len(labels), dtype=np.int64)}
+    counts = np.bincount(resample(batch, rep, seed=1, epoch=0)["label"], minlength=4)
+    assert counts[0] == 500 and all(abs(c - 500) < 50 for c in counts), counts  # each about a quarter
+
+
+def test_prepare_records_the_classes(tmp_path):
+    df, _ = assign_splits(load_source("synthetic:60:3", seed=1).df, seed=1, val_fraction=0.2, test_fraction=0.2)
+    p = prepare(df, 16, tmp_path, workers=1)
+    assert p.classes == ("NORMAL", "PATCHY", "PERIHILAR")  # read from the table's labels and names
+    assert sorted(np.unique(np.concatenate([a.labels for a in p.splits.values()]))) == [0, 1, 2]
+    assert prepare(df, 16, tmp_path, classes=["NORMAL", "A", "B"]).classes == ("NORMAL", "A", "B")
+    binary, _ = assign_splits(load_source("synthetic:40", seed=1).df, seed=1, val_fraction=0.2, test_fraction=0.2)
+    assert prepare(binary, 16, tmp_path, workers=1).classes == ("NORMAL", "PNEUMONIA")
+
+
 @pytest.mark.slow  # starts a local Ray
 def test_an_epoch_mixes_the_classes_from_its_first_batches_on(local_ray):
     # a split lists its files class by class; the stream must not feed one class first and the other after

@@ -235,9 +235,9 @@ def jpeg(i: int = 0) -> bytes:
         ({"train/NORMAL/.DS_Store": b"x", "train/PNEUMONIA/notes.txt": b"x"}, "no usable images"),
         ({"train/NORMAL/a.jpeg": b"", "train/PNEUMONIA/b.jpeg": b"garbage"}, r"no usable images .*2 files skipped"),
         ({"train/NORMAL/IM-0001-0001.jpeg": jpeg()}, "train/ has no PNEUMONIA images"),
-        (
-            {"train/NORMAL/a.jpeg": jpeg(0), "train/PNEUMONIA/b.jpeg": jpeg(1), "train/COVID/c.jpeg": jpeg(2)},
-            "unknown class folder train/COVID",
+        (  # any folder is a class now (issue 21), so a third one with nothing usable is named, and why
+            {"train/NORMAL/a.jpeg": jpeg(0), "train/PNEUMONIA/b.jpeg": jpeg(1), "train/COVID/c.jpeg": b""},
+            r"class folder train/COVID/ has no usable image \(1 file skipped, e.g. c.jpeg: empty file",
         ),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -10,12 +11,14 @@ import pytest
 
 from xray_ray.data.splits import (
     UNMATCHED,
+    _majority_label,
     assign_splits,
     duplicate_groups,
     group_ids,
     parse_patient,
     patient_from_name,
     patient_key_report,
+    pneumonia_subtype,
 )
 from xray_ray.errors import DataError
 
@@ -40,6 +43,22 @@ def manifest(
         if len(src) and len(dst):
             df.loc[dst[0], "sha1"] = df.loc[src[0], "sha1"]
     return df
+
+
+def k_manifest(k: int, n_patients: int = 900, seed: int = 0, **kw) -> pd.DataFrame:
+    """`manifest` with k classes: each patient's class drawn with shares 1 : 2 : ... : k, named C0.. (C0 rarest)."""
+    df = manifest(n_patients, seed, **kw)
+    rng = np.random.default_rng(seed + 1)
+    share = np.arange(1, k + 1) / np.arange(1, k + 1).sum()
+    label = dict(zip(sorted(set(df["patient"])), rng.choice(k, size=df["patient"].nunique(), p=share)))
+    df["label"] = df["patient"].map(label).astype("int64")
+    df["class_name"] = "C" + df["label"].astype(str)
+    return df
+
+
+def split_digest(df: pd.DataFrame) -> str:
+    text = "".join(f"{u}={s};" for u, s in zip(df["uid"], df["split"]))
+    return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
 
 
 def sides(df: pd.DataFrame, column: str) -> pd.Series:
@@ -213,6 +232,73 @@ def test_small_sets_still_get_both_classes_in_val_and_test():
     for split in ("val", "test"):
         assert set(df.loc[df["split"] == split, "label"]) == {0, 1}
     assert info["warnings"] == []
+
+
+def test_binary_splits_are_the_same_as_before_k_classes():
+    from xray_ray.data.sources import load_source
+
+    # digests of the same calls on main before issue 21 (uid=split for every row)
+    assert split_digest(assign_splits(load_source("synthetic:200", seed=0).df, seed=0)[0]) == (
+        "c97e6b8555ffe84e0a68ece583bbe623094b6581"
+    )
+    assert split_digest(assign_splits(manifest(600, 0, val=20), seed=5)[0]) == (
+        "3d5185bf1ef1a2b34d7bcea9c48fe5f511cd9cc4"
+    )
+
+
+@pytest.mark.parametrize("k", [3, 4, 6])
+def test_k_classes_each_get_their_share_of_val_and_test(k):
+    src = k_manifest(k, seed=k)
+    df, info = assign_splits(src, seed=2, val_fraction=0.1, test_fraction=0.15)
+    assert (sides(df, "patient") == 1).all() and (sides(df, "sha1") == 1).all()
+    assert list(info["counts"]["train"]) == [*(f"C{i}" for i in range(k)), "total"]
+    for c in range(k):
+        n = int((src["label"] == c).sum())
+        for split, share in (("val", 0.1), ("test", 0.15)):
+            got = int(((df["split"] == split) & (df["label"] == c)).sum())
+            assert abs(got - share * n) <= 3, (c, split, got, share * n)  # within one group of its share
+            assert info["counts"][split][f"C{c}"] == got
+    assert info["warnings"] == []
+    shuffled, _ = assign_splits(src.sample(frac=1, random_state=1), seed=2, val_fraction=0.1, test_fraction=0.15)
+    assert split_digest(shuffled.sort_values("uid")) == split_digest(df.sort_values("uid"))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_small_k_class_sets_still_get_every_class_in_val_and_test(seed):
+    # the rarest class has about 20 patients: a share of two or more images in val and in test
+    df, info = assign_splits(k_manifest(4, n_patients=200, seed=seed), seed=seed)
+    for split in ("val", "test"):
+        assert set(df.loc[df["split"] == split, "label"]) == {0, 1, 2, 3}
+    assert info["warnings"] == []
+
+
+def test_a_split_without_one_of_k_classes_is_warned_about():
+    src = k_manifest(3, seed=2, val=150)
+    src = src[~((src["orig_split"] == "val") & (src["label"] == 1))]  # the given val lacks C1
+    df, info = assign_splits(src, seed=0)
+    assert info["val_source"] == "given val" and info["counts"]["val"]["C1"] == 0
+    assert info["warnings"] == ["val split has no C1 images."]
+
+
+def test_a_mixed_group_is_stratified_by_its_majority_class_ties_to_the_higher_label():
+    df = pd.DataFrame({"_group": [0, 0, 0, 1, 1, 2, 2, 2, 2], "label": [0, 2, 2, 1, 3, 0, 0, 1, 1]})
+    assert _majority_label(df).to_dict() == {0: 2, 1: 3, 2: 1}
+
+
+@pytest.mark.parametrize(
+    "name, subtype",
+    [
+        ("person1_bacteria_1.jpeg", "BACTERIA"),
+        ("train/PNEUMONIA/PERSON12_Virus_48.JPEG", "VIRUS"),
+        ("person447_virus_921_1.jpeg", "VIRUS"),
+        ("IM-0115-0001.jpeg", None),
+        ("NORMAL2-IM-0587-0001.jpeg", None),
+        ("pneumonia_0001.jpeg", None),
+        ("person1_bacteria.jpeg", None),  # the pattern wants _M after the subtype
+    ],
+)
+def test_pneumonia_subtype_from_the_file_name(name, subtype):
+    assert pneumonia_subtype(name) == subtype
 
 
 def test_duplicate_groups_lists_uids():

@@ -1,4 +1,4 @@
-"""Balanced sampling: how many copies of each row an epoch draws so that both classes weigh the same
+"""Balanced sampling: how many copies of each row an epoch draws so that every class weighs the same
 (``balanced_repeats``), and the resampling of a batch by those repeats (``resample``), each copy with its
 own ``idx`` and so its own augmentation draws. xray_ray.data.prepare applies it before augmenting an epoch.
 """
@@ -11,7 +11,8 @@ import numpy as np
 
 
 def balanced_repeats(labels: np.ndarray) -> dict[int, float]:
-    """Expected copies of each row per label so that an epoch of the same length holds both classes equally."""
+    """Expected copies of each row per label so that an epoch of the same length holds each class present
+    (any number of them) equally: n / (K * n_label)."""
     labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
     return {int(c): len(labels) / (len(classes) * int(k)) for c, k in zip(classes, counts)}

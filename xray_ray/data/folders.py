@@ -1,8 +1,9 @@
 """Kaggle-layout folders -> a Manifest: discovery, verification and the files that cannot be used.
 
 A folder is `<root>/<split>/<CLASS>/<image>` (or the same under chest_xray/), local or any URI pyarrow.fs
-opens. Every file is read, hashed and fully decoded once here, so a broken file is reported in
-`Manifest.skipped` with a reason instead of failing a training run hours later.
+opens; every folder under a split folder is a class (:mod:`xray_ray.data.labels` says which and how each
+image is labelled). Every file is read, hashed and fully decoded once here, so a broken file is reported
+in `Manifest.skipped` with a reason instead of failing a training run hours later.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from urllib.parse import SplitResult, quote, unquote, urlsplit
@@ -18,9 +18,9 @@ from urllib.parse import SplitResult, quote, unquote, urlsplit
 import pandas as pd
 import pyarrow.fs as pafs
 
-from xray_ray import CLASSES
 from xray_ray.common import read_regular_file
 from xray_ray.data.images import IMAGE_EXTENSIONS, ImageError, decode_gray
+from xray_ray.data.labels import check_class_folders, class_folders, hidden, label_candidates
 from xray_ray.data.manifest import (
     BUCKET_SCHEMES,
     LOCAL_FS,
@@ -43,7 +43,6 @@ _JUNK = (
     (lambda parts: any(p.startswith(".") for p in parts), "hidden file or folder"),
 )
 _SPLIT_NAMES = {s: s for s in ORIG_SPLITS}
-_CLASS_NAMES = {c.lower(): i for i, c in enumerate(CLASSES)}
 
 
 def _location(spec_uri: SplitResult | None, fs_path: str) -> str:
@@ -123,7 +122,7 @@ def _is_layout_folder(parts: tuple[str, ...]) -> bool:
         names = names[1:]
         if not names:
             return True
-    return len(names) in (1, 2) and names[0] in _SPLIT_NAMES and (len(names) == 1 or names[1] in _CLASS_NAMES)
+    return len(names) in (1, 2) and names[0] in _SPLIT_NAMES and not hidden(names[-1])
 
 
 def _layout_link_refusal(root: str, rel: str, path: str) -> str | None:
@@ -187,11 +186,13 @@ def _find_base(dirs: set[tuple[str, ...]]) -> tuple[str, ...] | None:
     return next((d for d in preferred if has_splits(d)), None)
 
 
-def load_folder(spec: str, max_file_bytes: int | None = None) -> Manifest:
+def load_folder(spec: str, max_file_bytes: int | None = None, labels: str = "folder") -> Manifest:
     """Manifest of a Kaggle-layout folder: <root>/<split>/<CLASS>/<image>, or the same under root/chest_xray/.
 
-    Splits are train/val/test (any may be missing), classes NORMAL/PNEUMONIA, both matched ignoring
-    case. uids are relative to the folder holding the splits; `skipped` paths to the given root.
+    Splits are train/val/test (any may be missing). Every folder under a split folder is a class, named
+    ignoring case and recorded upper-case (see :func:`xray_ray.data.labels.label_candidates` for their
+    order, the binary case and labels="subtype"). uids are relative to the folder holding the splits;
+    `skipped` paths to the given root.
     Skipped with a reason, never fatal: macOS/Jupyter/hidden junk, non-image extensions, a nested
     second copy of the tree (only the outermost one counts), symlinks inside the image tree (never
     followed: loops, links out of the root, broken links, and links to files that are used under their own
@@ -199,7 +200,7 @@ def load_folder(spec: str, max_file_bytes: int | None = None) -> Manifest:
     that do not decode (empty, truncated, not an image, decompression bombs). A split folder with no
     usable images, or a val/test without one class, is a warning in info["warnings"], since val and
     test can be carved from train. DataError: the folder is missing, holds no split folders or no
-    usable image, has an unknown class folder (e.g. train/COVID), or its train lacks a class.
+    usable image, has one class only or a class folder with no usable image, or its train lacks a class.
     """
     fs, root, uri = _open_root(spec)
     files, dir_list, skipped = _walk_local(root) if uri is None else _walk_remote(fs, root)
@@ -213,22 +214,25 @@ def load_folder(spec: str, max_file_bytes: int | None = None) -> Manifest:
             f"{spec} has no train/, val/ or test/ folder (looked in it and in chest_xray/{refused}); "
             "arrange images as <split>/<CLASS>/<image>."
         )
+    folders = class_folders(dirs, [f for f, _ in files] + [f for f, _ in skipped], base)
     candidates = []
-    for rel, size, target, reason in _classify(files, base):
+    for rel, size, target, reason in _classify(files, base, {d[-1].lower() for d in folders}):
         if reason is not None:
             skipped.append((rel, reason))
         else:
             location = _location(uri, f"{root}/{rel}" if uri else os.path.join(root, rel))
             candidates.append((rel, size, target, location))
+    classes, candidates = label_candidates(candidates, folders, labels, skipped)
 
     with ThreadPoolExecutor(_WORKERS) as pool:
         results = list(pool.map(lambda c: _verify(c[1], c[3], max_file_bytes), candidates))
-    rows = _rows(candidates, results, base, skipped)
+    rows = _rows(candidates, results, base, skipped, classes)
     df = frame(rows)
     skipped_df = pd.DataFrame(sorted(skipped), columns=["path", "reason"])
     if df.empty:
         example = f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise DataError(f"found no usable images in {spec} ({len(skipped)} files skipped{example}).")
+    check_class_folders(df, folders, skipped, base)
     split_dirs = {d[len(base)].lower() for d in dirs if len(d) > len(base) and d[: len(base)] == base}
     info = {
         "source": "folder",
@@ -237,14 +241,18 @@ def load_folder(spec: str, max_file_bytes: int | None = None) -> Manifest:
         "files_seen": len(df) + len(skipped_df),
         "images": len(df),
         "skipped": len(skipped_df),
-        "counts": orig_counts(df),
-        "warnings": check_structure(df, split_dirs),
+        "labels": labels,
+        "classes": list(classes),
+        "counts": orig_counts(df, classes),
+        "warnings": check_structure(df, split_dirs, classes),
         "patient_keys": patient_key_report(df["uid"]),
     }
     return Manifest(df, skipped_df, info)
 
 
-def _rows(candidates: list[tuple], results: list, base: tuple[str, ...], skipped: list) -> list[dict]:
+def _rows(
+    candidates: list[tuple], results: list, base: tuple[str, ...], skipped: list, classes: tuple[str, ...]
+) -> list[dict]:
     """The manifest rows of the files that verified; each that did not goes to `skipped` with its reason."""
     rows = []
     for (rel, _, (split, label), location), res in zip(candidates, results):
@@ -260,7 +268,7 @@ def _rows(candidates: list[tuple], results: list, base: tuple[str, ...], skipped
                 "location": location,
                 "index": -1,
                 "label": label,
-                "class_name": CLASSES[label],
+                "class_name": classes[label],
                 "orig_split": split,
                 "patient": uid if patient == PurePosixPath(name).stem else patient,
                 "sha1": res[0],
@@ -271,25 +279,16 @@ def _rows(candidates: list[tuple], results: list, base: tuple[str, ...], skipped
     return rows
 
 
-def _classify(files: list[tuple[str, int]], base: tuple[str, ...]) -> list[tuple]:
-    """(rel, size, (split, label) | None, skip reason | None) per file; raises for unknown class folders."""
-    out, unknown = [], Counter()
+def _classify(files: list[tuple[str, int]], base: tuple[str, ...], classes: set[str]) -> list[tuple]:
+    """(rel, size, (split, CLASS) | None, skip reason | None) per file; `classes`: class folder names, lower-case."""
+    out = []
     for rel, size in files:
         parts = tuple(rel.split("/"))
         reason = _junk_reason(parts)
         target = None
         if reason is None:
-            reason, target = _place(parts, base)
-            if target == "unknown-class":
-                unknown["/".join(parts[len(base) : len(base) + 2])] += 1
-                continue
+            reason, target = _place(parts, base, classes)
         out.append((rel, size, target, reason))
-    if unknown:
-        folder, n = sorted(unknown.items())[0]
-        raise DataError(
-            f"unknown class folder {folder} ({n} images); class folders must be NORMAL or "
-            "PNEUMONIA, so move or delete it."
-        )
     return out
 
 
@@ -310,17 +309,16 @@ def _verify(size: int, location: str, max_bytes: int | None = None) -> tuple[str
     return hashlib.sha1(data, usedforsecurity=False).hexdigest(), int(img.shape[1]), int(img.shape[0])
 
 
-def _place(parts: tuple[str, ...], base: tuple[str, ...]) -> tuple[str | None, object]:
-    """(skip reason or None, (split, label) | "unknown-class") for an image file's path parts."""
+def _place(parts: tuple[str, ...], base: tuple[str, ...], classes: set[str]) -> tuple[str | None, object]:
+    """(skip reason or None, (split, CLASS)) for an image file's path parts; `classes` lower-case."""
     if parts[: len(base)] != base:
         return "outside the data folder's train/val/test tree", None
     p = parts[len(base) :]
     if len(p) == 1:
         return "not inside a <split>/<CLASS>/ folder", None
-    if len(p) == 3 and p[0].lower() in _SPLIT_NAMES:
-        label = _CLASS_NAMES.get(p[1].lower())
-        return (None, (_SPLIT_NAMES[p[0].lower()], label)) if label is not None else (None, "unknown-class")
-    if len(p) > 3 and p[-3].lower() in _SPLIT_NAMES and p[-2].lower() in _CLASS_NAMES:
+    if len(p) == 3 and p[0].lower() in _SPLIT_NAMES and p[1].lower() in classes:
+        return None, (_SPLIT_NAMES[p[0].lower()], p[1].upper())
+    if len(p) > 3 and p[-3].lower() in _SPLIT_NAMES and p[-2].lower() in classes:
         return "nested duplicate copy of the data set (only the outermost tree is used)", None
     if p[0].lower() in _SPLIT_NAMES:
         return "not directly inside a <split>/<CLASS>/ folder", None

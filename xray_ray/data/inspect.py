@@ -1,7 +1,9 @@
-"""`python -m xray_ray.data inspect DATA [--json] [--seed S]`: what a data source holds, and how it would split.
+"""`python -m xray_ray.data inspect DATA [--labels subtype] [--json] [--seed S]`: what a data source holds,
+and how it would split.
 
-Reports images per split and class, patients, byte-identical duplicate groups, skipped files with
-their reasons, and the split that `assign_splits` makes for the seed, without training anything.
+Reports the classes, images per split and class, patients (per class too), byte-identical duplicate
+groups, skipped files with their reasons, and the split that `assign_splits` makes for the seed, without
+training anything.
 """
 
 from __future__ import annotations
@@ -11,35 +13,49 @@ import json
 import time
 from collections import Counter
 
-from xray_ray import CLASSES
+import pandas as pd
+
 from xray_ray.common import cli
-from xray_ray.data.sources import Manifest, load_source
+from xray_ray.data.sources import LABELS, Manifest, load_source
 from xray_ray.data.splits import assign_splits, duplicate_groups
 
 
 def inspect(
-    spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1, min_val_images: int = 100
+    spec: str,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    min_val_images: int = 100,
+    labels: str = "folder",
 ) -> dict:
     """JSON-able summary of a data source and the split it would get (raises UserError/DataError).
 
     Data without train images (say, only a test/ folder, to score with evaluate) is summarised too; its
-    "split" is None, since a search could not train on it.
+    "split" is None, since a search could not train on it. "classes" lists the classes in label order,
+    "patients_by_class" the patients of each, and the split its "patients_by_class" per split.
     """
     start = time.perf_counter()
-    manifest: Manifest = load_source(spec, seed=seed)
+    manifest: Manifest = load_source(spec, seed=seed, labels=labels)
     df = manifest.df
+    classes = list(manifest.info["classes"])
     split_info = None  # a folder with test/ (or val/) but no train/ can be looked at, though not searched
     if (df["orig_split"] == "train").any():
-        _, split_info = assign_splits(
+        split_df, split_info = assign_splits(
             df, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, min_val_images=min_val_images
         )
+        split_info["patients_by_class"] = {
+            s: _patients_by_class(split_df[split_df["split"] == s], classes) for s in split_info["counts"]
+        }
     dups = duplicate_groups(df)
     return {
         "data": spec,
         "source": manifest.info,
+        "classes": classes,
         "images": int(len(df)),
         "by_split": manifest.info.get("counts", {}),
         "patients": int(df["patient"].nunique()),
+        "patients_by_class": _patients_by_class(df, classes),
         "duplicates": {"groups": len(dups), "images": int(sum(map(len, dups))), "list": dups},
         "skipped": manifest.skipped.to_dict(orient="records"),
         "split": split_info,
@@ -47,15 +63,22 @@ def inspect(
     }
 
 
+def _patients_by_class(df: pd.DataFrame, classes: list[str]) -> dict[str, int]:
+    """Distinct patients among each class's images (a patient with images of two classes counts in both)."""
+    return {c: int(df.loc[df["label"] == i, "patient"].nunique()) for i, c in enumerate(classes)}
+
+
 def format_report(r: dict) -> str:
     """The human-readable version of `inspect`'s summary."""
-    cols = [*CLASSES, "total"]
+    cols = [*r["classes"], "total"]
+    by_class = ", ".join(f"{c} {n}" for c, n in r["patients_by_class"].items())
     lines = [
         f"data: {r['data']} ({r['source']['source']}, {r['seconds']:.1f} s)",
+        f"classes ({len(r['classes'])}, labels 0..{len(r['classes']) - 1}): {', '.join(r['classes'])}",
         "",
         "images as given:",
         _table(r["by_split"], cols),
-        f"patients: {r['patients']}",
+        f"patients: {r['patients']} ({by_class})",
         *_patient_keys(r["source"].get("patient_keys")),
         f"byte-identical duplicate groups: {r['duplicates']['groups']} ({r['duplicates']['images']} images)",
     ]
@@ -77,6 +100,8 @@ def format_report(r: dict) -> str:
         "",
         f"split (seed {s['seed']}, {s['method']}; val: {s['val_source']}, test: {s['test_source']}):",
         _table({k: {**v, "patients": s["patients"][k]} for k, v in s["counts"].items()}, [*cols, "patients"]),
+        "patients per class:",
+        _table(s["patients_by_class"], r["classes"]),
     ]
     if s["leakage"]:
         lines.append(
@@ -121,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--min-val-images", type=int, default=100)
+    p.add_argument(
+        "--labels",
+        choices=LABELS,
+        default="folder",
+        help="folder: the class folders; subtype: NORMAL, BACTERIA, VIRUS from a Kaggle-layout folder's file names",
+    )
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -130,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             val_fraction=args.val_fraction,
             test_fraction=args.test_fraction,
             min_val_images=args.min_val_images,
+            labels=args.labels,
         )
         print(json.dumps(report, indent=1) if args.json else format_report(report))
         return 0

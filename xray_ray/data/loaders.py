@@ -1,4 +1,9 @@
-"""PneumoniaMNIST .npz archives (a local file, a URI, or medmnist's download) and synthetic phantoms -> a Manifest."""
+"""PneumoniaMNIST .npz archives (a local file, a URI, or medmnist's download) and synthetic phantoms -> a Manifest.
+
+An archive's labels are 0..K-1: the names of its `classes` array when it has one, else CLASSES for two
+classes and CLASS0.. for more. Phantoms are binary (NORMAL/PNEUMONIA) unless asked for K classes, each
+with its own pattern (:data:`xray_ray.data.phantoms.PHANTOM_CLASSES`).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import pandas as pd
 
 from xray_ray import CLASSES
 from xray_ray.data.manifest import ORIG_SPLITS, Manifest, check_structure, frame, orig_counts, read_bytes
-from xray_ray.data.phantoms import NATIVE_SIZE, render
+from xray_ray.data.phantoms import NATIVE_SIZE, PHANTOM_CLASSES, render
 from xray_ray.errors import DataError
 
 DEFAULT_SYNTHETIC = 1200
@@ -56,6 +61,7 @@ def _images(z, key: str, location: str) -> np.ndarray:
 
 
 def load_npz(location: str) -> Manifest:
+    """Manifest of a PneumoniaMNIST-layout archive: <split>_images uint8 [N, H, W], <split>_labels [N] or [N, 1]."""
     rows = []
     with _open_npz(location) as z:
         keys = set(z.files)
@@ -65,6 +71,7 @@ def load_npz(location: str) -> Manifest:
                 f"{location} has no {missing} array; expected the PneumoniaMNIST keys "
                 "train_images, train_labels, val_images, val_labels, test_images, test_labels."
             )
+        classes = _classes(z, location)
         for split in ORIG_SPLITS:
             ik, lk = f"{split}_images", f"{split}_labels"
             if ik not in keys and lk not in keys:
@@ -73,7 +80,7 @@ def load_npz(location: str) -> Manifest:
             if missing:
                 raise DataError(f"{location} has {ik if missing == lk else lk} but no {missing} array.")
             images = _images(z, ik, location)
-            labels = _labels(z, lk, location, len(images))
+            labels = _labels(z, lk, location, len(images), classes)
             h, w = images.shape[1:]
             for i in range(len(images)):
                 uid = f"{split}/{i:06d}"
@@ -83,7 +90,7 @@ def load_npz(location: str) -> Manifest:
                         "location": location,
                         "index": i,
                         "label": int(labels[i]),
-                        "class_name": CLASSES[labels[i]],
+                        "class_name": classes[labels[i]],
                         "orig_split": split,
                         "patient": uid,
                         "sha1": hashlib.sha1(images[i].tobytes(), usedforsecurity=False).hexdigest(),
@@ -94,30 +101,55 @@ def load_npz(location: str) -> Manifest:
     df = frame(rows)
     if not (df["orig_split"] == "train").any():
         raise DataError(f"{location} has an empty train split.")
-    warnings = check_structure(df, set())
+    warnings = check_structure(df, set(), classes)
     info = {
         "source": "npz",
         "location": location,
         "image_size": int(df["width"].iat[0]),
         "images": len(df),
-        "counts": orig_counts(df),
+        "classes": list(classes),
+        "counts": orig_counts(df, classes),
         "warnings": warnings,
         "patients_known": False,
     }
     return Manifest(df, pd.DataFrame(columns=["path", "reason"]), info)
 
 
-def _labels(z, key: str, location: str, n: int) -> np.ndarray:
+def _label_array(z, key: str, location: str) -> np.ndarray:
     try:
         y = z[key]
     except ValueError:
         raise DataError(f"{location}: {key} holds pickled objects, which are never loaded.") from None
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
+    return y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
+
+
+def _classes(z, location: str) -> tuple[str, ...]:
+    """The archive's class names in label order: its `classes` array, else as many as train_labels has
+    (at least two: CLASSES for two, CLASS0.. for more)."""
+    if "classes" in z.files:
+        try:
+            names = z["classes"]
+        except ValueError:
+            raise DataError(f"{location}: classes holds pickled objects, which are never loaded.") from None
+        if names.ndim != 1 or names.dtype.kind not in "US" or len({str(c).upper() for c in names}) != len(names):
+            raise DataError(f"{location}: classes must be a 1-D array of distinct class names (strings).")
+        return tuple(str(c.decode() if isinstance(c, bytes) else c).upper() for c in names)
+    y = _label_array(z, "train_labels", location)
+    top = int(y.max()) if y.size and np.issubdtype(y.dtype, np.number) and np.isfinite(y).all() else 1
+    k = max(2, top + 1)
+    return CLASSES if k == 2 else tuple(f"CLASS{i}" for i in range(k))
+
+
+def _labels(z, key: str, location: str, n: int, classes: tuple[str, ...]) -> np.ndarray:
+    y = _label_array(z, key, location)
     if y.shape != (n,):
         raise DataError(f"{location}: {key} has shape {list(z[key].shape)}, expected [{n}] or [{n}, 1].")
-    if not np.isin(y, (0, 1)).all():
-        raise DataError(f"{location}: {key} must hold 0 (NORMAL) or 1 (PNEUMONIA) only.")
+    if not np.isin(y, np.arange(len(classes))).all():
+        if classes == CLASSES:
+            raise DataError(f"{location}: {key} must hold 0 (NORMAL) or 1 (PNEUMONIA) only.")
+        raise DataError(
+            f"{location}: {key} must hold the labels 0..{len(classes) - 1} of the classes {', '.join(classes)} only."
+        )
     return y.astype(np.int64)
 
 
@@ -161,18 +193,40 @@ def synthetic_count(arg: str) -> int:
     return int(arg)
 
 
-def load_synthetic(n: int, seed: int) -> Manifest:
-    """n phantoms; patients own 1-3 images, all of one class; about 74% PNEUMONIA; all orig_split train."""
+def synthetic_spec(arg: str) -> tuple[int, int]:
+    """(images, classes) of the part after "synthetic:": "" | "N" | "N:K" | ":K" (K from 2 to 6)."""
+    n, _, k = arg.partition(":")
+    if not k:
+        return synthetic_count(n), 2
+    top = len(PHANTOM_CLASSES)
+    if not re.fullmatch(r"\d+", k) or not 2 <= int(k) <= top:
+        raise DataError(f"synthetic:N:K needs a number of classes K from 2 to {top}, got '{k}'.")
+    return synthetic_count(n), int(k)
+
+
+def synthetic_classes(k: int) -> tuple[str, ...]:
+    """The class names of k-class phantoms: CLASSES for two, else the first k PHANTOM_CLASSES."""
+    return CLASSES if k == 2 else PHANTOM_CLASSES[:k]
+
+
+def load_synthetic(n: int, seed: int, classes: int = 2) -> Manifest:
+    """n phantoms, all orig_split train; patients own 1-3 images, all of one class. Two classes: about 74%
+    PNEUMONIA; more: each class about equally often, in shuffled rounds."""
     rng = np.random.default_rng([seed, 2018])
-    plan, patient, positives = [], 0, 0
+    plan, patient, positives, round_ = [], 0, 0, []
     while len(plan) < n:
         k = min(int(rng.choice((1, 2, 3), p=(0.75, 0.17, 0.08))), n - len(plan))
-        # random labels, nudged towards the target so small sets keep the real prevalence too
-        lag = SYNTHETIC_PREVALENCE * (len(plan) + k) - positives
-        label = int(rng.random() < np.clip(SYNTHETIC_PREVALENCE + lag / (2 * k), 0.05, 0.95))
+        if classes == 2:
+            # random labels, nudged towards the target so small sets keep the real prevalence too
+            lag = SYNTHETIC_PREVALENCE * (len(plan) + k) - positives
+            label = int(rng.random() < np.clip(SYNTHETIC_PREVALENCE + lag / (2 * k), 0.05, 0.95))
+        else:
+            round_ = round_ or [int(c) for c in rng.permutation(classes)]
+            label = round_.pop()
         plan += [(label, f"synth-p{patient:04d}")] * k
         positives += label * k
         patient += 1
+    names = synthetic_classes(classes)
     location = f"synthetic:seed={seed}"
     rows = []
     for i, (label, patient_id) in enumerate(plan):
@@ -183,7 +237,7 @@ def load_synthetic(n: int, seed: int) -> Manifest:
                 "location": location,
                 "index": i,
                 "label": label,
-                "class_name": CLASSES[label],
+                "class_name": names[label],
                 "orig_split": "train",
                 "patient": patient_id,
                 "sha1": hashlib.sha1(img.tobytes(), usedforsecurity=False).hexdigest(),
@@ -197,7 +251,8 @@ def load_synthetic(n: int, seed: int) -> Manifest:
         "location": location,
         "seed": int(seed),
         "images": n,
-        "counts": orig_counts(df),
+        "classes": list(names),
+        "counts": orig_counts(df, names),
         "warnings": [],
     }
     return Manifest(df, pd.DataFrame(columns=["path", "reason"]), info)

@@ -4,6 +4,10 @@ Each image is a frontal chest film in caricature: soft-tissue body, two dark lun
 heart shadow, film noise, and a random pose, size and exposure per image. PNEUMONIA adds patchy
 opacities of random size and place inside the lungs. Pose and exposure vary more than any single pixel
 changes with the label, so a model has to look at the lungs as a whole rather than at one pixel.
+
+For tests of more than two classes, labels 2 to 5 each add an opacity of their own shape and place
+(:data:`PHANTOM_CLASSES`): perihilar haze in both lungs, a basal effusion with a level upper border,
+ring shadows at an apex, one dense segment low in one lung. Labels 0 and 1 render as they always have.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from functools import lru_cache
 import numpy as np
 
 NATIVE_SIZE = 128  # the phantoms' "original" resolution; sources resize from here like any image
+# the class of each label, named so that xray_ray.data.manifest.order_classes keeps this order
+PHANTOM_CLASSES = ("NORMAL", "PATCHY", "PERIHILAR", "PLEURAL", "RING", "SEGMENTAL")
 
 
 @lru_cache(maxsize=8)
@@ -51,11 +57,11 @@ def _ellipse(
 def render(seed: int, index: int, label: int, size: int = NATIVE_SIZE) -> np.ndarray:
     """One phantom as uint8 [size, size]; deterministic in (seed, index, label).
 
-    The anatomy, pose and noise depend only on (seed, index), so the NORMAL and PNEUMONIA versions of
-    an index differ only by the opacities.
+    The anatomy, pose and noise depend only on (seed, index), so the versions of an index differ only by
+    the opacities: none for label 0, patchy (PNEUMONIA) for 1, PHANTOM_CLASSES' patterns for 2 to 5.
     """
-    if label not in (0, 1):
-        raise ValueError(f"label must be 0 or 1, got {label}")
+    if label not in range(len(PHANTOM_CLASSES)):
+        raise ValueError(f"label must be 0 to {len(PHANTOM_CLASSES) - 1}, got {label}")
     rng = np.random.default_rng([seed, index])
 
     def u(lo: float, hi: float) -> float:  # Python floats keep the arrays float32 (NEP 50)
@@ -83,12 +89,14 @@ def render(seed: int, index: int, label: int, size: int = NATIVE_SIZE) -> np.nda
     ribs = ribs * ribs * ribs * body * (np.abs(x) < 0.85) * (0.4 + 0.6 * lung)
 
     air = u(0.3, 0.36) * lung * (1 - 0.8 * heart)
-    if label == 1:
-        # consolidation replaces air with fluid: the lung turns towards soft-tissue brightness
+    if label >= 1:
+        # consolidation replaces air with fluid: the lung turns towards soft-tissue brightness. Its own
+        # generator, so the anatomy's draws (and labels 0 and 1's pixels) never depend on it.
+        opacity = _consolidation if label == 1 else _PATTERNS[label]
         air = air * (
             1
-            - _consolidation(
-                np.random.default_rng([seed, index, 1]), x, y, lungs, (lung_x, lung_y, lung_ax, lung_ay), size
+            - opacity(
+                np.random.default_rng([seed, index, label]), x, y, lungs, (lung_x, lung_y, lung_ax, lung_ay), size
             )
         )
     img = 0.05 + 0.5 * body - air + 0.04 * heart * body + 0.12 * spine + u(0.06, 0.1) * ribs
@@ -122,3 +130,66 @@ def _consolidation(
         texture = np.clip(0.7 + 0.5 * _smooth_noise(rng, 16, size), 0, 1.2)
         out += float(rng.uniform(0.6, 1.1)) * blob * texture * lungs[0 if side < 0 else 1]
     return np.clip(out, 0, 0.9)
+
+
+def _perihilar(
+    rng: np.random.Generator, x: np.ndarray, y: np.ndarray, lungs: list[np.ndarray], geom: tuple[float, ...], size: int
+) -> np.ndarray:
+    """Bat-wing haze: densest at both hila, fading towards the periphery of both lungs."""
+    lung_x, lung_y, ax, ay = geom
+    out = np.zeros((size, size), np.float32)
+    for i, side in enumerate((-1, 1)):
+        px, py = side * (lung_x - ax * float(rng.uniform(0.35, 0.5))), lung_y + ay * float(rng.uniform(-0.1, 0.2))
+        rx, ry = ax * float(rng.uniform(0.6, 0.8)), ay * float(rng.uniform(0.45, 0.6))
+        out += (
+            float(rng.uniform(0.75, 0.95))
+            * np.exp(-np.minimum(((x - px) / rx) ** 2 + ((y - py) / ry) ** 2, 30.0))
+            * lungs[i]
+        )
+    return np.clip(out * np.clip(0.85 + 0.3 * _smooth_noise(rng, 10, size), 0, 1.2), 0, 0.9)
+
+
+def _pleural(
+    rng: np.random.Generator, x: np.ndarray, y: np.ndarray, lungs: list[np.ndarray], geom: tuple[float, ...], size: int
+) -> np.ndarray:
+    """Effusion: the base of one lung filled up to a level, the border rising at the lateral wall (meniscus)."""
+    lung_x, lung_y, ax, ay = geom
+    i = int(rng.integers(2))
+    side = 1 if i else -1
+    level = lung_y + ay * float(rng.uniform(0.05, 0.4)) - 0.25 * ay * np.clip(side * x - lung_x, 0, None) / ax
+    fluid = 1 / (1 + np.exp(-np.clip((y - level) / 0.03, -30, 30)))
+    return np.clip(float(rng.uniform(0.75, 0.9)) * fluid * lungs[i], 0, 0.9)
+
+
+def _ring(
+    rng: np.random.Generator, x: np.ndarray, y: np.ndarray, lungs: list[np.ndarray], geom: tuple[float, ...], size: int
+) -> np.ndarray:
+    """Ring shadows: one to three thick-walled cavities in the upper zone of one lung."""
+    lung_x, lung_y, ax, ay = geom
+    i = int(rng.integers(2))
+    side = 1 if i else -1
+    out = np.zeros((size, size), np.float32)
+    for _ in range(int(rng.integers(1, 4))):
+        px = side * lung_x + ax * float(rng.uniform(-0.4, 0.4))
+        py = lung_y - ay * float(rng.uniform(0.3, 0.6))
+        rad, wall = float(rng.uniform(0.07, 0.11)), float(rng.uniform(0.025, 0.04))
+        r = np.sqrt((x - px) ** 2 + (y - py) ** 2)
+        out += float(rng.uniform(0.7, 1.0)) * np.exp(-np.minimum(((r - rad) / wall) ** 2, 30.0))
+    return np.clip(out * lungs[i], 0, 0.9)
+
+
+def _segmental(
+    rng: np.random.Generator, x: np.ndarray, y: np.ndarray, lungs: list[np.ndarray], geom: tuple[float, ...], size: int
+) -> np.ndarray:
+    """One dense, nearly homogeneous consolidation filling the lower zone of one lung."""
+    lung_x, lung_y, ax, ay = geom
+    i = int(rng.integers(2))
+    side = 1 if i else -1
+    px, py = side * lung_x + ax * float(rng.uniform(-0.2, 0.2)), lung_y + ay * float(rng.uniform(0.35, 0.55))
+    rx, ry = ax * float(rng.uniform(0.75, 0.95)), ay * float(rng.uniform(0.3, 0.4))
+    blob = np.clip((1 - np.sqrt(((x - px) / rx) ** 2 + ((y - py) / ry) ** 2)) / 0.25, 0, 1)
+    texture = np.clip(0.9 + 0.15 * _smooth_noise(rng, 12, size), 0, 1.1)
+    return np.clip(float(rng.uniform(0.8, 0.95)) * blob * texture * lungs[i], 0, 0.9)
+
+
+_PATTERNS = {2: _perihilar, 3: _pleural, 4: _ring, 5: _segmental}

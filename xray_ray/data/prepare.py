@@ -25,7 +25,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from xray_ray import CLASSES
 from xray_ray.common import atomic_file
+from xray_ray.data.manifest import classes_of
 
 PREP_VERSION = 1  # bump when the decode/resize contract changes: old caches are then ignored
 
@@ -49,7 +51,7 @@ class SplitArrays:
 
 @dataclass
 class Prepared:
-    """All splits at one size, plus what the preparation cost."""
+    """All splits at one size, plus what the preparation cost; `classes` names the labels 0..K-1."""
 
     size: int
     splits: dict[str, SplitArrays]
@@ -57,6 +59,7 @@ class Prepared:
     cache_hit: bool
     seconds: float
     stats: dict[str, Any] = field(default_factory=dict)
+    classes: tuple[str, ...] = CLASSES
 
 
 def default_cache_dir() -> Path:
@@ -77,8 +80,12 @@ def prepare(
     *,
     workers: int | None = None,
     processes: bool | None = None,
+    classes: tuple[str, ...] | list[str] | None = None,
 ) -> Prepared:
     """Decode + grayscale + resize every manifest row to ``size`` once; return arrays per ``split``.
+
+    ``classes`` (label order; pass the manifest's ``info["classes"]``) is recorded on the result;
+    None reads them from the table's label and class_name columns.
 
     ``workers`` decode in parallel (default: every core): forked processes where that is safe (see
     ``can_fork``; ``processes`` forces the choice), threads otherwise. A cache that cannot be read is
@@ -117,6 +124,7 @@ def prepare(
         cache_hit=hit,
         seconds=time.perf_counter() - t0,
         stats={"images": int(len(df)), "decoded_by": how},
+        classes=tuple(classes) if classes is not None else classes_of(df),
     )
 
 

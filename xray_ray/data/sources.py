@@ -2,7 +2,8 @@
 
 Three sources share one table: a folder in the Kaggle layout (`<root>/<split>/<CLASS>/<image>`, local
 or any URI pyarrow.fs opens, e.g. s3://; :mod:`xray_ray.data.folders`), a PneumoniaMNIST-style .npz, and
-synthetic phantoms (:mod:`xray_ray.data.loaders`). Folders are verified at discovery: every file is read,
+synthetic phantoms (:mod:`xray_ray.data.loaders`); each names its classes in ``info["classes"]`` (label
+order). Folders are verified at discovery: every file is read,
 hashed and fully decoded once, so a broken file is reported here (in `Manifest.skipped`, with a reason)
 instead of failing a training run hours later. The table itself is :mod:`xray_ray.data.manifest`'s.
 """
@@ -15,6 +16,7 @@ import numpy as np
 
 from xray_ray.data.folders import load_folder
 from xray_ray.data.images import ImageError, load_gray, resize_gray
+from xray_ray.data.labels import LABELS
 from xray_ray.data.loaders import (
     DEFAULT_SYNTHETIC,
     MEDMNIST_SIZES,
@@ -23,7 +25,7 @@ from xray_ray.data.loaders import (
     load_synthetic,
     medmnist_file,
     npz_array,
-    synthetic_count,
+    synthetic_spec,
 )
 from xray_ray.data.manifest import COLUMNS, ORIG_SPLITS, Manifest, read_bytes
 from xray_ray.data.phantoms import render
@@ -32,6 +34,7 @@ from xray_ray.errors import DataError
 __all__ = [
     "COLUMNS",
     "DEFAULT_SYNTHETIC",
+    "LABELS",
     "MEDMNIST_SIZES",
     "ORIG_SPLITS",
     "SYNTHETIC_PREVALENCE",
@@ -42,27 +45,39 @@ __all__ = [
 ]
 
 
-def load_source(spec: str, *, seed: int = 0, max_file_bytes: int | None = None) -> Manifest:
+def load_source(spec: str, *, seed: int = 0, max_file_bytes: int | None = None, labels: str = "folder") -> Manifest:
     """Build the manifest for a data spec.
 
-    spec: "synthetic" (1200 images) | "synthetic:N" | a .npz path or URI (PneumoniaMNIST layout) |
+    spec: "synthetic" (1200 images) | "synthetic:N" | "synthetic:N:K" (K classes of phantoms, 2 to 6) |
+    a .npz path or URI (PneumoniaMNIST layout, labels 0..K-1) |
     "medmnist" / "medmnist:SIZE" (PneumoniaMNIST via the optional medmnist package, cached in
     $XRAY_RAY_CACHE or ~/.cache/xray_ray) | a Kaggle-layout folder, local path or URI (file://, s3://).
     `seed` only matters for synthetic data (it picks the images). Raises DataError for structural
     problems; files that cannot be used are listed in `skipped` instead (see xray_ray.data.folders.load_folder),
     among them files of a folder larger than `max_file_bytes` (refused by size, never read; None: no limit).
+    `labels`: "folder" (the class folders) or "subtype" (a Kaggle-layout folder only: NORMAL, BACTERIA,
+    VIRUS from the pneumonia files' names; see xray_ray.data.labels).
     """
     spec = str(spec).strip()
     if not spec:
         raise DataError("the data spec is empty; give a folder, a .npz file, 'synthetic' or 'medmnist'.")
+    if labels not in LABELS:
+        raise DataError(f"labels must be one of {', '.join(LABELS)}, got '{labels}'.")
     kind, _, arg = spec.partition(":")
+    folder = kind not in ("synthetic", "medmnist") and not spec.lower().endswith(".npz")
+    if labels == "subtype" and not folder:
+        raise DataError(
+            f"--labels subtype reads the pneumonia subtype from a Kaggle-layout folder's file names, so {spec} "
+            "cannot use it; give a folder."
+        )
     if kind == "synthetic":
-        return load_synthetic(synthetic_count(arg), seed)
+        n, k = synthetic_spec(arg)
+        return load_synthetic(n, seed, k)
     if kind == "medmnist":
         return load_npz(medmnist_file(arg))
     if spec.lower().endswith(".npz"):
         return load_npz(spec)
-    return load_folder(spec, max_file_bytes)
+    return load_folder(spec, max_file_bytes, labels)
 
 
 def read_pixels(row: Mapping, size: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import PurePosixPath
 import numpy as np
 import pandas as pd
 
-from xray_ray import CLASSES
+from xray_ray.data.manifest import classes_of
 from xray_ray.errors import DataError
 
 # How a Kermany/Kaggle file name gives its patient key: (the pattern as users read it, its regex, the key
@@ -27,6 +27,11 @@ PATIENT_PATTERNS: tuple[tuple[str, re.Pattern, Callable[[re.Match], str]], ...] 
     ("IM-XXXX-YYYY", re.compile(r"^(IM-\d+)-\d+", re.IGNORECASE), lambda m: m[1].upper()),
 )
 UNMATCHED = "none (the file is its own patient)"
+# `--labels subtype`: the pneumonia subtype a Kermany/Kaggle file name carries, by the same patterns
+SUBTYPE_PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
+    ("BACTERIA", PATIENT_PATTERNS[0][1]),
+    ("VIRUS", PATIENT_PATTERNS[1][1]),
+)
 SPLITS = ("train", "val", "test", "extra_val")
 _PRIORITY = {"test": 0, "val": 1, "train": 2}  # which copy survives when a group spans given splits
 
@@ -44,6 +49,12 @@ def parse_patient(filename: str) -> tuple[str, str]:
         if m:
             return key(m), name
     return stem, UNMATCHED
+
+
+def pneumonia_subtype(filename: str) -> str | None:
+    """BACTERIA for personN_bacteria_M, VIRUS for personN_virus_M (any case), None for any other name."""
+    stem = PurePosixPath(filename.replace("\\", "/")).name.rsplit(".", 1)[0]
+    return next((name for name, pattern in SUBTYPE_PATTERNS if pattern.match(stem)), None)
 
 
 def patient_from_name(filename: str) -> str:
@@ -163,12 +174,17 @@ def _describe(df: pd.DataFrame, kept: pd.DataFrame, leakage: list[dict], drop: l
 
 
 def _class_warnings(kept: pd.DataFrame) -> list[str]:
-    """A warning for each of train, val and test that holds no images or one class only."""
+    """A warning for each of train, val and test that holds no images, one class only, or (with more than
+    two classes) lacks some class of the data."""
     warnings: list[str] = []
+    classes = classes_of(kept)
     for name in ("train", "val", "test"):
         present = set(kept.loc[kept["split"] == name, "label"])
+        missing = [c for i, c in enumerate(classes) if i not in present]
         if len(present) < 2:
             warnings.append(f"{name} split has {'no' if not present else 'only one class of'} images.")
+        elif missing:
+            warnings.append(f"{name} split has no {' or '.join(missing)} images.")
     return warnings
 
 
@@ -218,9 +234,9 @@ def _leakage(df: pd.DataFrame) -> tuple[list[dict], list[int]]:
 
 def _grouped_holdout(train: pd.DataFrame, fractions: dict[str, float], rng: np.random.Generator) -> pd.Series:
     """Split label per train row: whole groups go to test/val until each class reaches its share."""
-    groups = train.groupby("_group").agg(uid=("uid", "min"), n=("uid", "size"), label=("label", "mean"))
+    groups = train.groupby("_group").agg(uid=("uid", "min"), n=("uid", "size"))
     # a group's stratum is its majority class; order groups by uid first so row order cannot matter
-    groups["stratum"] = (groups["label"] >= 0.5).astype(int)
+    groups["stratum"] = _majority_label(train)
     groups = groups.sort_values("uid")
     chosen: dict[str, list[int]] = {"test": [], "val": []}
     for _, stratum in groups.groupby("stratum", sort=True):
@@ -245,15 +261,23 @@ def _grouped_holdout(train: pd.DataFrame, fractions: dict[str, float], rng: np.r
     return out
 
 
+def _majority_label(train: pd.DataFrame) -> pd.Series:
+    """Each group's most frequent label; a tie goes to the higher label (for two classes: the mean >= 0.5)."""
+    table = pd.crosstab(train["_group"], train["label"])  # groups x labels present, both sorted
+    counts = table.to_numpy()[:, ::-1]  # reversed so that argmax, which takes the first maximum, takes the last
+    labels = table.columns.to_numpy()[::-1]
+    return pd.Series(labels[counts.argmax(axis=1)].astype(int), index=table.index)
+
+
 def _present(df: pd.DataFrame) -> list[str]:
     return [s for s in SPLITS if (df["split"] == s).any()]
 
 
 def _counts(df: pd.DataFrame) -> dict[str, dict[str, int]]:
-    counts = {}
+    counts, classes = {}, classes_of(df)
     for s in _present(df):
         part = df[df["split"] == s]
-        row = {c: int((part["label"] == i).sum()) for i, c in enumerate(CLASSES)}
+        row = {c: int((part["label"] == i).sum()) for i, c in enumerate(classes)}
         row["total"] = int(len(part))
         counts[s] = row
     return counts
