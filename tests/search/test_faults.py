@@ -136,9 +136,10 @@ BAD_DATA = {
     "empty folder": ({}, "has no train/, val/ or test/ folder"),
     "only junk": ({("train", "NORMAL"): 0}, "no usable images"),
     "only one class": ({("train", "NORMAL"): 6}, "train/ has no PNEUMONIA images"),
-    "unknown class": (
-        {("train", "NORMAL"): 3, ("train", "PNEUMONIA"): 3, ("train", "COVID"): 2},
-        "unknown class folder train/COVID",
+    # any folder under a split is a class now: one with no usable image is refused, never trained on
+    "empty class folder": (
+        {("train", "NORMAL"): 3, ("train", "PNEUMONIA"): 3, ("train", "COVID"): 0},
+        "class folder train/COVID/ has no usable image",
     ),
 }
 

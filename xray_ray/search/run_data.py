@@ -37,7 +37,8 @@ def load_data(opts: Any, space: SearchSpace) -> RunData:
         manifest.df, seed=space.seed, val_fraction=space.val_fraction, test_fraction=space.test_fraction
     )
     print_data_problems(manifest, split_info)
-    prepared = {s: prepare(df, s, opts.cache) for s in space.image_sizes}
+    classes = tuple(manifest.info.get("classes", CLASSES))
+    prepared = {s: prepare(df, s, opts.cache, classes=classes) for s in space.image_sizes}
     for s, p in prepared.items():
         counts = {k: len(v) for k, v in p.splits.items()}
         how = "cache hit" if p.cache_hit else "prepared"
@@ -45,7 +46,6 @@ def load_data(opts: Any, space: SearchSpace) -> RunData:
     for need in ("train", "val"):
         if need not in next(iter(prepared.values())).splits:
             raise UserError(f"the data has no '{need}' images after splitting; add more images per class.")
-    classes = tuple(manifest.info.get("classes", CLASSES))
     print(f"[xray_ray] classes: {', '.join(classes)}", flush=True)
     return RunData(manifest=manifest, split_info=split_info, prepared=prepared, classes=classes)
 

@@ -245,11 +245,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise UserError(f"--seeds must be distinct non-negative integers, got {args.seeds}.")
     run_dir = str(Path(args.results).resolve() / (args.name or spec["name"]))
-    labels = {"labels": args.labels} if args.labels != "folder" else {}  # (until the data wing takes labels)
-    manifest = load_source(args.data, seed=spec["split_seed"], **labels)
+    manifest = load_source(args.data, seed=spec["split_seed"], labels=args.labels)
     spec["classes"] = tuple(manifest.info.get("classes", ("NORMAL", "PNEUMONIA")))
     df, split_info = assign_splits(manifest.df, seed=spec["split_seed"], **spec["data"])
-    prepared = {s: prepare(df, s, args.cache) for s in spec["sizes"]}
+    prepared = {s: prepare(df, s, args.cache, classes=spec["classes"]) for s in spec["sizes"]}
     request = {"arms": spec["arms"], "seeds": list(args.seeds), "data": args.data, "split_seed": spec["split_seed"]}
     if args.labels != "folder":
         request["labels"] = args.labels
