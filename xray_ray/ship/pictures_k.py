@@ -153,7 +153,7 @@ def plot_roc_pr_k(
             if not math.isnan(c["precision"]):
                 pax.plot([c["sensitivity"]], [c["precision"]], "o", color=color, ms=6)
         macro = macro_auc(y, probs) if len(y) else math.nan
-        title = f"{name} (n={len(y)}, macro AUC {macro:.3f})"
+        title = f"{name} (n={len(y)}, macro AUC {'n/a' if math.isnan(macro) else f'{macro:.3f}'})"
         _style(rax, "1 - specificity", "sensitivity", f"ROC, one class vs the rest: {title}", drawn > 0, "lower right")
         _style(
             pax,

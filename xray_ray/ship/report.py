@@ -1,6 +1,8 @@
 """One self-contained report.html that ties the winner's pictures (:mod:`xray_ray.ship.pictures`) to its numbers.
 
 The pictures' names stay reachable here (``report.write_pictures``, ``report.grad_cam``, ...), as before the split.
+A card with K > 2 classes (``threshold`` null, ``decision`` arg-max) gets the rule, the K-class metrics and intervals,
+per-class figures and the confusion matrices as tables in place of the threshold and the two-class metric table.
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ __all__ = [
     "PICTURES_K",
     "REPORT_METRICS",
     "grad_cam",
+    "one_vs_rest",
     "pick_examples",
     "plot_calibration",
     "plot_confusion",
     "plot_learning_curves",
-    "one_vs_rest",
     "plot_roc_pr",
     "plot_roc_pr_k",
     "plot_saliency",
