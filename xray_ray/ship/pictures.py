@@ -2,25 +2,25 @@
 
 Figures are drawn on matplotlib's Agg canvas without pyplot, so no display and no global state are
 involved. Every plot copes with a split that holds one class only (AUC is then undefined, not a crash).
+A winner with K > 2 classes (arg-max decision, no threshold) gets the same pictures drawn for K classes; its
+one-vs-rest ROC and precision-recall curves are drawn by :mod:`xray_ray.ship.pictures_k`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
 from xray_ray import CLASSES
-from xray_ray.common import atomic_file
+from xray_ray.ship.pictures_k import note, plot_roc_pr_k, pr_curve, roc_curve, saliency_caption, save_figure, top_class
 
 SPLIT_COLORS = {"val": "tab:blue", "test": "tab:red", "extra_val": "tab:green"}
 STATUS_STYLE = {"completed": ("o", "tab:green"), "stopped": ("x", "tab:orange"), "errored": ("s", "tab:red")}
@@ -37,41 +37,8 @@ PICTURES = {
 }
 
 
-def _save(fig: Figure, path: Path) -> None:
-    FigureCanvasAgg(fig)
-    with atomic_file(path) as f:
-        fig.savefig(f, dpi=110, bbox_inches="tight", format="png")
-
-
-def _note(ax: Any, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.3", wrap=True)
-
-
 def _has_both(y: np.ndarray) -> bool:
     return bool(len(y)) and 0 < int(np.sum(y)) < len(y)
-
-
-def roc_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate) at every distinct threshold, from (0, 0) to (1, 1)."""
-    y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
-    order = np.argsort(-p, kind="stable")
-    y, p = y[order], p[order]
-    last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]  # last index of each run of tied scores
-    tps = np.cumsum(y)[last]
-    fps = last + 1 - tps
-    pos, neg = max(int(y.sum()), 1), max(len(y) - int(y.sum()), 1)
-    return np.r_[0.0, fps / neg], np.r_[0.0, tps / pos]
-
-
-def pr_curve(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(recall, precision) at every distinct threshold, starting at recall 0, precision 1."""
-    y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
-    order = np.argsort(-p, kind="stable")
-    y, p = y[order], p[order]
-    last = np.r_[np.flatnonzero(np.diff(p)), len(p) - 1]
-    tps = np.cumsum(y)[last]
-    precision = tps / (last + 1)
-    return np.r_[0.0, tps / max(int(y.sum()), 1)], np.r_[1.0, precision]
 
 
 def _operating_point(y: np.ndarray, p: np.ndarray, t: float) -> tuple[float, float, float]:
@@ -84,33 +51,46 @@ def _operating_point(y: np.ndarray, p: np.ndarray, t: float) -> tuple[float, flo
     return float(fpr), float(tpr), float(precision)
 
 
-def plot_confusion(path: Path, preds: Mapping[str, tuple[np.ndarray, np.ndarray]], threshold: float) -> None:
-    """One confusion matrix per split, at the chosen threshold."""
-    names = list(preds)
-    fig = Figure(figsize=(3.6 * max(len(names), 1), 3.4))
+def plot_confusion(
+    path: Path,
+    preds: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    threshold: float | None,
+    classes: Sequence[str] = CLASSES,
+) -> None:
+    """One confusion matrix per split: at the chosen threshold, or of the arg-max class when threshold is None
+    (K classes, probabilities [N, K])."""
+    names, k = list(preds), len(classes)
+    if k == 2:
+        fig = Figure(figsize=(3.6 * max(len(names), 1), 3.4))
+    else:  # level class names beside each matrix need the room a constrained layout makes
+        fig = Figure(figsize=((1.8 + 0.8 * k) * max(len(names), 1), 1.2 + 0.8 * k), layout="constrained")
     for i, name in enumerate(names):
         ax = fig.add_subplot(1, len(names), i + 1)
         y, p = preds[name]
-        pred = (p >= threshold).astype(int)
-        cm = np.array([[np.sum((y == t) & (pred == q)) for q in (0, 1)] for t in (0, 1)])
-        ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
+        pred = (p >= threshold).astype(int) if threshold is not None else np.argmax(p, axis=1)
+        cm = np.array([[np.sum((y == t) & (pred == q)) for q in range(k)] for t in range(k)])
+        rows = np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        # K classes are shaded by the share of their row, so that a rare class's recall reads as clearly
+        shade, top = (cm, max(int(cm.max()), 1)) if k == 2 else (cm / rows, 1.0)
+        ax.imshow(shade, cmap="Blues", vmin=0, vmax=top)
         for (r, c), v in np.ndenumerate(cm):
-            row = max(int(cm[r].sum()), 1)
             ax.text(
                 c,
                 r,
-                f"{v}\n{v / row:.0%}",
+                f"{v}\n{v / rows[r, 0]:.0%}",
                 ha="center",
                 va="center",
-                color="white" if v > cm.max() / 2 else "black",
+                color="white" if shade[r, c] > (cm.max() if k == 2 else top) / 2 else "black",
                 fontsize=9,
             )
-        ax.set_xticks([0, 1], CLASSES, fontsize=8)
-        ax.set_yticks([0, 1], CLASSES, fontsize=8, rotation=90, va="center")
+        ax.set_xticks(range(k), classes, fontsize=8, rotation=0 if k <= 4 else 45)
+        # two names fit beside the matrix turned upright; more read better level
+        ax.set_yticks(range(k), classes, fontsize=8, rotation=90 if k == 2 else 0, va="center")
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(f"{name} (n={len(y)}, t={threshold:.3f})", fontsize=9)
-    _save(fig, path)
+        rule = f"t={threshold:.3f}" if threshold is not None else "arg-max"
+        ax.set_title(f"{name} (n={len(y)}, {rule})", fontsize=9)
+    save_figure(fig, path)
 
 
 def plot_roc_pr(
@@ -151,13 +131,25 @@ def plot_roc_pr(
         if drawn:
             ax.legend(fontsize=8, loc="lower right" if ax is rax else "lower left")
         else:
-            _note(ax, "undefined: every split holds one class only")
-    _save(roc_fig, roc_path)
-    _save(pr_fig, pr_path)
+            note(ax, "undefined: every split holds one class only")
+    save_figure(roc_fig, roc_path)
+    save_figure(pr_fig, pr_path)
 
 
-def plot_calibration(path: Path, preds: Mapping[str, tuple[np.ndarray, np.ndarray]], bins: int = 10) -> None:
-    """Reliability diagram (equal-width bins) above a histogram of the predicted probabilities."""
+def plot_calibration(
+    path: Path,
+    preds: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    bins: int = 10,
+    labels: tuple[str, str, str] = (
+        f"observed {CLASSES[1]} fraction",
+        f"predicted probability of {CLASSES[1]}",
+        "Calibration",
+    ),
+) -> None:
+    """Reliability diagram (equal-width bins) above a histogram of the predicted probabilities.
+
+    preds are {split: (outcome 0/1, probability)}; labels name the observed fraction, the probability and the plot.
+    """
     fig = Figure(figsize=(4.8, 5.6))
     ax, hx = fig.add_subplot(3, 1, (1, 2)), fig.add_subplot(3, 1, 3)
     ax.plot([0, 1], [0, 1], ls=":", color="0.6", lw=1, label="perfect")
@@ -174,13 +166,13 @@ def plot_calibration(path: Path, preds: Mapping[str, tuple[np.ndarray, np.ndarra
         hx.hist(p, bins=edges, histtype="step", color=color, lw=1.5)
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("observed PNEUMONIA fraction")
-    ax.set_title("Calibration", fontsize=9)
+    ax.set_ylabel(labels[0])
+    ax.set_title(labels[2], fontsize=9)
     ax.legend(fontsize=8)
     hx.set_xlim(0, 1)
-    hx.set_xlabel("predicted probability of PNEUMONIA")
+    hx.set_xlabel(labels[1])
     hx.set_ylabel("images")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def top_trials(trials: pd.DataFrame, k: int) -> list[str]:
@@ -220,8 +212,8 @@ def plot_learning_curves(
         if shown:
             ax.legend(fontsize=7)
         else:
-            _note(ax, "no epochs recorded")
-    _save(fig, path)
+            note(ax, "no epochs recorded")
+    save_figure(fig, path)
 
 
 def plot_search_history(path: Path, epochs: pd.DataFrame, trials: pd.DataFrame, winner: str | None = None) -> None:
@@ -247,7 +239,7 @@ def plot_search_history(path: Path, epochs: pd.DataFrame, trials: pd.DataFrame, 
             )
             ax.plot(rows["epoch"].iloc[-1:], rows["val_auc"].iloc[-1:], marker, color=color, ms=6, zorder=4)
     else:
-        _note(ax, "no epochs recorded")
+        note(ax, "no epochs recorded")
     for st, (marker, color) in STATUS_STYLE.items():
         ax.plot([], [], marker, color=color, label=st)
     ax.plot([], [], "-", color="black", lw=2, label="winner")
@@ -271,9 +263,9 @@ def plot_search_history(path: Path, epochs: pd.DataFrame, trials: pd.DataFrame, 
         bx.set_xticks(xs, [str(t)[-8:] for t in trials["trial_id"]], rotation=90, fontsize=6)
         bx.set_ylim(lo, min(1.0, float(finite.max()) + 0.05) if finite.size else 1.0)
     else:
-        _note(bx, "no trials recorded")
+        note(bx, "no trials recorded")
     bx.set_title("best validation AUC by trial (number: epochs run)", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _last_activation(model: nn.Module) -> nn.Module:
@@ -283,8 +275,14 @@ def _last_activation(model: nn.Module) -> nn.Module:
     return relus[-1] if relus else block
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, threshold: float = 0.5) -> np.ndarray:
-    """Grad-CAM maps [N, S, S] in [0, 1] for the class predicted at `threshold`, from the last conv block."""
+def grad_cam(
+    model: nn.Module, x: torch.Tensor, threshold: float | None = 0.5, target: np.ndarray | None = None
+) -> np.ndarray:
+    """Grad-CAM maps [N, S, S] in [0, 1] for the predicted class, from the last conv block.
+
+    One logit per image: the class called at `threshold`. Logits [N, K]: the class in `target` (one index per
+    image, so that the map explains the class a caption names), else the arg-max of the logits.
+    """
     model.eval()
     layer = _last_activation(model)
     captured: list[torch.Tensor] = []
@@ -292,9 +290,13 @@ def grad_cam(model: nn.Module, x: torch.Tensor, threshold: float = 0.5) -> np.nd
     try:
         with torch.enable_grad():
             logits = model(x)
-            # Explain the predicted class: the PNEUMONIA logit, or its negative for NORMAL.
-            called = torch.sigmoid(logits) >= threshold
-            score = torch.where(called, logits, -logits).sum()
+            if logits.ndim == 2 and logits.shape[1] > 1:
+                idx = logits.argmax(dim=1) if target is None else torch.as_tensor(target, dtype=torch.long)
+                score = logits.gather(1, idx.reshape(-1, 1)).sum()
+            else:
+                # Explain the predicted class: the PNEUMONIA logit, or its negative for NORMAL.
+                called = torch.sigmoid(logits) >= threshold
+                score = torch.where(called, logits, -logits).sum()
             (grads,) = torch.autograd.grad(score, captured[-1])
     finally:
         hook.remove()
@@ -305,13 +307,19 @@ def grad_cam(model: nn.Module, x: torch.Tensor, threshold: float = 0.5) -> np.nd
     return (cam / peak).numpy()
 
 
-def pick_examples(y: np.ndarray, p: np.ndarray, threshold: float, k: int = 4) -> list[tuple[int, bool]]:
-    """Up to k confident correct and k confidently wrong images, mixing classes: (index, correct)."""
-    pred = (p >= threshold).astype(int)
-    confidence = np.abs(p - threshold)
+def pick_examples(y: np.ndarray, p: np.ndarray, threshold: float | None, k: int = 4) -> list[tuple[int, bool]]:
+    """Up to k confident correct and k confidently wrong images, mixing classes: (index, correct).
+
+    threshold None: p are K-class probabilities [N, K], the arg-max class is called and its probability is the
+    confidence.
+    """
+    if threshold is None:
+        pred, confidence, order = np.argmax(p, axis=1), np.max(p, axis=1), range(p.shape[1])
+    else:
+        pred, confidence, order = (p >= threshold).astype(int), np.abs(p - threshold), (1, 0)
     out: list[tuple[int, bool]] = []
     for correct in (True, False):
-        groups = [np.flatnonzero(((pred == y) == correct) & (y == c)) for c in (1, 0)]
+        groups = [np.flatnonzero(((pred == y) == correct) & (y == c)) for c in order]
         groups = [g[np.argsort(-confidence[g], kind="stable")] for g in groups]
         chosen: list[int] = []
         while len(chosen) < k and any(len(g) for g in groups):
@@ -324,18 +332,26 @@ def pick_examples(y: np.ndarray, p: np.ndarray, threshold: float, k: int = 4) ->
 
 
 def plot_saliency(
-    path: Path, model: nn.Module, images: np.ndarray, y: np.ndarray, p: np.ndarray, threshold: float, k: int = 4
+    path: Path,
+    model: nn.Module,
+    images: np.ndarray,
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float | None,
+    k: int = 4,
+    classes: Sequence[str] = CLASSES,
 ) -> None:
-    """Grad-CAM overlays for a few correct and wrong test images."""
+    """Grad-CAM overlays for a few correct and wrong test images (threshold None: K classes, arg-max)."""
     picks = pick_examples(y, p, threshold, k)
     cols = max(k, 1)
     fig = Figure(figsize=(2.2 * cols, 4.8))
     if not picks:
-        _note(fig.add_subplot(), "no test images")
-        _save(fig, path)
+        note(fig.add_subplot(), "no test images")
+        save_figure(fig, path)
         return
-    x = torch.from_numpy(images[[i for i, _ in picks]]).float().div(255).unsqueeze(1)
-    cams = grad_cam(model, x, threshold)
+    idx = [i for i, _ in picks]
+    x = torch.from_numpy(images[idx]).float().div(255).unsqueeze(1)
+    cams = grad_cam(model, x, threshold, target=None if threshold is not None else np.argmax(p[idx], axis=1))
     slots = {True: 0, False: 0}
     for (i, correct), cam in zip(picks, cams):
         row = 0 if correct else 1
@@ -344,12 +360,12 @@ def plot_saliency(
         ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
         ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1)
         ax.set_title(
-            f"{'ok' if correct else 'WRONG'} true {CLASSES[int(y[i])]}\np={p[i]:.3f}",
+            saliency_caption(int(y[i]), p[i], correct, threshold, classes),
             fontsize=7,
             color="black" if correct else "tab:red",
         )
         ax.axis("off")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_pictures(
@@ -358,19 +374,34 @@ def write_pictures(
     model: nn.Module,
     preds: Mapping[str, tuple[np.ndarray, np.ndarray]],
     auc: Mapping[str, float],
-    threshold: float,
+    threshold: float | None,
     test_images: np.ndarray | None,
     trials: pd.DataFrame,
     epochs: pd.DataFrame,
     winner: str | None,
+    classes: Sequence[str] = CLASSES,
 ) -> list[str]:
-    """Draw every picture into out_dir; return the file names in report order."""
-    plot_confusion(out_dir / "confusion.png", preds, threshold)
-    plot_roc_pr(out_dir / "roc.png", out_dir / "pr.png", preds, threshold, auc)
-    plot_calibration(out_dir / "calibration.png", preds)
+    """Draw every picture into out_dir; return the file names in report order.
+
+    Two classes: preds are {split: (y, probability of classes[1])} and threshold is the decision threshold.
+    K > 2 classes: preds are {split: (y, probabilities [N, K])}, threshold is None (the arg-max class is called),
+    each class's one-vs-rest AUC is computed from preds (`auc` is not read) and `model` returns logits [N, K].
+    """
+    classes = tuple(classes)
+    if (len(classes) > 2) != (threshold is None):
+        raise ValueError(f"{len(classes)} classes take {'no' if len(classes) > 2 else 'a'} threshold")
+    plot_confusion(out_dir / "confusion.png", preds, threshold, classes)
+    if threshold is None:
+        plot_roc_pr_k(out_dir / "roc.png", out_dir / "pr.png", preds, classes)
+        labels = ("how often the top class is the true one", "probability of the top class", "Calibration, top class")
+        plot_calibration(out_dir / "calibration.png", top_class(preds), labels=labels)
+    else:
+        plot_roc_pr(out_dir / "roc.png", out_dir / "pr.png", preds, threshold, auc)
+        labels = (f"observed {classes[1]} fraction", f"predicted probability of {classes[1]}", "Calibration")
+        plot_calibration(out_dir / "calibration.png", preds, labels=labels)
     plot_learning_curves(out_dir / "learning_curves.png", epochs, trials, winner=winner)
     plot_search_history(out_dir / "search_history.png", epochs, trials, winner=winner)
     if test_images is not None and "test" in preds:
         y, p = preds["test"]
-        plot_saliency(out_dir / "saliency.png", model, test_images, y, p, threshold)
+        plot_saliency(out_dir / "saliency.png", model, test_images, y, p, threshold, classes=classes)
     return [n for n in PICTURES if (out_dir / n).exists()]
