@@ -62,6 +62,7 @@ def split_figures(
 ) -> dict[str, Any]:
     """One split's card figures: the K-class metrics, their patient-bootstrap intervals, normal vs rest."""
     out: dict[str, Any] = multiclass_metrics(y, probs, classes)
+    out["patients"] = len(set(patients))
     out["ci"] = multiclass_bootstrap(y, probs, classes, groups=np.asarray(patients), n_boot=n_boot, seed=seed)
     nvr = normal_vs_rest(y, probs, classes)
     if nvr is not None:

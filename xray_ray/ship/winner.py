@@ -370,7 +370,7 @@ def write_card(
         trials=trials,
         epochs=epochs,
         winner=card["trial"]["id"],
-        **({"classes": tuple(card["classes"])} if k_classes else {}),
+        classes=tuple(card["classes"]),
     )
     card["report"] = "report.html"
     card["finalize_seconds"] = round(time.perf_counter() - t0, 2)

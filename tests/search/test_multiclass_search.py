@@ -1,0 +1,134 @@
+"""K > 2 classes end to end: a search on three-class phantoms and on a folder of four classes, the arg-max
+winner exported (ONNX and TorchScript `probs` [N, K]), read back by predict and evaluate."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from xray_ray.data.images import load_gray
+from xray_ray.data.phantoms import PHANTOM_CLASSES, render
+from xray_ray.search import main
+from xray_ray.serve.runtime import load_exported
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+SPACE = {
+    "name": "kclass",
+    "space": {
+        "image_size": 32,
+        "epochs": 3,
+        "blocks": 2,
+        "double_conv": False,
+        "width": {"type": "categorical", "choices": [8, 12]},
+        "head": "gap",
+        "fc": [],
+        "lr": {"type": "float", "low": 2.0e-3, "high": 6.0e-3, "log": True},
+        "batch_size": 32,
+        "mixup": {"type": "categorical", "choices": [0.0, 0.4]},
+        "sampler": "balanced",
+        "vflip": 0.0,
+    },
+    "searcher": {"algorithm": "optuna", "num_samples": 3, "max_concurrent": 2, "seed": 0},
+    "scheduler": {"algorithm": "asha", "grace_period": 1, "reduction_factor": 2},  # no metric: K > 2 -> val_auc
+    "data": {"val_fraction": 0.2, "test_fraction": 0.2},
+}
+
+
+def _folder(root, classes, per_class=(36, 10, 10), size=48):
+    """A Kaggle-layout folder of phantoms, one class folder per name (label i renders PHANTOM_CLASSES[i])."""
+    i = 0
+    for split, n in zip(("train", "val", "test"), per_class):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for _ in range(n):
+                Image.fromarray(render(3, i, label, size=size)).save(folder / f"IM-{i:04d}-0001.jpeg", quality=92)
+                i += 1
+    return root
+
+
+def _search(tmp, data, *extra):
+    space = tmp / "kclass.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    args = ["--data", data, "--space", str(space), "--results", str(tmp / "results"), "--cache", str(tmp / "cache")]
+    assert main([*args, "--seed", "1", *extra]) == 0
+    return tmp / "results" / "kclass"
+
+
+@pytest.fixture(scope="module")
+def three_class_run(tmp_path_factory, module_ray):
+    return _search(tmp_path_factory.mktemp("k3"), "synthetic:240:3")
+
+
+def test_a_three_class_search_compares_on_macro_auc_and_records_the_k_class_columns(three_class_run):
+    run = json.loads((three_class_run / "run.json").read_text())
+    assert run["data"]["classes"] == list(PHANTOM_CLASSES[:3])
+    assert run["space"]["scheduler"]["metric"] == "val_auc"  # the space names none: K > 2 compares on macro AUC
+    trials = pd.read_parquet(three_class_run / "trials.parquet")
+    epochs = pd.read_parquet(three_class_run / "epochs.parquet")
+    for col in ("best_val_auc", "best_val_balanced_acc", "best_val_macro_f1", "best_val_loss"):
+        assert trials[col].between(0, 10).all(), col
+    assert epochs["val_balanced_acc"].between(0, 1).all() and epochs["val_macro_f1"].between(0, 1).all()
+    assert trials["best_val_auc"].max() > 0.8  # the three patterns are learnable in three epochs
+
+
+def test_the_three_class_winner_is_exported_with_its_classes_and_the_argmax_rule(three_class_run):
+    best = three_class_run / "best"
+    card = json.loads((best / "model.json").read_text())
+    assert card["classes"] == list(PHANTOM_CLASSES[:3]) and card["decision"]["rule"] == "argmax"
+    assert card["threshold"] is None and card["output"] == {**card["output"], "name": "probs", "shape": ["N", 3]}
+    test = card["metrics"]["test"]
+    assert np.array(test["confusion"]).shape == (3, 3) and sum(map(sum, test["confusion"])) == test["n"]
+    assert set(test["per_class"]) == set(PHANTOM_CLASSES[:3]) and "normal_vs_rest" in test
+    lo, hi = test["ci"]["macro_auc"]
+    assert lo <= test["macro_auc"] <= hi
+    model = load_exported(best)
+    assert list(model.classes) == list(PHANTOM_CLASSES[:3])
+    assert card["export"]["max_abs_diff"] < 1e-4
+
+
+def test_onnx_and_torchscript_agree_on_real_images(three_class_run, real_data):
+    best = three_class_run / "best"
+    files = sorted((real_data / "train" / "PNEUMONIA").glob("*.jpeg"))[:6]
+    files += sorted((real_data / "train" / "NORMAL").glob("*.jpeg"))[:6]
+    x = np.stack([load_gray(f.read_bytes(), 32) for f in files]).astype(np.float32)[:, None] / 255.0
+    session = ort.InferenceSession(str(best / "model.onnx"), providers=["CPUExecutionProvider"])
+    (p_onnx,) = session.run(["probs"], {"image": x})
+    with torch.no_grad():
+        p_ts = torch.jit.load(str(best / "model.pt"))(torch.from_numpy(x)).numpy()
+    assert p_onnx.shape == (12, 3) and np.abs(p_onnx - p_ts).max() < 1e-4
+    assert np.allclose(p_onnx.sum(axis=1), 1, atol=1e-5)
+
+
+def test_predict_and_evaluate_read_three_classes(three_class_run, tmp_path):
+    from xray_ray.serve.evaluate import main as evaluate_main
+    from xray_ray.serve.predict import main as predict_main
+
+    best = three_class_run / "best"
+    folder = _folder(tmp_path / "site", PHANTOM_CLASSES[:3], per_class=(0, 0, 8))
+    out = tmp_path / "predictions.csv"
+    assert predict_main(["--model", str(best), str(folder / "test"), "--csv", str(out)]) == 0
+    rows = pd.read_csv(out)
+    assert len(rows) == 24 and set(rows["label"]) <= set(PHANTOM_CLASSES[:3])
+    probs = rows[[f"prob_{c}" for c in PHANTOM_CLASSES[:3]]].to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+    report = tmp_path / "eval.json"
+    assert evaluate_main(["--model", str(best), "--data", str(folder), "--split", "test", "--json", str(report)]) == 0
+    figures = json.loads(report.read_text())
+    text = json.dumps(figures)
+    assert "balanced_accuracy" in text and "confusion" in text and "normal_vs_rest" in text
+
+
+def test_a_folder_of_four_classes_searches_and_exports(tmp_path, module_ray):
+    classes = PHANTOM_CLASSES[:4]
+    run = _search(tmp_path, str(_folder(tmp_path / "data", classes)))
+    card = json.loads((run / "best" / "model.json").read_text())
+    assert card["classes"] == list(classes) and card["output"]["shape"] == ["N", 4]
+    assert np.array(card["metrics"]["test"]["confusion"]).shape == (4, 4)
+    assert list(load_exported(run / "best").classes) == list(classes)
