@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -32,6 +32,10 @@ from xray_ray.common import DEFAULT_MAX_FILE_MB, SHOWN_METRICS, add_model_file_f
 from xray_ray.errors import DataError, UserError
 from xray_ray.metrics import binary_metrics, bootstrap_ci
 from xray_ray.serve.multiclass import fmt, format_k_table, summarize_k
+
+if TYPE_CHECKING:  # the runtime (onnxruntime) and discovery load only once the arguments are good
+    from xray_ray.data.manifest import Manifest
+    from xray_ray.serve.runtime import ExportedModel
 
 SPLITS = ("test", "val", "train", "extra_val", "all")
 LABELS = ("folder", "subtype")  # a folder's class folders, or the Kaggle file names' pneumonia subtype
@@ -173,7 +177,7 @@ def _skipped_files(skipped: pd.DataFrame, unreadable: list[tuple[str, str]]) -> 
     return listed + [{"path": str(u), "reason": r} for u, r in unreadable]
 
 
-def data_classes(manifest: Any) -> tuple[str, ...]:
+def data_classes(manifest: Manifest) -> tuple[str, ...]:
     """The classes a manifest's labels index (NORMAL, PNEUMONIA where discovery does not list them)."""
     return tuple(manifest.info.get("classes") or CLASSES)
 
@@ -233,8 +237,8 @@ def evaluate(
 
 
 def evaluate_manifest(
-    model: Any,
-    manifest: Any,
+    model: ExportedModel,
+    manifest: Manifest,
     data: str,
     *,
     split: str = "test",
