@@ -77,7 +77,7 @@ def score(model: ExportedModel, paths: Sequence[Path], max_mb: float) -> tuple[l
             bad.append({"path": r["path"], "error": r["error"]})
         else:
             ok.append(Path(r["path"]))
-            probs.append(r["prob_pneumonia"])
+            probs.append(r[model.score_columns[0]])
     return ok, np.asarray(probs, np.float64), bad
 
 
@@ -240,6 +240,11 @@ def run(args: argparse.Namespace) -> dict:
     out = check_out(args.out)
     model_dir = Path(args.model)
     model = load_exported(model_dir)
+    if model.k != 2:  # a threshold and a prevalence are two-class ideas; a K-class model decides by the arg-max
+        raise UserError(
+            f"adapt handles two-class models only, and {model_dir} tells {model.k} classes apart "
+            f"({', '.join(model.classes)})."
+        )
     if args.n_boot < 20:
         raise UserError(f"--n-boot must be at least 20, got {args.n_boot}.")
     return labelled(args, model, model_dir, out) if args.labelled else unlabelled(args, model, model_dir, out)

@@ -2,8 +2,12 @@
 
     xray-ray evaluate --model results/demo/best --data path/to/chest_xray --split val
 
-Scores one split of a source (a Kaggle-layout folder, a PneumoniaMNIST .npz, or synthetic) at the model
-card's threshold and at 0.5, and prints the metrics with patient-level bootstrap intervals.
+Scores one split of a source (a Kaggle-layout folder, a PneumoniaMNIST .npz, or synthetic) and prints
+the metrics with patient-level bootstrap intervals: for a two-class model at the card's threshold and at
+0.5; for K > 2 classes (read from the card) the arg-max class's accuracy, balanced accuracy, macro F1,
+macro AUC, log-loss, each class's figures and the confusion matrix, and, when NORMAL is a class, normal
+vs rest. The model's classes must be the data's (`--labels subtype` reads NORMAL / BACTERIA / VIRUS from
+the file names of a Kaggle-layout folder).
 `--split` names the source's own splits (a folder's split sub-folders), or `all`; with `--resplit` it
 names the patient-grouped splits the search made (seed and fractions from the card).
 """
@@ -18,7 +22,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -27,8 +31,14 @@ from xray_ray import CLASSES
 from xray_ray.common import DEFAULT_MAX_FILE_MB, SHOWN_METRICS, add_model_file_flags, cli, json_safe, one_line
 from xray_ray.errors import DataError, UserError
 from xray_ray.metrics import binary_metrics, bootstrap_ci
+from xray_ray.serve.multiclass import fmt, format_k_table, summarize_k
+
+if TYPE_CHECKING:  # the runtime (onnxruntime) and discovery load only once the arguments are good
+    from xray_ray.data.manifest import Manifest
+    from xray_ray.serve.runtime import ExportedModel
 
 SPLITS = ("test", "val", "train", "extra_val", "all")
+LABELS = ("folder", "subtype")  # a folder's class folders, or the Kaggle file names' pneumonia subtype
 TABLE_METRICS = SHOWN_METRICS
 
 
@@ -41,9 +51,11 @@ def summarize(
     n_boot: int = 1000,
     seed: int = 0,
     before_adaptation: float | None = None,
+    classes: Sequence[str] = CLASSES,
 ) -> dict[str, Any]:
     """Counts, prevalence and metrics with bootstrap CIs at `threshold` and at 0.5 for one split, and at
-    `before_adaptation` (an adapted card's original threshold) when given, beside the adapted one."""
+    `before_adaptation` (an adapted card's original threshold) when given, beside the adapted one.
+    `y` is 1 for classes[1], the class whose probability `p` is."""
     y = np.asarray(y, dtype=np.int64)
     p = np.asarray(p, dtype=np.float64)
     pos = int(y.sum())
@@ -51,7 +63,7 @@ def summarize(
         "n": int(len(y)),
         "patients": len(set(groups)) if groups is not None else None,
         "prevalence": pos / len(y) if len(y) else math.nan,
-        "counts": {CLASSES[0]: int(len(y) - pos), CLASSES[1]: pos},
+        "counts": {classes[0]: int(len(y) - pos), classes[1]: pos},
     }
     groups_arr = np.asarray(groups) if groups is not None else None
     points = [("at_threshold", threshold), ("at_0.5", 0.5)]
@@ -78,12 +90,6 @@ def fingerprint(uids: Sequence[str], images: np.ndarray) -> str:
     return _combine([_digest(u, img) for u, img in zip(uids, images)])
 
 
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
 def format_table(summary: Mapping[str, Any], threshold: float, before: float | None = None) -> str:
     """The metrics of `summarize` as a plain-text table: one row per metric, value [95% CI]; an adapted
     card's original threshold (`before`) gets a column beside the adapted one."""
@@ -91,8 +97,8 @@ def format_table(summary: Mapping[str, Any], threshold: float, before: float | N
     def cell(block: Mapping[str, Any], name: str) -> str:
         ci = (block.get("ci") or {}).get(name)
         if ci is None or any(c is None or (isinstance(c, float) and math.isnan(c)) for c in ci):
-            return _fmt(block.get(name))
-        return f"{_fmt(block.get(name))} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+            return fmt(block.get(name))
+        return f"{fmt(block.get(name))} [{fmt(ci[0])}, {fmt(ci[1])}]"
 
     keys = ["at_threshold", *(["at_threshold_before_adaptation"] if before is not None else []), "at_0.5"]
     heads = [f"threshold {threshold:.4f}" + (" (adapted)" if before is not None else "")]
@@ -171,6 +177,24 @@ def _skipped_files(skipped: pd.DataFrame, unreadable: list[tuple[str, str]]) -> 
     return listed + [{"path": str(u), "reason": r} for u, r in unreadable]
 
 
+def data_classes(manifest: Manifest) -> tuple[str, ...]:
+    """The classes a manifest's labels index (NORMAL, PNEUMONIA where discovery does not list them)."""
+    return tuple(manifest.info.get("classes") or CLASSES)
+
+
+def class_map(model_classes: Sequence[str], data_classes: Sequence[str], data: str) -> np.ndarray:
+    """For each of the data's labels, the index of its class in the model's output; a UserError when the
+    model and the data do not have the same classes."""
+    if set(model_classes) == set(data_classes):
+        return np.asarray([list(model_classes).index(c) for c in data_classes], np.int64)
+    subtypes = {"BACTERIA", "VIRUS"} <= set(model_classes) and "PNEUMONIA" in data_classes
+    hint = " (--labels subtype reads BACTERIA and VIRUS from the Kaggle file names)" if subtypes else ""
+    raise UserError(
+        f"the model's classes ({', '.join(model_classes)}) are not those of the data at {data} "
+        f"({', '.join(data_classes)}); evaluate it on data of the same classes{hint}."
+    )
+
+
 def evaluate(
     model_dir: str,
     data: str,
@@ -182,12 +206,14 @@ def evaluate(
     n_boot: int = 1000,
     max_file_mb: float = DEFAULT_MAX_FILE_MB,
     allow_modified_model: bool = False,
+    labels: str = "folder",
 ) -> dict[str, Any]:
     """Score one split of a data source with an exported model; returns a JSON-able result.
 
     Without `resplit`, splits are the source's own (a folder's train/val/test folders); with it, the
     patient-grouped split the search made, so "test" is the search's held-out test. `seed` defaults to
-    the search's seed (it decides which synthetic images exist). Files of a folder that are not regular
+    the search's seed (it decides which synthetic images exist). `labels` "subtype" reads a Kaggle-layout
+    folder's pneumonia files as BACTERIA or VIRUS by their names. Files of a folder that are not regular
     files or exceed `max_file_mb` are skipped without being read; every skipped file is listed in
     "skipped_files" with its reason.
     """
@@ -196,10 +222,37 @@ def evaluate(
 
     if not max_file_mb > 0:
         raise UserError(f"--max-file-mb must be positive, got {max_file_mb:g}.")
+    if labels not in LABELS:
+        raise UserError(f"--labels must be one of {', '.join(LABELS)}, not {labels!r}.")
     model = load_exported(model_dir, allow_modified=allow_modified_model)
     if seed is None:  # check_card made it an int or None
         seed = (model.card.get("data") or {}).get("seed") or 0
-    manifest = load_source(data, seed=seed, max_file_bytes=int(max_file_mb * 2**20))
+    # the folder's own classes are discovery's default; only another choice is passed on
+    options = {} if labels == "folder" else {"labels": labels}
+    manifest = load_source(data, seed=seed, max_file_bytes=int(max_file_mb * 2**20), **options)
+    result = evaluate_manifest(
+        model, manifest, data, split=split, seed=seed, resplit=resplit, batch_size=batch_size, n_boot=n_boot
+    )
+    return {**result, "model": str(model_dir), "labels": labels}
+
+
+def evaluate_manifest(
+    model: ExportedModel,
+    manifest: Manifest,
+    data: str,
+    *,
+    split: str = "test",
+    seed: int = 0,
+    resplit: bool = False,
+    batch_size: int = 64,
+    n_boot: int = 1000,
+) -> dict[str, Any]:
+    """Score one split of a discovered data source (a Manifest) with a loaded model (an ExportedModel).
+
+    The data's classes (manifest.info["classes"]) must be the model's; its labels are mapped to the
+    model's output order. Two classes: `summarize` at the card's threshold; K > 2: `summarize_k`.
+    """
+    to_model = class_map(model.classes, data_classes(manifest), data)
     df = _search_split(manifest.df, model.card) if resplit else manifest.df
     column = "split" if "split" in df.columns else "orig_split"
     df = _one_split(df, column, split, resplit)
@@ -209,17 +262,31 @@ def evaluate(
     labels, probs, patients, unreadable, digests = _score_rows(model, rows, batch_size)
     if not labels:
         raise UserError(f"none of the {len(rows)} images in split '{split}' could be read.")
-    y, p = np.asarray(labels, np.int64), np.concatenate(probs)
-    before = model.card["threshold"].get("adapted_from")  # an adapted model: its original threshold beside
-    summary = summarize(y, p, model.threshold, groups=patients, n_boot=n_boot, seed=seed, before_adaptation=before)
+    y, p = to_model[np.asarray(labels, np.int64)], np.concatenate(probs)
+    before = model.card["threshold"].get("adapted_from") if model.k == 2 else None  # an adapted model's original
+    if model.k == 2:
+        summary = summarize(
+            y,
+            p,
+            model.threshold,
+            groups=patients,
+            n_boot=n_boot,
+            seed=seed,
+            before_adaptation=before,
+            classes=model.classes,
+        )
+    else:
+        summary = summarize_k(y, p, model.classes, groups=patients, n_boot=n_boot, seed=seed)
     searched = ((model.card.get("data") or {}).get("fingerprints") or {}).get(split) if resplit else None
     return json_safe(
         {
-            "model": str(model_dir),
+            "model": str(model.model_dir),
             "data": data,
             "split": split,
             "split_column": column,
             "seed": seed,
+            "classes": list(model.classes),
+            "decision": "threshold" if model.k == 2 else "argmax",
             "threshold": model.threshold,
             "threshold_before_adaptation": before,
             "trial_id": model.card.get("trial_id"),
@@ -251,6 +318,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="seed of synthetic data and of the bootstrap (default: the search's seed)",
     )
+    ap.add_argument(
+        "--labels",
+        default="folder",
+        choices=LABELS,
+        help="folder: the class folders' names (default); subtype: NORMAL / BACTERIA / VIRUS from Kaggle file names",
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the 95%% intervals")
     add_model_file_flags(ap)
@@ -259,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # evaluate()'s keyword options, each the flag of the same name
-EVALUATE_OPTIONS = ("split", "seed", "resplit", "batch_size", "n_boot", "max_file_mb", "allow_modified_model")
+EVALUATE_OPTIONS = ("split", "seed", "resplit", "batch_size", "n_boot", "max_file_mb", "allow_modified_model", "labels")
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -275,14 +348,20 @@ def _main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, allow_nan=False))
         return 0
-    m = result["metrics"]
+    m, (negative, *others) = result["metrics"], result["classes"]
     print(f"model {result['model']} (trial {result['trial_id']}), data {result['data']}, split '{result['split']}'")
-    print(
-        f"{m['n']} images ({m['counts']['PNEUMONIA']} PNEUMONIA, {m['counts']['NORMAL']} NORMAL, "
-        f"prevalence {_fmt(m['prevalence'])}) from {m['patients']} patients; {result['skipped']} skipped"
-    )
+    if result["decision"] == "threshold":  # two classes: the positive one first, then its prevalence
+        counts = f"{m['counts'][others[0]]} {others[0]}, {m['counts'][negative]} {negative}, "
+        counts += f"prevalence {fmt(m['prevalence'])}"
+    else:
+        counts = ", ".join(f"{m['counts'][c]} {c}" for c in result["classes"])
+    print(f"{m['n']} images ({counts}) from {m['patients']} patients; {result['skipped']} skipped")
     for f in result["skipped_files"]:  # names quoted as JSON strings: a newline in a name stays on its line
         print(f"skipped {json.dumps(f['path'], ensure_ascii=False)}: {one_line(f['reason'])}")
-    print(format_table(m, result["threshold"], result.get("threshold_before_adaptation")))
+    if result["decision"] == "threshold":
+        print(format_table(m, result["threshold"], result.get("threshold_before_adaptation")))
+    else:
+        print(f"decision: the arg-max of the {len(result['classes'])} class probabilities")
+        print(format_k_table(m))
     print("95% intervals: patient-level bootstrap.")
     return 0

@@ -1,9 +1,12 @@
-"""Predict PNEUMONIA vs NORMAL for image files with an exported model (onnxruntime, no torch).
+"""Predict the class of image files with an exported model (onnxruntime, no torch).
 
     xray-ray predict --model results/demo/best scan1.jpeg scans/ [--csv out.csv | --parquet out.parquet]
 
 Folders are walked recursively for image files (sorted; hidden names skipped). Without --csv/--parquet
-one JSON line is printed per image: {"path", "prob_pneumonia", "label"} or {"path", "error"}.
+one JSON line is printed per image: {"path", "prob_pneumonia", "label"} or {"path", "error"}; the tables
+have the same columns. A model of another pair of classes writes its positive class's probability
+("prob_<CLASS>"), and one of K > 2 classes writes "label" (the arg-max class) and each class's
+probability, "prob_<CLASS>" in the card's order.
 Only regular files are read (a FIFO or device is an error line, never a hang), and files over
 --max-file-mb are refused by their size before reading. Exit status: 0 all images predicted, 1 some
 files failed (each on its own line with its reason), 2 usage, model or output problem.
@@ -18,12 +21,23 @@ import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from xray_ray.common import DEFAULT_MAX_FILE_MB, add_model_file_flags, atomic_file, cli
 from xray_ray.data.images import IMAGE_EXTENSIONS
 from xray_ray.errors import UserError
 
-COLUMNS = ("path", "prob_pneumonia", "label", "error")
+if TYPE_CHECKING:  # the runtime (onnxruntime) loads only once the arguments are good
+    from xray_ray.serve.runtime import ExportedModel
+
+COLUMNS = ("path", "prob_pneumonia", "label", "error")  # a NORMAL/PNEUMONIA model's; see columns()
+
+
+def columns(model: ExportedModel) -> tuple[str, ...]:
+    """The columns of predict's table for a model: path, its probability columns and label, error."""
+    if model.k == 2:
+        return ("path", *model.score_columns, "label", "error")
+    return ("path", "label", *model.score_columns, "error")
 
 
 def find_images(paths: Iterable[str | Path]) -> list[Path]:
@@ -55,21 +69,21 @@ def _output(target: str) -> Path:
     return path
 
 
-def _write_csv(results: Iterator[dict], out: Path) -> None:
+def _write_csv(results: Iterator[dict], out: Path, names: Sequence[str] = COLUMNS) -> None:
     with atomic_file(out, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=list(names))
         writer.writeheader()
         for r in results:
             writer.writerow(r)
 
 
-def _write_parquet(results: Iterator[dict], out: Path, rows_per_group: int = 4096) -> None:
+def _write_parquet(
+    results: Iterator[dict], out: Path, names: Sequence[str] = COLUMNS, rows_per_group: int = 4096
+) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema(
-        [("path", pa.string()), ("prob_pneumonia", pa.float64()), ("label", pa.string()), ("error", pa.string())]
-    )
+    schema = pa.schema([(c, pa.float64() if c.startswith("prob_") else pa.string()) for c in names])
     with atomic_file(out) as f, pq.ParquetWriter(f, schema) as writer:
         buffer: list[dict] = []
         for r in results:
@@ -103,7 +117,7 @@ def run(
     files = find_images(paths)
     if not files:
         raise UserError("no image files found in the given paths; pass image files or folders that hold some.")
-    counts = {"ok": 0, "failed": 0, "PNEUMONIA": 0}
+    counts = {"ok": 0, "failed": 0, **dict.fromkeys(model.classes, 0)}
 
     def counted() -> Iterator[dict]:
         for r in model.predict_files(files, batch_size=batch_size, max_bytes=int(max_file_mb * 2**20)):
@@ -111,7 +125,7 @@ def run(
                 counts["failed"] += 1
             else:
                 counts["ok"] += 1
-                counts["PNEUMONIA"] += r["label"] == "PNEUMONIA"
+                counts[r["label"]] += 1
             yield r
 
     if out is None:
@@ -119,16 +133,23 @@ def run(
             print(json.dumps(r), flush=True)
     else:
         try:
-            (_write_csv if csv_path else _write_parquet)(counted(), out)
+            (_write_csv if csv_path else _write_parquet)(counted(), out, columns(model))
         except OSError as e:  # read-only place, no permission, disk full: the old file, if any, is untouched
             raise UserError(
                 f"cannot write {out} ({e.strerror or type(e).__name__}); choose a writable place for the table."
             ) from None
         print(
             f"wrote {counts['ok'] + counts['failed']} rows to {target}: {counts['ok']} predicted "
-            f"({counts['PNEUMONIA']} PNEUMONIA at threshold {model.threshold:.4f}), {counts['failed']} failed"
+            f"({_called(model, counts)}), {counts['failed']} failed"
         )
     return 1 if counts["failed"] else 0
+
+
+def _called(model: ExportedModel, counts: dict[str, int]) -> str:
+    """How many images each class was called, for the summary line."""
+    if model.threshold is not None:
+        return f"{counts[model.classes[1]]} {model.classes[1]} at threshold {model.threshold:.4f}"
+    return ", ".join(f"{counts[c]} {c}" for c in model.classes) + " by the arg-max"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

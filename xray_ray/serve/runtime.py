@@ -1,6 +1,7 @@
 """Run an exported model with onnxruntime only: no torch, so predict and evaluate start fast anywhere.
 
-An exported model is a folder holding `model.onnx` and its card `model.json` (see winner.py).
+An exported model is a folder holding `model.onnx` and its card `model.json` (see winner.py; what the card
+must say, for two classes and for K > 2: card.py).
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import math
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,18 +23,30 @@ from xray_ray import CLASSES
 from xray_ray.common import DEFAULT_MAX_FILE_MB, read_regular_file
 from xray_ray.data.images import ImageError, load_gray
 from xray_ray.errors import UserError
+from xray_ray.serve.card import (  # noqa: F401 - the card's names stay importable from the runtime
+    CARD_FILE,
+    CONTRACT_VERSION,
+    INPUT_NAME,
+    MAX_IMAGE_SIZE,
+    ONNX_FILE,
+    OUTPUT_NAME,
+    check_card,
+    classes_of,
+    output_name_of,
+)
 
-# Mirrors export.CONTRACT_VERSION; duplicated because export.py imports torch (a test keeps them equal).
-CONTRACT_VERSION = 1
-CARD_FILE = "model.json"
-ONNX_FILE = "model.onnx"
 VAL_SCORES_FILE = "val_scores.json"  # validation's labels and scores (exports since the site check)
 PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".bin", ".joblib", ".h5", ".keras"}
+CLASSES_KEY = "classes"  # the graph's metadata_props entry naming the classes, a JSON list (K-class exports)
 
 
 @dataclass
 class ExportedModel:
-    """An exported classifier: the ONNX session plus the card's input contract and threshold."""
+    """An exported classifier: the ONNX session plus the card's input contract, classes and decision rule.
+
+    Two classes: `probabilities` gives P(classes[1]) [N], called at the card's threshold. K > 2 classes:
+    [N, K], one probability per class in the order of `classes`, and the label is the arg-max.
+    """
 
     model_dir: Path
     card: dict
@@ -46,25 +58,88 @@ class ExportedModel:
         return int(self.card["input"]["size"])
 
     @property
-    def threshold(self) -> float:
-        """Probability at or above which an image is called PNEUMONIA (chosen on validation)."""
-        return float(self.card["threshold"]["value"])
+    def classes(self) -> tuple[str, ...]:
+        """The class names in the order of the model's output."""
+        return classes_of(self.card)
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities of PNEUMONIA [N] for float32 images [N, 1, S, S] scaled to [0, 1]."""
+    @property
+    def k(self) -> int:
+        """How many classes the model tells apart."""
+        return len(self.classes)
+
+    @property
+    def output_name(self) -> str:
+        """The name of the ONNX graph's one output."""
+        return output_name_of(self.card)
+
+    @property
+    def threshold(self) -> float | None:
+        """Two classes: the probability at or above which an image is called classes[1] (chosen on
+        validation); None for K > 2 classes, which decide by the arg-max."""
+        return float(self.card["threshold"]["value"]) if self.k == 2 else None
+
+    @property
+    def positive_class(self) -> str | None:
+        """The class whose probability a two-class model outputs (classes[1]); None for K > 2."""
+        return self.classes[1] if self.k == 2 else None
+
+    @property
+    def score_columns(self) -> tuple[str, ...]:
+        """The probability columns predict writes per image: 'prob_pneumonia' for NORMAL/PNEUMONIA, the
+        positive class's 'prob_<CLASS>' for another pair, and one 'prob_<CLASS>' per class for K > 2."""
+        if self.classes == CLASSES:
+            return (OUTPUT_NAME,)
+        return tuple(f"prob_{c}" for c in (self.classes[1:] if self.k == 2 else self.classes))
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """P(classes[1]) [N] (two classes) or each class's probability [N, K] (K > 2) for float32 images
+        [N, 1, S, S] scaled to [0, 1]."""
         x = np.ascontiguousarray(images, dtype=np.float32)
         s = self.image_size
         if x.ndim != 4 or x.shape[1:] != (1, s, s):
             raise ValueError(f"expected images of shape [N, 1, {s}, {s}], got {list(x.shape)}")
+        shape = (len(x),) if self.k == 2 else (len(x), self.k)
         if len(x) == 0:
-            return np.zeros(0, dtype=np.float32)
-        name = self.session.get_inputs()[0].name
-        (probs,) = self.session.run(None, {name: x})
-        return np.asarray(probs, dtype=np.float32).reshape(len(x))
+            return np.zeros(shape, dtype=np.float32)
+        (probs,) = self.session.run(None, {INPUT_NAME: x})
+        probs = np.asarray(probs, dtype=np.float32)
+        if probs.shape != shape and (self.k > 2 or probs.size != len(x)):  # a symbolic dimension: known now
+            raise UserError(
+                f"{self.model_dir / ONNX_FILE} returned {list(probs.shape)} for {len(x)} images, not the "
+                f"{['N', self.k] if self.k > 2 else ['N']} its card promises; re-export the model."
+            )
+        return probs.reshape(shape)
+
+    predict = probabilities  # the name every caller used before K classes
 
     def label(self, prob: float) -> str:
-        """Class name for one probability at the card's threshold."""
-        return CLASSES[int(prob >= self.threshold)]
+        """Class name for one probability of classes[1] at the card's threshold (two classes only)."""
+        if self.threshold is None:
+            raise ValueError(f"a model of {self.k} classes decides by the arg-max; use labels()")
+        return self.classes[int(prob >= self.threshold)]
+
+    def labels(self, probs: np.ndarray) -> list[str]:
+        """Class names for the output of `probabilities`: at the threshold (two classes) or the arg-max."""
+        probs = np.asarray(probs)
+        if self.k == 2:
+            return [self.classes[int(p >= self.threshold)] for p in probs.reshape(-1)]
+        return [self.classes[i] for i in probs.reshape(-1, self.k).argmax(axis=1)]
+
+    def class_probabilities(self, probs: np.ndarray) -> np.ndarray:
+        """Each class's probability [N, K] from the output of `probabilities` (two classes: 1 - p, p)."""
+        probs = np.asarray(probs, dtype=np.float64)
+        return np.stack([1 - probs, probs], axis=1) if self.k == 2 else probs.reshape(-1, self.k)
+
+    def rows(self, probs: np.ndarray) -> list[dict]:
+        """Per image, what predict writes beside its path: the probability columns and the label."""
+        labels = self.labels(probs)
+        if self.k == 2:
+            (column,) = self.score_columns
+            return [{column: float(p), "label": name} for p, name in zip(np.reshape(probs, -1), labels)]
+        return [
+            {"label": name, **{c: float(v) for c, v in zip(self.score_columns, row)}}
+            for row, name in zip(np.reshape(probs, (-1, self.k)), labels)
+        ]
 
     def predict_files(
         self,
@@ -73,7 +148,7 @@ class ExportedModel:
         threads: int | None = None,
         max_bytes: int | None = DEFAULT_MAX_FILE_MB << 20,
     ) -> Iterator[dict]:
-        """Yield, in input order, {path, prob_pneumonia, label} or {path, error} for each image file.
+        """Yield, in input order, {path, <score_columns>, label} or {path, error} for each image file.
 
         Files are read and decoded one batch at a time (on a few threads: PIL releases the GIL), so any
         number of files streams through in bounded memory. Only regular files are read (a FIFO, device or
@@ -100,9 +175,8 @@ class ExportedModel:
         good = [r for r in pending if "pixels" in r]
         if good:
             x = np.stack([r.pop("pixels") for r in good]).astype(np.float32)[:, None] / 255.0
-            for r, p in zip(good, self.predict(x)):
-                r["prob_pneumonia"] = float(p)
-                r["label"] = self.label(float(p))
+            for r, values in zip(good, self.rows(self.probabilities(x))):
+                r.update(values)
         yield from pending
 
 
@@ -140,120 +214,25 @@ def _why_not_a_folder(path: Path) -> str:
     return f"{path} is a file, not a model folder; pass the folder that holds model.json and model.onnx."
 
 
-MAX_IMAGE_SIZE = 4096  # no model of this family takes a larger side; a bigger card value is an error
-INPUT_NAME, OUTPUT_NAME = "image", "prob_pneumonia"  # the graph's contract (export.py writes these names)
-_FIX = "re-export the model with xray_ray"
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def check_card(card: object, where: str | Path = CARD_FILE) -> dict:
-    """Validate a model card (model.json) as predict, evaluate and the export read it; returns it.
-
-    Every field the code reads must be there or absent as allowed, and of the right type: the contract
-    version, the input size (a positive int), the threshold (a finite number in [0, 1], not a bool), and,
-    when present, the classes, the output name, the data seed, the split settings, the fingerprints, the
-    trial id and the sha256 of model.onnx. Raises UserError with one sentence naming the bad field.
-    """
-    if not isinstance(card, dict):
-        raise UserError(f"{where} is not a JSON model card; {_FIX}.")
-    version = card.get("contract_version")
-    if not _is_int(version) or version != CONTRACT_VERSION:
-        raise UserError(
-            f"model contract version {version!r} is not supported (this xray_ray reads version "
-            f"{CONTRACT_VERSION}); re-export the model with this version."
-        )
-    _check_contract(card, where)
-    if card.get("data") is not None:
-        _check_data(card["data"], where)
-    if card.get("files") is not None:
-        _check_files(card["files"], where)
-    return card
-
-
-def _bad(where: str | Path, field: str, need: str, value: object) -> UserError:
-    """The one sentence for a card field of the wrong kind: which field, what it must be, what it is."""
-    shown = repr(value)
-    shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    return UserError(f"{where}: {field} must be {need}, not {shown}; {_FIX}.")
-
-
-def _check_contract(card: dict, where: str | Path) -> None:
-    """The input, threshold, classes, output and trial id of a card."""
-    for section in ("input", "threshold"):
-        if not isinstance(card.get(section), dict):
-            raise _bad(where, section, "an object", card.get(section))
-    size = card["input"].get("size")
-    if not _is_int(size) or not 1 <= size <= MAX_IMAGE_SIZE:
-        raise _bad(where, "input.size", f"a whole number from 1 to {MAX_IMAGE_SIZE}", size)
-    channels = card["input"].get("channels", 1)
-    if not _is_int(channels) or channels != 1:
-        raise _bad(where, "input.channels", "1 (grayscale)", channels)
-    t = card["threshold"].get("value")
-    if not _is_number(t) or not math.isfinite(t) or not 0 <= t <= 1:
-        raise _bad(where, "threshold.value", "a finite number from 0 to 1", t)
-    if "classes" in card and card["classes"] != list(CLASSES):
-        raise _bad(where, "classes", f"{list(CLASSES)}", card["classes"])
-    output = card.get("output")
-    if output is not None and (not isinstance(output, dict) or output.get("name") != OUTPUT_NAME):
-        raise _bad(where, "output.name", f"'{OUTPUT_NAME}'", output.get("name") if isinstance(output, dict) else output)
-    if card.get("trial_id") is not None and not isinstance(card["trial_id"], str):
-        raise _bad(where, "trial_id", "a string", card["trial_id"])
-
-
-def _check_data(data: object, where: str | Path) -> None:
-    """The card's data section: its seed, split settings and fingerprints."""
-    if not isinstance(data, dict):
-        raise _bad(where, "data", "an object", data)
-    seed = data.get("seed")
-    if seed is not None and (not _is_int(seed) or seed < 0):
-        raise _bad(where, "data.seed", "a whole number of 0 or more", seed)
-    if data.get("split") is not None:
-        _check_split(data["split"], where)
-    prints = data.get("fingerprints")
-    if prints is not None and (not isinstance(prints, dict) or not all(isinstance(v, str) for v in prints.values())):
-        raise _bad(where, "data.fingerprints", "an object of strings", prints)
-
-
-def _check_split(split: object, where: str | Path) -> None:
-    """The split settings the data was split with: seed, fractions, smallest given val."""
-    if not isinstance(split, dict):
-        raise _bad(where, "data.split", "an object", split)
-    if "seed" in split and (not _is_int(split["seed"]) or split["seed"] < 0):
-        raise _bad(where, "data.split.seed", "a whole number of 0 or more", split["seed"])
-    for key in ("val_fraction", "test_fraction"):
-        v = split.get(key)
-        if key in split and (not _is_number(v) or not math.isfinite(v) or not 0 <= v < 1):
-            raise _bad(where, f"data.split.{key}", "a number from 0 to below 1", v)
-    v = split.get("min_val_images")
-    if "min_val_images" in split and (not _is_int(v) or v < 0):
-        raise _bad(where, "data.split.min_val_images", "a whole number of 0 or more", v)
-
-
-def _check_files(files: object, where: str | Path) -> None:
-    """The card's file hashes: model.onnx's, when given, is a sha256 in hex."""
-    digest = files.get(ONNX_FILE) if isinstance(files, dict) else files
-    if not isinstance(files, dict) or (
-        digest is not None
-        and not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest))
-    ):
-        raise _bad(where, f"files.{ONNX_FILE}", "a sha256 in hex", digest)
-
-
-def check_graph(session: ort.InferenceSession, size: int, where: str | Path = ONNX_FILE) -> None:
-    """The ONNX graph's inputs and outputs against the contract: one input 'image', float32 [N, 1, S, S]
-    with S the card's size, and one output 'prob_pneumonia', float32 [N]. UserError otherwise."""
+def check_graph(
+    session: ort.InferenceSession,
+    size: int,
+    where: str | Path = ONNX_FILE,
+    *,
+    output: str = OUTPUT_NAME,
+    classes: tuple[str, ...] = CLASSES,
+) -> None:
+    """The ONNX graph's inputs, outputs and class names against the card: one input 'image', float32
+    [N, 1, S, S] with S the card's size; one output named as the card says, float32 [N] for two classes or
+    [N, K] for K > 2; and, where the graph names its classes (metadata 'classes', a JSON list; every
+    K-class export does), the card's classes in the card's order. UserError otherwise."""
+    k = len(classes)
+    promised = "[N]" if k == 2 else f"[N, {k}]"
 
     def refuse(what: str) -> UserError:
         return UserError(
             f"{where} {what}, but the contract is input '{INPUT_NAME}' float32 [N, 1, {size}, {size}] "
-            f"and output '{OUTPUT_NAME}' float32 [N]; re-export the model."
+            f"and output '{output}' float32 {promised}; re-export the model."
         )
 
     inputs, outputs = session.get_inputs(), session.get_outputs()
@@ -262,16 +241,39 @@ def check_graph(session: ort.InferenceSession, size: int, where: str | Path = ON
     if inputs[0].type != "tensor(float)":
         raise refuse(f"takes {inputs[0].type}")
     shape = list(inputs[0].shape)
-    if len(shape) != 4 or shape[1:] != [1, size, size] or (_is_int(shape[0]) and shape[0] < 1):
+    if len(shape) != 4 or shape[1:] != [1, size, size] or (isinstance(shape[0], int) and shape[0] < 1):
         raise UserError(
             f"{where} takes input {shape}, not the [N, 1, {size}, {size}] its card promises; re-export the model."
         )
-    if len(outputs) != 1 or outputs[0].name != OUTPUT_NAME:
+    if len(outputs) != 1 or outputs[0].name != output:
         raise refuse(f"has outputs {[o.name for o in outputs]}")
     if outputs[0].type != "tensor(float)":
         raise refuse(f"returns {outputs[0].type}")
-    if len(outputs[0].shape) != 1:
-        raise refuse(f"returns shape {list(outputs[0].shape)}")
+    out_shape = list(outputs[0].shape)
+    if len(out_shape) != (1 if k == 2 else 2) or (k > 2 and isinstance(out_shape[1], int) and out_shape[1] != k):
+        raise refuse(f"returns shape {out_shape}")
+    _check_graph_classes(session, classes, where)
+
+
+def _check_graph_classes(session: ort.InferenceSession, classes: tuple[str, ...], where: str | Path) -> None:
+    """The class names the graph carries in its metadata must be the card's, in the same order."""
+    meta = session.get_modelmeta().custom_metadata_map.get(CLASSES_KEY)
+    if meta is None:
+        if len(classes) > 2:  # without them nothing ties the K columns to the card's names
+            raise UserError(
+                f"{where} does not name its classes in its metadata ('{CLASSES_KEY}'); re-export the model."
+            )
+        return
+    try:
+        named = json.loads(meta)
+    except json.JSONDecodeError:
+        named = meta
+    if named != list(classes):
+        shown = named if isinstance(named, list) else repr(str(named)[:40])
+        raise UserError(
+            f"{where} names its classes {shown} in its metadata but its card names {list(classes)}; "
+            "re-export the model (a card and a graph of different exports do not belong together)."
+        )
 
 
 def sha256_file(path: str | Path) -> str:
@@ -302,7 +304,7 @@ def load_exported(model_dir: str | Path, *, allow_modified: bool = False) -> Exp
     try:
         card = json.loads(read_regular_file(card_path, MAX_CARD_BYTES).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, OSError, ValueError):
-        raise UserError(f"{card_path} is not a JSON model card; {_FIX}.") from None
+        raise UserError(f"{card_path} is not a JSON model card; re-export the model with xray_ray.") from None
     check_card(card, card_path)
     size = card["input"]["size"]
     try:
@@ -310,7 +312,7 @@ def load_exported(model_dir: str | Path, *, allow_modified: bool = False) -> Exp
     except Exception as e:  # onnxruntime raises its own exception types for every kind of bad file
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise UserError(f"{onnx_path} could not be loaded by onnxruntime ({reason}); re-export the model.") from None
-    check_graph(session, size, onnx_path)
+    check_graph(session, size, onnx_path, output=output_name_of(card), classes=classes_of(card))
     recorded = (card.get("files") or {}).get(ONNX_FILE)
     if recorded is not None and not allow_modified and sha256_file(onnx_path) != recorded:
         raise UserError(
