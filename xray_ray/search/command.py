@@ -376,7 +376,8 @@ def finish(
             ensemble=opts.ensemble,
             threshold_rule=opts.threshold_rule,
         )
-        run_info["best"] = {"trial_id": card.get("trial_id"), "threshold": card.get("threshold", {}).get("value")}
+        threshold = (card.get("threshold") or {}).get("value")  # none for K > 2 classes (arg-max)
+        run_info["best"] = {"trial_id": card.get("trial_id"), "threshold": threshold}
         if opts.mlflow:
             log_winner_to_mlflow(opts.mlflow, folder, card)
     failure = every_trial_failed(trials)

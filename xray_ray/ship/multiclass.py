@@ -37,7 +37,8 @@ from xray_ray.ship.winner import (
     write_card,
 )
 
-DECISION = {"rule": "argmax", "meaning": "the class with the highest probability"}
+DECISION = "argmax"  # the class with the highest probability (the card's decision_rule says so in words)
+DECISION_RULE = "the class with the highest probability in probs"
 
 
 def normal_vs_rest(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, float] | None:
@@ -103,6 +104,7 @@ def finalize_multiclass(
         "trial_id": None,
         "classes": list(classes),
         "decision": DECISION,
+        "decision_rule": DECISION_RULE,
         "input": input_contract_of(model),
         "output": output_section(classes),
         "threshold": None,
