@@ -22,7 +22,7 @@ from torch import nn
 from xray_ray.common import json_safe
 from xray_ray.data.phantoms import render
 from xray_ray.metrics import multiclass_bootstrap, multiclass_metrics, roc_auc
-from xray_ray.ship import pictures, pictures_k, report
+from xray_ray.ship import pictures, pictures_k, report, saliency
 
 CLASSES = ("NORMAL", "BACTERIA", "VIRUS")
 SIZE = 32
@@ -189,17 +189,17 @@ def test_grad_cam_explains_the_class_it_is_asked_about():
     model = tiny_model()
     x = torch.from_numpy(np.stack([render(1, i, i % 2, size=SIZE) for i in range(6)])).float().div(255).unsqueeze(1)
     called = model(x).argmax(dim=1).numpy()
-    maps = {c: pictures.grad_cam(model, x, None, target=np.full(6, c)) for c in range(3)}
+    maps = {c: saliency.grad_cam(model, x, None, target=np.full(6, c)) for c in range(3)}
     assert all(m.shape == (6, SIZE, SIZE) and m.min() >= 0 and m.max() <= 1 + 1e-6 for m in maps.values())
     assert not np.allclose(maps[0], maps[1]) and not np.allclose(maps[1], maps[2])
-    by_default = pictures.grad_cam(model, x, None)  # no target: the arg-max of the logits
+    by_default = saliency.grad_cam(model, x, None)  # no target: the arg-max of the logits
     assert np.allclose(by_default, np.stack([maps[c][i] for i, c in enumerate(called)]))
     assert all(not m._forward_hooks for m in model.modules())
 
 
 def test_pick_examples_mixes_the_classes_and_knows_right_from_wrong():
     y, p, _ = make_preds(60, 4)
-    picks = pictures.pick_examples(y, p, None, k=3)
+    picks = saliency.pick_examples(y, p, None, k=3)
     assert [c for _, c in picks] == [True] * 3 + [False] * 3
     assert all((p[i].argmax() == y[i]) == c for i, c in picks)
     assert sorted(int(y[i]) for i, c in picks if c) == [0, 1, 2]  # one of each class before a second of any

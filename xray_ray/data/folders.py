@@ -193,11 +193,9 @@ def load_folder(spec: str, max_file_bytes: int | None = None, labels: str = "fol
     ignoring case and recorded upper-case (see :func:`xray_ray.data.labels.label_candidates` for their
     order, the binary case and labels="subtype"). uids are relative to the folder holding the splits;
     `skipped` paths to the given root.
-    Skipped with a reason, never fatal: macOS/Jupyter/hidden junk, non-image extensions, a nested
-    second copy of the tree (only the outermost one counts), symlinks inside the image tree (never
-    followed: loops, links out of the root, broken links, and links to files that are used under their own
-    path; a linked chest_xray/, split or class folder is followed), and files
-    that do not decode (empty, truncated, not an image, decompression bombs). A split folder with no
+    Skipped with a reason, never fatal: macOS/Jupyter/hidden junk, non-image extensions, a nested copy of
+    the tree, symlinks inside the image tree (a linked chest_xray/, split or class folder is followed), and
+    files that do not decode (empty, truncated, not an image, decompression bombs). A split folder with no
     usable images, or a val/test without one class, is a warning in info["warnings"], since val and
     test can be carved from train. DataError: the folder is missing, holds no split folders or no
     usable image, has one class only or a class folder with no usable image, or its train lacks a class.

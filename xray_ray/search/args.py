@@ -9,9 +9,13 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from xray_ray.errors import UserError
+from xray_ray.search.spaces import LABELS
 
 if TYPE_CHECKING:
     from xray_ray.search.spaces import SearchSpace
+
+
+LABELS_HELP = "classes from the class folders, or NORMAL/BACTERIA/VIRUS from Kaggle file names"
 
 
 def parser_of(description: str, *, ensemble: int, threshold_rule: str) -> argparse.ArgumentParser:
@@ -19,12 +23,7 @@ def parser_of(description: str, *, ensemble: int, threshold_rule: str) -> argpar
     p = argparse.ArgumentParser(prog="python -m xray_ray.search", description=description)
     p.add_argument("--data", default="synthetic", help="folder (Kaggle layout), .npz, 'synthetic[:N]', or a URI")
     p.add_argument("--space", default="search_spaces/smoke.yaml", help="search-space YAML file")
-    p.add_argument(
-        "--labels",
-        choices=("folder", "subtype"),
-        default=None,
-        help="classes from the class folders, or NORMAL/BACTERIA/VIRUS from Kaggle file names (default: the space's)",
-    )
+    p.add_argument("--labels", choices=LABELS, default=None, help=LABELS_HELP + " (default: the space's)")
     p.add_argument("--results", default="results", help="results root: local path or URI (s3://, gs://, file://)")
     p.add_argument("--name", default=None, help="run name (default: the space's name)")
     p.add_argument("--num-samples", type=int, default=None, help="trials to run (default: the space's)")

@@ -264,19 +264,12 @@ def evaluate_manifest(
         raise UserError(f"none of the {len(rows)} images in split '{split}' could be read.")
     y, p = to_model[np.asarray(labels, np.int64)], np.concatenate(probs)
     before = model.card["threshold"].get("adapted_from") if model.k == 2 else None  # an adapted model's original
-    if model.k == 2:
-        summary = summarize(
-            y,
-            p,
-            model.threshold,
-            groups=patients,
-            n_boot=n_boot,
-            seed=seed,
-            before_adaptation=before,
-            classes=model.classes,
-        )
-    else:
-        summary = summarize_k(y, p, model.classes, groups=patients, n_boot=n_boot, seed=seed)
+    boot = {"groups": patients, "n_boot": n_boot, "seed": seed}
+    summary = (
+        summarize(y, p, model.threshold, before_adaptation=before, classes=model.classes, **boot)
+        if model.k == 2
+        else summarize_k(y, p, model.classes, **boot)
+    )
     searched = ((model.card.get("data") or {}).get("fingerprints") or {}).get(split) if resplit else None
     return json_safe(
         {

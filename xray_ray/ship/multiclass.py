@@ -21,14 +21,12 @@ import pandas as pd
 from xray_ray.data.prepare import SplitArrays
 from xray_ray.metrics import binary_metrics, multiclass_bootstrap, multiclass_metrics, roc_auc
 from xray_ray.model.cnn import CNN
-from xray_ray.results import versions
 from xray_ray.serve.runtime import load_exported
 from xray_ray.ship import export
 from xray_ray.ship.winner import (
     VALIDATION_SPLITS,
-    data_summary,
+    evidence_sections,
     export_checked,
-    export_section,
     input_contract_of,
     output_section,
     shift_report,
@@ -113,11 +111,7 @@ def finalize_multiclass(
         **({"robustness": robustness} if robustness is not None else {}),
         "trial": trial_facts(best_dir, run_info, trials, epochs),
         "metrics": metrics,
-        "bootstrap": {"n_boot": n_boot, "unit": "patient", "alpha": 0.05, "seed": seed},
-        "data": data_summary(run_info, splits, classes),
-        "export": export_section(diff, checked),
-        "versions": {k: v for k, v in versions().items() if k != "platform"},
-        "git_commit": run_info.get("git_commit"),
+        **evidence_sections(run_info, splits, classes, (diff, checked), n_boot, seed),
     }
     card["trial_id"] = card["trial"]["id"]
     card = write_card(best_dir, card, model, preds, metrics, splits, trials, epochs, t0)

@@ -21,13 +21,10 @@ from xray_ray import CLASSES
 from xray_ray.common import SHOWN_METRICS, write_text
 from xray_ray.ship.pictures import (
     PICTURES,
-    grad_cam,
-    pick_examples,
     plot_calibration,
     plot_confusion,
     plot_learning_curves,
     plot_roc_pr,
-    plot_saliency,
     plot_search_history,
     pr_curve,
     roc_curve,
@@ -35,6 +32,7 @@ from xray_ray.ship.pictures import (
     write_pictures,
 )
 from xray_ray.ship.pictures_k import PICTURES_K, one_vs_rest, plot_roc_pr_k
+from xray_ray.ship.saliency import grad_cam, pick_examples, plot_saliency
 
 __all__ = [
     "PICTURES",

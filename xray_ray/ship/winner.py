@@ -224,16 +224,30 @@ def finalize(
         **({"robustness": robustness} if robustness is not None else {}),
         "trial": trial,
         "metrics": metrics,
-        "bootstrap": {"n_boot": n_boot, "unit": "patient", "alpha": 0.05, "seed": seed},
-        "data": data_summary(run_info, splits, classes),
-        "export": export_section(diff, checked),
-        "versions": {k: v for k, v in versions().items() if k != "platform"},
-        "git_commit": run_info.get("git_commit"),
+        **evidence_sections(run_info, splits, classes, (diff, checked), n_boot, seed),
     }
     card = write_card(best_dir, card, model, preds, metrics, splits, trials, epochs, t0)
     # read back the way predict and evaluate will: card fields, graph contract, model.onnx's sha256
     load_exported(best_dir)
     return card
+
+
+def evidence_sections(
+    run_info: Mapping[str, Any],
+    splits: Mapping[str, SplitArrays],
+    classes: Sequence[str],
+    agreement: tuple[float, int],
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The card's closing sections, whatever the decision: bootstrap settings, data, export check, versions."""
+    return {
+        "bootstrap": {"n_boot": n_boot, "unit": "patient", "alpha": 0.05, "seed": seed},
+        "data": data_summary(run_info, splits, classes),
+        "export": export_section(*agreement),
+        "versions": {k: v for k, v in versions().items() if k != "platform"},
+        "git_commit": run_info.get("git_commit"),
+    }
 
 
 def _score_test(
