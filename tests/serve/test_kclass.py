@@ -101,7 +101,7 @@ def _serialize(helper, graph, meta: tuple | list | None) -> bytes:
 
 
 def kclass_card(classes=SUBTYPES, output: str = "probs") -> dict:
-    """A K-class card as the contract writes it (docs: /work/notes/kclass_contract.md)."""
+    """A K-class card as ship.multiclass writes it."""
     return {
         "contract_version": 1,
         "input": {"name": "image", "size": SIZE, "channels": 1, "shape": ["N", 1, SIZE, SIZE], "dtype": "float32"},
@@ -488,6 +488,23 @@ def test_evaluate_reads_the_subtypes_from_kaggle_file_names(kmodel, subtype_fold
     y, probs = _scored(kmodel, rows)
     assert result["labels"] == "subtype" and result["metrics"]["counts"] == {c: 8 for c in SUBTYPES}
     assert result["metrics"]["confusion"] == multiclass_metrics(y, probs, SUBTYPES)["confusion"]
+
+
+def test_evaluate_reads_the_labels_the_models_search_read(subtype_folder, tmp_path, capsys):
+    root, rows = subtype_folder
+    kaggle = tmp_path / "chest_xray"
+    for r in rows:
+        cls = "NORMAL" if r["class_name"] == "NORMAL" else "PNEUMONIA"
+        dest = kaggle / r["orig_split"] / cls / Path(r["location"]).name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(Path(r["location"]).read_bytes())
+    card = {**kclass_card(), "data": {"source": {"source": "folder", "labels": "subtype"}}}
+    model = write_model(tmp_path / "subtype-model", card, kclass_graph())
+    args = ["--model", str(model), "--data", str(kaggle), "--split", "test", "--n-boot", "20", "--json"]
+    assert evaluate.main(args) == 0  # no --labels: the card says its search read the subtypes
+    result = json.loads(capsys.readouterr().out)
+    assert result["labels"] == "subtype" and result["metrics"]["counts"] == {c: 8 for c in SUBTYPES}
+    assert evaluate.main([*args, "--labels", "folder"]) == 2  # asked for the folders' classes: refused
 
 
 # ---------------------------------------------------------------- the figures themselves

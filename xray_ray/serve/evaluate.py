@@ -206,25 +206,27 @@ def evaluate(
     n_boot: int = 1000,
     max_file_mb: float = DEFAULT_MAX_FILE_MB,
     allow_modified_model: bool = False,
-    labels: str = "folder",
+    labels: str | None = None,
 ) -> dict[str, Any]:
     """Score one split of a data source with an exported model; returns a JSON-able result.
 
     Without `resplit`, splits are the source's own (a folder's train/val/test folders); with it, the
     patient-grouped split the search made, so "test" is the search's held-out test. `seed` defaults to
     the search's seed (it decides which synthetic images exist). `labels` "subtype" reads a Kaggle-layout
-    folder's pneumonia files as BACTERIA or VIRUS by their names. Files of a folder that are not regular
-    files or exceed `max_file_mb` are skipped without being read; every skipped file is listed in
-    "skipped_files" with its reason.
+    folder's pneumonia files as BACTERIA or VIRUS by their names; None: as the model's search read them.
+    Files of a folder that are not regular files or exceed `max_file_mb` are skipped without being read;
+    every skipped file is listed in "skipped_files" with its reason.
     """
     from xray_ray.data.sources import load_source
     from xray_ray.serve.runtime import load_exported
 
     if not max_file_mb > 0:
         raise UserError(f"--max-file-mb must be positive, got {max_file_mb:g}.")
+    model = load_exported(model_dir, allow_modified=allow_modified_model)
+    if labels is None:  # as the search read its data (a card from before labels existed: the class folders)
+        labels = ((model.card.get("data") or {}).get("source") or {}).get("labels") or "folder"
     if labels not in LABELS:
         raise UserError(f"--labels must be one of {', '.join(LABELS)}, not {labels!r}.")
-    model = load_exported(model_dir, allow_modified=allow_modified_model)
     if seed is None:  # check_card made it an int or None
         seed = (model.card.get("data") or {}).get("seed") or 0
     # the folder's own classes are discovery's default; only another choice is passed on
@@ -313,9 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument(
         "--labels",
-        default="folder",
+        default=None,
         choices=LABELS,
-        help="folder: the class folders' names (default); subtype: NORMAL / BACTERIA / VIRUS from Kaggle file names",
+        help="folder: the class folders' names; subtype: NORMAL / BACTERIA / VIRUS from Kaggle file names "
+        "(default: as the model's search read its data)",
     )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the 95%% intervals")
