@@ -33,7 +33,7 @@ from xray_ray.search.args import check_flags, options_of, parser_of
 from xray_ray.search.ray_setup import DATA_SLOT, RayOptions, check_local_resources, data_slot, ray_session, trial_slots
 from xray_ray.search.run_data import MAX_LISTED_SKIPS, RunData, load_data, trial_data
 from xray_ray.search.run_folder import RunFolder, check_run_name, open_run
-from xray_ray.search.spaces import DEFAULT_METRIC_K, METRICS, SearchSpace, load_space
+from xray_ray.search.spaces import SearchSpace, load_space
 from xray_ray.search.tables import collect, every_trial_failed, overhead, print_leaderboard
 from xray_ray.search.trial import Runtime
 from xray_ray.search.tuner import CHECKPOINTS_KEPT, TunerSettings, fit, restored, rungs, search_tuner, trial_trainable
@@ -207,8 +207,6 @@ def search(opts: SearchOptions, space: SearchSpace, folder: RunFolder) -> str:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds") if previous is None else previous["started"]
     t_start = time.time()
     loaded = load_data(opts, space)
-    if len(loaded.classes) > 2 and not space.metric_given:
-        space = replace(space, metric=DEFAULT_METRIC_K, mode=METRICS[DEFAULT_METRIC_K])
     run_info = run_info_of(opts, space, folder, started, loaded)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     with ray_session(opts.ray):
