@@ -135,3 +135,24 @@ def test_a_folder_of_four_classes_searches_and_exports(tmp_path, module_ray):
     assert card["classes"] == list(classes) and card["output"]["shape"] == ["N", 4]
     assert np.array(card["metrics"]["test"]["confusion"]).shape == (4, 4)
     assert list(load_exported(run / "best").classes) == list(classes)
+
+
+def test_batchnorm_adaptation_keeps_a_three_class_output(three_class_run, tmp_path):
+    from xray_ray.ship.batchnorm import main as batchnorm_main
+
+    site = _folder(tmp_path / "site", PHANTOM_CLASSES[:3], per_class=(0, 0, 34))
+    out = tmp_path / "adapted"
+    args = ["--model", str(three_class_run / "best"), "--images", str(site / "test"), "--batchnorm", "--out", str(out)]
+    assert batchnorm_main(args) == 0
+    model = load_exported(out)
+    assert list(model.classes) == list(PHANTOM_CLASSES[:3]) and model.card["adaptation"]["images"] == 102
+    (inp,) = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).get_outputs()
+    assert inp.name == "probs" and inp.shape[1] == 3
+
+
+def test_stability_refuses_a_three_class_run_in_one_sentence(three_class_run, capsys):
+    from xray_ray.studies.stability import main as stability_main
+
+    assert stability_main(["--run", str(three_class_run), "--seeds", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "two-class runs only" in err and len(err.splitlines()) == 1

@@ -79,9 +79,10 @@ def adapt_batchnorm(model_dir: Path, images: Sequence[str], out: Path, max_mb: f
     shutil.copytree(model_dir, tmp)
     for name in (export.WEIGHTS_NAME, export.ONNX_NAME, export.TORCHSCRIPT_NAME):
         (tmp / name).unlink()
-    export.save_weights(model, tmp / export.WEIGHTS_NAME)
-    export.export_torchscript(model, tmp / export.TORCHSCRIPT_NAME)
-    export.export_onnx(model, tmp / export.ONNX_NAME)
+    classes = tuple(exported.classes)  # the graphs keep the card's output: its name, its classes
+    export.save_weights(model, tmp / export.WEIGHTS_NAME, classes)
+    export.export_torchscript(model, tmp / export.TORCHSCRIPT_NAME, classes)
+    export.export_onnx(model, tmp / export.ONNX_NAME, classes=classes)
     diff = export.check_agreement(tmp, n=16)
     if not diff < AGREEMENT_TOLERANCE:
         raise RuntimeError(f"ONNX and TorchScript disagree by {diff:.2e} after the re-estimation")

@@ -76,6 +76,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     run_dir = args.run if R.is_uri(args.run) else str(Path(args.run).resolve())
     run_info, best_cfg, card = _read_run(run_dir)
+    if len(card.get("classes") or ()) > 2:  # replicas are thresholded on val and compared at their thresholds
+        raise UserError(
+            f"stability handles two-class runs only, and {run_dir} tells {len(card['classes'])} classes apart; "
+            "retrain its space with other --seed values to see the spread."
+        )
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise UserError(f"--seeds must be distinct non-negative integers, got {args.seeds}.")
     members = winner_members(best_cfg)
