@@ -149,3 +149,20 @@ def test_optuna_storage_needs_the_optuna_searcher(tmp_path, capsys):
     space = tiny_space_file(tmp_path, name="trk")  # searcher: random
     assert main(search_args(tmp_path, space, "--optuna-storage", f"sqlite:///{tmp_path}/o.db")) == 2
     assert "searched at random" in one_error_line(capsys.readouterr().err)
+
+
+def test_the_winner_of_k_classes_logs_its_arg_max_figures(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from xray_ray.search.trackers import log_winner
+
+    best = tmp_path / "best"
+    best.mkdir()
+    (best / "model.json").write_text("{}")
+    test = {"accuracy": 0.8, "balanced_accuracy": 0.75, "macro_f1": 0.7, "macro_auc": 0.9, "log_loss": 0.5}
+    card = {"trial_id": "abc", "classes": ["NORMAL", "BACTERIA", "VIRUS"], "threshold": None, "metrics": {"test": test}}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = log_winner(uri, "k", card, best)
+    logged = MlflowClient(uri).get_run(run_id).data.metrics
+    assert logged == {f"test_{k}": v for k, v in test.items()}

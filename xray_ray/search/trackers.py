@@ -39,6 +39,7 @@ EPOCH_METRICS = (
     "rob_loss_mean",
 )
 HEADLINE = ("accuracy", "sensitivity", "specificity", "roc_auc", "f1")  # the card's test figures, at its threshold
+HEADLINE_K = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "log_loss")  # K > 2 classes: arg-max
 
 
 # one try with a short timeout for the reachability check (MLflow retries for minutes by default)
@@ -173,8 +174,11 @@ def log_winner(uri: str, experiment: str, card: Mapping[str, Any], best_dir: Pat
     tid = str(card.get("trial_id") or "ensemble")
     run_id = run_of(client, exp, tid) or client.create_run(exp, run_name=tid, tags={"trial_id": tid}).info.run_id
     test = (card.get("metrics") or {}).get("test") or {}
-    figures = {f"test_{k}": test.get("at_threshold", {}).get(k) for k in HEADLINE}
-    figures["threshold"] = (card.get("threshold") or {}).get("value")
+    if "macro_auc" in test:  # K > 2 classes: the arg-max figures, no threshold
+        figures = {f"test_{k}": test.get(k) for k in HEADLINE_K}
+    else:
+        figures = {f"test_{k}": test.get("at_threshold", {}).get(k) for k in HEADLINE}
+        figures["threshold"] = (card.get("threshold") or {}).get("value")
     metrics = [Metric(k, float(v), 0, 0) for k, v in figures.items() if isinstance(v, (int, float))]
     client.log_batch(run_id, metrics=metrics, tags=[])
     client.set_tag(run_id, "xray_ray.best", "true")
