@@ -425,43 +425,111 @@ def _read_until(proc: subprocess.Popen, pattern: str, deadline: float, seen: lis
     return False
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_cleanly_prints_the_resume_command_and_resume_completes(tmp_path, module_ray):
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory, module_ray):
+    """A search with both trackers stopped by Ctrl-C in its first trial, then resumed by the command it printed
+    (run in this process, on the module's Ray). One run serves the Ctrl-C test and the trackers' test below."""
+    tmp = tmp_path_factory.mktemp("interrupted")
     space = space_file(
-        tmp_path,
-        searcher={"num_samples": 3},
+        tmp,
+        searcher={"algorithm": "optuna", "num_samples": 3},
         scheduler={"algorithm": "asha", "grace_period": 1, "reduction_factor": 2},
         space={"epochs": 2},
     )
-    args = search_args(tmp_path, space, "--no-export")
+    mlflow_uri, optuna_uri = f"sqlite:///{tmp}/mlflow.db", f"sqlite:///{tmp}/optuna.db"
+    args = search_args(tmp, space, "--mlflow", mlflow_uri, "--optuna-storage", optuna_uri, "--ensemble", "1")
     proc = search_process(args)
     seen: list[str] = []
     try:
         assert _read_until(proc, r"epoch 1/", time.time() + 180, seen), "".join(seen)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
         t0 = time.time()
-        out, err = proc.communicate(timeout=90)
+        _, err = proc.communicate(timeout=90)
         stopped_in = time.time() - t0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 130, err[-3000:]
-    assert stopped_in < 60
-    assert "Traceback" not in err, err[-3000:]
+    run_dir = tmp / "results" / "faults"
+    status = json.loads((run_dir / "run.json").read_text())["status"]
     resume = [line for line in err.splitlines() if "Resume with:" in line]
-    assert len(resume) == 1, err[-3000:]
-    command = shlex.split(resume[0].split("Resume with:", 1)[1])
-    assert command[:3] == ["python", "-m", "xray_ray.search"] and command[-1] == "--resume"
-    assert command[3:-1] == args
-    run_dir = tmp_path / "results" / "faults"
-    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    command = shlex.split(resume[0].split("Resume with:", 1)[1]) if len(resume) == 1 else []
+    resumed = main(command[3:]) if command[3:-1] == args else None
+    return {
+        "args": args, "returncode": proc.returncode, "err": err, "stopped_in": stopped_in, "status": status,
+        "resume": resume, "command": command, "resumed": resumed, "run_dir": run_dir, "space": space,
+        "mlflow": mlflow_uri, "optuna": optuna_uri,
+    }  # fmt: skip
 
-    assert main(command[3:]) == 0  # that command, run in this process on the module's Ray
-    trials, epochs = assert_each_epoch_once(run_dir)
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_prints_the_resume_command_and_resume_completes(interrupted_run):
+    r = interrupted_run
+    assert r["returncode"] == 130, r["err"][-3000:]
+    assert r["stopped_in"] < 60
+    assert "Traceback" not in r["err"], r["err"][-3000:]
+    assert len(r["resume"]) == 1, r["err"][-3000:]
+    command = r["command"]
+    assert command[:3] == ["python", "-m", "xray_ray.search"] and command[-1] == "--resume"
+    assert command[3:-1] == r["args"]
+    assert r["status"] == "interrupted"  # as run.json said before the resume
+
+    assert r["resumed"] == 0  # that command, run in this process on the module's Ray
+    trials, epochs = assert_each_epoch_once(r["run_dir"])
     assert len(trials) == 3 and set(trials["status"]) <= {"completed", "stopped"}
-    assert len(trial_dirs(run_dir)) == 3
-    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    assert len(trial_dirs(r["run_dir"])) == 3
+    assert json.loads((r["run_dir"] / "run.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_mlflow_and_optuna_hold_every_trial_once_across_a_resume(interrupted_run):
+    """--mlflow and --optuna-storage, read back with their own APIs after the interrupted search resumed."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from xray_ray.search.spaces import load_space
+
+    r = interrupted_run
+    assert r["resumed"] == 0, r["err"][-3000:]
+    trials = pd.read_parquet(r["run_dir"] / "trials.parquet")
+    epochs = pd.read_parquet(r["run_dir"] / "epochs.parquet")
+    assert len(trials) == 3
+
+    client = MlflowClient(tracking_uri=r["mlflow"])
+    runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
+    by_trial = {run.data.tags["trial_id"]: run for run in runs}
+    assert len(runs) == len(by_trial) == 3 and set(by_trial) == set(trials["trial_id"])  # no duplicate run
+    for t in trials.itertuples():
+        run = by_trial[t.trial_id]
+        assert run.info.status == "FINISHED"
+        assert float(run.data.params["zoom"]) == pytest.approx(t.p_zoom)
+        # an epoch Tune trained again after the interruption carries two values at its step: the later one
+        # is the kept one, as epochs.parquet keeps the last row of each epoch
+        history = sorted(client.get_metric_history(run.info.run_id, "val_auc"), key=lambda m: m.timestamp)
+        latest = {m.step: m.value for m in history}
+        mine = epochs[epochs["trial_id"] == t.trial_id].sort_values("epoch")
+        assert sorted(latest) == mine["epoch"].tolist() == list(range(1, t.epochs_run + 1))
+        np.testing.assert_allclose([latest[e] for e in sorted(latest)], mine["val_auc"], rtol=1e-9)
+    card = json.loads((r["run_dir"] / "best" / "model.json").read_text())
+    best = by_trial[card["trial_id"]]
+    assert "model/model.json" in {a.path for a in client.list_artifacts(best.info.run_id, "model")}
+    assert client.get_run(best.info.run_id).data.metrics["test_accuracy"] == pytest.approx(
+        card["metrics"]["test"]["at_threshold"]["accuracy"]
+    )
+
+    study = optuna.load_study(study_name="faults", storage=r["optuna"])
+    metric = load_space(r["space"]).metric
+    assert len(study.trials) == 3  # the resumed search asked for no trial twice
+    last = epochs.sort_values("epoch").groupby("trial_id").last()
+    seen = set()
+    for ot in study.trials:
+        match = trials[np.isclose(trials["p_zoom"], ot.params["zoom"])]
+        assert len(match) == 1, ot.params
+        t = match.iloc[0]
+        seen.add(t.trial_id)
+        assert ot.state == optuna.trial.TrialState.COMPLETE and t.status in ("completed", "stopped")
+        assert ot.value == pytest.approx(last.loc[t.trial_id, metric])  # the space's metric, its last report
+    assert seen == set(trials["trial_id"])
 
 
 def _truncate(path: Path) -> None:
