@@ -1,5 +1,8 @@
-"""K > 2 classes end to end: a search on three-class phantoms and on a folder of four classes, the arg-max
-winner exported (ONNX and TorchScript `probs` [N, K]), read back by predict and evaluate."""
+"""K > 2 classes end to end: one search on a folder of four classes of phantoms, the arg-max winner exported
+(ONNX and TorchScript `probs` [N, K]), read back by predict, evaluate and batchnorm adaptation.
+
+One search serves every test here (each end-to-end search costs half a minute on 2 cores); `synthetic:N:K`
+is read in tests/data/test_labels.py and the K-class model trained in tests/model/test_multiclass.py."""
 
 import json
 
@@ -61,40 +64,44 @@ def _search(tmp, data, *extra):
     return tmp / "results" / "kclass"
 
 
+CLASSES = list(PHANTOM_CLASSES[:4])
+
+
 @pytest.fixture(scope="module")
-def three_class_run(tmp_path_factory, module_ray):
-    return _search(tmp_path_factory.mktemp("k3"), "synthetic:240:3")
+def k_class_run(tmp_path_factory, module_ray):
+    tmp = tmp_path_factory.mktemp("k4")
+    return _search(tmp, str(_folder(tmp / "data", CLASSES)))
 
 
-def test_a_three_class_search_compares_on_macro_auc_and_records_the_k_class_columns(three_class_run):
-    run = json.loads((three_class_run / "run.json").read_text())
-    assert run["data"]["classes"] == list(PHANTOM_CLASSES[:3])
+def test_a_four_class_search_compares_on_macro_auc_and_records_the_k_class_columns(k_class_run):
+    run = json.loads((k_class_run / "run.json").read_text())
+    assert run["data"]["classes"] == CLASSES
     assert run["space"]["scheduler"]["metric"] == "val_auc"  # the space names none: K > 2 compares on macro AUC
-    trials = pd.read_parquet(three_class_run / "trials.parquet")
-    epochs = pd.read_parquet(three_class_run / "epochs.parquet")
+    trials = pd.read_parquet(k_class_run / "trials.parquet")
+    epochs = pd.read_parquet(k_class_run / "epochs.parquet")
     for col in ("best_val_auc", "best_val_balanced_acc", "best_val_macro_f1", "best_val_loss"):
         assert trials[col].between(0, 10).all(), col
     assert epochs["val_balanced_acc"].between(0, 1).all() and epochs["val_macro_f1"].between(0, 1).all()
     assert trials["best_val_auc"].max() > 0.6  # learning: chance is 0.5 (the patterns are subtle at 32 px)
 
 
-def test_the_three_class_winner_is_exported_with_its_classes_and_the_argmax_rule(three_class_run):
-    best = three_class_run / "best"
+def test_the_four_class_winner_is_exported_with_its_classes_and_the_argmax_rule(k_class_run):
+    best = k_class_run / "best"
     card = json.loads((best / "model.json").read_text())
-    assert card["classes"] == list(PHANTOM_CLASSES[:3]) and card["decision"] == "argmax"
-    assert card["threshold"] is None and card["output"] == {**card["output"], "name": "probs", "shape": ["N", 3]}
+    assert card["classes"] == CLASSES and card["decision"] == "argmax"
+    assert card["threshold"] is None and card["output"] == {**card["output"], "name": "probs", "shape": ["N", 4]}
     test = card["metrics"]["test"]
-    assert np.array(test["confusion"]).shape == (3, 3) and sum(map(sum, test["confusion"])) == test["n"]
-    assert set(test["per_class"]) == set(PHANTOM_CLASSES[:3]) and "normal_vs_rest" in test
+    assert np.array(test["confusion"]).shape == (4, 4) and sum(map(sum, test["confusion"])) == test["n"]
+    assert set(test["per_class"]) == set(CLASSES) and "normal_vs_rest" in test
     lo, hi = test["ci"]["macro_auc"]
     assert lo <= test["macro_auc"] <= hi
     model = load_exported(best)
-    assert list(model.classes) == list(PHANTOM_CLASSES[:3])
+    assert list(model.classes) == CLASSES
     assert card["export"]["max_abs_diff"] < 1e-4
 
 
-def test_onnx_and_torchscript_agree_on_real_images(three_class_run, real_data):
-    best = three_class_run / "best"
+def test_onnx_and_torchscript_agree_on_real_images(k_class_run, real_data):
+    best = k_class_run / "best"
     files = sorted((real_data / "train" / "PNEUMONIA").glob("*.jpeg"))[:6]
     files += sorted((real_data / "train" / "NORMAL").glob("*.jpeg"))[:6]
     x = np.stack([load_gray(f.read_bytes(), 32) for f in files]).astype(np.float32)[:, None] / 255.0
@@ -102,21 +109,21 @@ def test_onnx_and_torchscript_agree_on_real_images(three_class_run, real_data):
     (p_onnx,) = session.run(["probs"], {"image": x})
     with torch.no_grad():
         p_ts = torch.jit.load(str(best / "model.pt"))(torch.from_numpy(x)).numpy()
-    assert p_onnx.shape == (12, 3) and np.abs(p_onnx - p_ts).max() < 1e-4
+    assert p_onnx.shape == (12, 4) and np.abs(p_onnx - p_ts).max() < 1e-4
     assert np.allclose(p_onnx.sum(axis=1), 1, atol=1e-5)
 
 
-def test_predict_and_evaluate_read_three_classes(three_class_run, tmp_path, capsys):
+def test_predict_and_evaluate_read_four_classes(k_class_run, tmp_path, capsys):
     from xray_ray.serve.evaluate import main as evaluate_main
     from xray_ray.serve.predict import main as predict_main
 
-    best = three_class_run / "best"
-    folder = _folder(tmp_path / "site", PHANTOM_CLASSES[:3], per_class=(0, 0, 8))
+    best = k_class_run / "best"
+    folder = _folder(tmp_path / "site", CLASSES, per_class=(0, 0, 8))
     out = tmp_path / "predictions.csv"
     assert predict_main(["--model", str(best), str(folder / "test"), "--csv", str(out)]) == 0
     rows = pd.read_csv(out)
-    assert len(rows) == 24 and set(rows["label"]) <= set(PHANTOM_CLASSES[:3])
-    probs = rows[[f"prob_{c}" for c in PHANTOM_CLASSES[:3]]].to_numpy()
+    assert len(rows) == 32 and set(rows["label"]) <= set(CLASSES)
+    probs = rows[[f"prob_{c}" for c in CLASSES]].to_numpy()
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-4)
     capsys.readouterr()
     assert evaluate_main(["--model", str(best), "--data", str(folder), "--split", "test", "--json"]) == 0
@@ -125,34 +132,25 @@ def test_predict_and_evaluate_read_three_classes(three_class_run, tmp_path, caps
     assert "balanced_accuracy" in text and "confusion" in text and "normal_vs_rest" in text
     assert evaluate_main(["--model", str(best), "--data", str(folder), "--split", "test"]) == 0
     table = capsys.readouterr().out
-    assert all(c in table for c in PHANTOM_CLASSES[:3]) and "balanced" in table.lower()
+    assert all(c in table for c in CLASSES) and "balanced" in table.lower()
 
 
-def test_a_folder_of_four_classes_searches_and_exports(tmp_path, module_ray):
-    classes = PHANTOM_CLASSES[:4]
-    run = _search(tmp_path, str(_folder(tmp_path / "data", classes)))
-    card = json.loads((run / "best" / "model.json").read_text())
-    assert card["classes"] == list(classes) and card["output"]["shape"] == ["N", 4]
-    assert np.array(card["metrics"]["test"]["confusion"]).shape == (4, 4)
-    assert list(load_exported(run / "best").classes) == list(classes)
-
-
-def test_batchnorm_adaptation_keeps_a_three_class_output(three_class_run, tmp_path):
+def test_batchnorm_adaptation_keeps_a_four_class_output(k_class_run, tmp_path):
     from xray_ray.ship.batchnorm import main as batchnorm_main
 
-    site = _folder(tmp_path / "site", PHANTOM_CLASSES[:3], per_class=(0, 0, 34))
+    site = _folder(tmp_path / "site", CLASSES, per_class=(0, 0, 34))
     out = tmp_path / "adapted"
-    args = ["--model", str(three_class_run / "best"), "--images", str(site / "test"), "--batchnorm", "--out", str(out)]
+    args = ["--model", str(k_class_run / "best"), "--images", str(site / "test"), "--batchnorm", "--out", str(out)]
     assert batchnorm_main(args) == 0
     model = load_exported(out)
-    assert list(model.classes) == list(PHANTOM_CLASSES[:3]) and model.card["adaptation"]["images"] == 102
+    assert list(model.classes) == CLASSES and model.card["adaptation"]["images"] == 136
     (inp,) = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).get_outputs()
-    assert inp.name == "probs" and inp.shape[1] == 3
+    assert inp.name == "probs" and inp.shape[1] == 4
 
 
-def test_stability_refuses_a_three_class_run_in_one_sentence(three_class_run, capsys):
+def test_stability_refuses_a_k_class_run_in_one_sentence(k_class_run, capsys):
     from xray_ray.studies.stability import main as stability_main
 
-    assert stability_main(["--run", str(three_class_run), "--seeds", "5"]) == 2
+    assert stability_main(["--run", str(k_class_run), "--seeds", "5"]) == 2
     err = capsys.readouterr().err.strip()
     assert "two-class runs only" in err and len(err.splitlines()) == 1
