@@ -45,61 +45,52 @@ def test_the_summary_gives_mean_spread_and_the_ensemble_per_arm():
     assert "| a | 0.9200 (0.9000-0.9400); ens 0.9500 |" in markdown(summarize_runs(runs), ("val_auc",))
 
 
-@pytest.mark.slow  # starts a local Ray and trains 4 tiny models
+@pytest.mark.slow  # starts a local Ray and trains 4 tiny models (2 trained runs x 2 seeds) for 3 epochs
 def test_an_ablation_trains_each_arm_with_each_seed_and_scores_them_alike(tmp_path, capsys):
-    path = arms_file(tmp_path, {"base": {}, "mixup": {"mixup": 0.4}})
-    assert (
-        main(
-            [
-                "--data",
-                "synthetic:80",
-                "--arms",
-                str(path),
-                "--seeds",
-                "1",
-                "2",
-                "--results",
-                str(tmp_path / "out"),
-                "--name",
-                "abl",
-            ]
-        )
-        == 0
-    )
+    """Every arm with every seed, scored alike; and the arms that differ only in `keep_metric` share one
+    training per seed, each scored with the weights of the epoch its own metric keeps."""
+    arms = {
+        "base": {},
+        "mixup": {"mixup": 0.4},
+        "rob": {"keep_metric": "rob_auc_min"},
+        "loss": {"keep_metric": "val_loss"},
+    }
+    spec = load_arms(arms_file(tmp_path, arms, {**BASE, "epochs": 3}))
+    shared = spec["source"]["base"]
+    assert set(spec["trained"]) == {shared, "mixup"}  # one run for base, rob and loss; mixup trains its own
+    assert spec["source"] == {"base": shared, "rob": shared, "loss": shared, "mixup": "mixup"}
+    assert spec["trained"][shared]["keep_metric"] == "rob_auc_min"  # so the battery is scored every epoch
+    args = ["--data", "synthetic:80", "--arms", str(tmp_path / "arms.yaml"), "--seeds", "1", "2"]
+    assert main([*args, "--results", str(tmp_path / "out"), "--name", "abl"]) == 0
     out = tmp_path / "out" / "abl"
     runs = pd.read_parquet(out / "runs.parquet")
     seeds = runs[runs["kind"] == "seed"]
-    assert sorted(zip(seeds["arm"], seeds["seed"])) == [("base", 1), ("base", 2), ("mixup", 1), ("mixup", 2)]
-    assert (runs["kind"] == "ensemble").sum() == 2
+    assert sorted(zip(seeds["arm"], seeds["seed"])) == sorted((a, s) for a in arms for s in (1, 2))
+    assert (runs["kind"] == "ensemble").sum() == len(arms)
     for col in ("val_auc", "rob_auc_min", "test_auc", "shifted_test_accuracy", "threshold_shifted_rule"):
         assert runs[col].between(0, 1).all(), col
     info = json.loads((out / "ablation.json").read_text())
     assert info["seeds"] == [1, 2] and "| base |" in info["table"] and info["versions"]["torch"]
     assert "| mixup |" in capsys.readouterr().out
 
-
-@pytest.mark.slow  # starts a local Ray and trains one tiny model for 3 epochs
-def test_arms_differing_only_in_keep_metric_share_one_run_and_each_keeps_its_own_epoch(tmp_path):
-    base = {**BASE, "epochs": 3}
-    arms = {"val_auc": {}, "rob": {"keep_metric": "rob_auc_min"}, "loss": {"keep_metric": "val_loss"}}
-    spec = load_arms(arms_file(tmp_path, arms, base))
-    (trained,) = spec["trained"]  # one run for the three arms
-    assert spec["source"] == {arm: trained for arm in arms}
-    assert spec["trained"][trained]["keep_metric"] == "rob_auc_min"  # so the battery is scored every epoch
-    args = ["--data", "synthetic:80", "--arms", str(tmp_path / "arms.yaml"), "--seeds", "1"]
-    assert main([*args, "--results", str(tmp_path / "out"), "--name", "sel"]) == 0
-    (result,) = (tmp_path / "out" / "sel" / "tune").glob("*/result.json")
-    history = pd.DataFrame([json.loads(line) for line in result.read_text().splitlines() if line.strip()])
-    history = history.set_index("epoch")
-    assert history["rob_auc_min"].notna().all()
-    runs = pd.read_parquet(tmp_path / "out" / "sel" / "runs.parquet").set_index("arm")
-    expected = {
-        "val_auc": history["val_auc"].idxmax(),
-        "rob": history["rob_auc_min"].idxmax(),
-        "loss": history["val_loss"].idxmin(),
-    }
-    for arm, epoch in expected.items():
-        row = runs[runs["kind"] == "seed"].loc[arm]
-        assert row["best_epoch"] == epoch, arm
-        # scored with that epoch's weights: the clean validation AUC is the one the trial reported then
-        assert row["val_auc"] == pytest.approx(history.loc[epoch, "val_auc"], abs=1e-9), arm
+    checked = set()
+    for trial in (out / "tune").glob("*/params.json"):
+        params = json.loads(trial.read_text())
+        if params["arm"] != shared:
+            continue
+        result = trial.parent / "result.json"
+        history = pd.DataFrame([json.loads(line) for line in result.read_text().splitlines() if line.strip()])
+        history = history.set_index("epoch")
+        assert history["rob_auc_min"].notna().all()
+        expected = {
+            "base": history["val_auc"].idxmax(),
+            "rob": history["rob_auc_min"].idxmax(),
+            "loss": history["val_loss"].idxmin(),
+        }
+        mine = seeds[seeds["seed"] == params["seed"]].set_index("arm")
+        for arm, epoch in expected.items():
+            assert mine.loc[arm, "best_epoch"] == epoch, (arm, params["seed"])
+            # scored with that epoch's weights: the clean validation AUC is the one the trial reported then
+            assert mine.loc[arm, "val_auc"] == pytest.approx(history.loc[epoch, "val_auc"], abs=1e-9), arm
+        checked.add(params["seed"])
+    assert checked == {1, 2}
