@@ -128,7 +128,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--export", action="store_true", help="also evaluate and export the winner (off: search only)")
     ap.add_argument("--cache", default=None, help="pixel cache folder (default: the package's)")
     ap.add_argument("--out", type=Path, default=OUT, help="folder for overhead_memory.json and its samples CSV")
-    ap.add_argument("--quick", action="store_true", help="smoke space, 2 epochs at 32 px, 2 trials, 120 images (CI)")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke space, 1 epoch at 32 px, 2 trials one at a time, 120 images (CI)"
+    )
     return ap.parse_args()
 
 
@@ -136,11 +138,12 @@ def search_command(args: argparse.Namespace, tmp: Path) -> tuple[list[str], str]
     """The search's command line (its space derived for --quick or the overrides) and the space's label."""
     space, label = args.space, str(args.space)
     if args.quick:
-        args.data, args.num_samples = "synthetic:120", 2
+        # a 1-CPU Ray runs the 2 trials one after the other in one reused worker
+        args.data, args.num_samples, args.num_cpus = "synthetic:120", 2, 1
         space = derived_space(
-            ROOT / "search_spaces" / "smoke.yaml", tmp, "quick", {"space": {"epochs": 2, "image_size": 32}}
+            ROOT / "search_spaces" / "smoke.yaml", tmp, "quick", {"space": {"epochs": 1, "image_size": 32}}
         )
-        label = "search_spaces/smoke.yaml with 2 epochs at 32 px"
+        label = "search_spaces/smoke.yaml with 1 epoch at 32 px"
     elif args.image_size or args.epochs:
         changes = {k: v for k, v in (("image_size", args.image_size), ("epochs", args.epochs)) if v}
         space = derived_space(args.space, tmp, "bench", {"space": changes})

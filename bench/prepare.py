@@ -73,10 +73,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the decode rows (median)")
     ap.add_argument("--out", type=Path, default=OUT, help="folder for prepare.json")
-    ap.add_argument("--quick", action="store_true", help="a few hundred synthetic images (CI proves it runs)")
+    ap.add_argument("--quick", action="store_true", help="60 synthetic images at 32 px, one round (CI)")
     args = ap.parse_args()
     if args.quick:
-        args.data, args.rounds = "synthetic:300", 1
+        args.data, args.size, args.rounds = "synthetic:60", 32, 1
 
     return args
 

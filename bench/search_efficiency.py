@@ -113,7 +113,7 @@ def save_plot(curves: dict[str, pd.DataFrame], level: float, path: Path) -> None
 
 
 def parse_args() -> tuple[argparse.Namespace, dict]:
-    """The flags, and the space's overrides (--quick: the smoke space cut to 2-3 epochs)."""
+    """The flags, and the space's overrides (--quick: the smoke space cut to 1-2 epochs)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "cpu.yaml")
     ap.add_argument("--num-samples", type=int, default=None, help="trials per search (default: the space's)")
@@ -126,14 +126,16 @@ def parse_args() -> tuple[argparse.Namespace, dict]:
     ap.add_argument("--results", type=Path, default=None, help="keep both runs here (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=OUT, help="folder for search_efficiency.{json,csv,png}")
     ap.add_argument(
-        "--quick", action="store_true", help="smoke space, 2-3 epochs at 32 px, 2 trials one at a time, 120 images (CI)"
+        "--quick",
+        action="store_true",
+        help="smoke space, 1-2 epochs at 32 px, 2 trials one at a time on a 1-CPU Ray, 120 images (CI)",
     )
     args = ap.parse_args()
     overrides = {}
     if args.quick:
         args.space, args.num_samples, args.data = ROOT / "search_spaces" / "smoke.yaml", 2, "synthetic:120"
-        args.max_concurrent = 1
-        overrides = {"epochs": {"type": "int", "low": 2, "high": 3}, "image_size": 32}
+        args.max_concurrent, args.num_cpus = 1, 1  # one CPU: FIFO too runs its trials one after the other
+        overrides = {"epochs": {"type": "int", "low": 1, "high": 2}, "image_size": 32}
     return args, overrides
 
 
