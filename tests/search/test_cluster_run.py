@@ -292,7 +292,8 @@ def test_a_search_on_both_nodes_reads_and_writes_s3(cluster, space_file):
 
 # 4 trials of 6 epochs, two at a time (one on each node); the second node is killed while two trials both
 # have at least two epochs to go, so it always takes a running trial with it
-LOST_SPACE = {**TINY_SPACE, "name": "lost", "space": {**TINY_SPACE["space"], "epochs": 6}}
+EPOCHS = 6
+LOST_SPACE = {**TINY_SPACE, "name": "lost", "space": {**TINY_SPACE["space"], "epochs": EPOCHS}}
 LOST_BUCKET = "xray-lost"
 
 
@@ -398,6 +399,59 @@ def test_a_lost_worker_node_loses_no_trial_and_doubles_no_epoch(s3_server, tmp_p
 HEAD_BUCKET = "xray-head"
 
 
+def _freeze_when_resumable(proc: subprocess.Popen, fs: pafs.S3FileSystem, tune: str, seen: list[str]) -> list[str]:
+    """Stop the driver (SIGSTOP) at a moment when the experiment state it last synced to S3 lets a new head
+    resume a running trial from a checkpoint; returns those trials' folders, the driver left stopped.
+
+    Tune uploads its experiment state after each checkpoint, but in the background; with num_to_keep=1 it
+    deletes a trial's previous checkpoint once the next is registered. A kill between the two leaves a state
+    on S3 that names a deleted checkpoint, and the resume then trains that trial again from its first epoch
+    (forget_lost_checkpoints: nothing lost or doubled, but nothing continued either). On a loaded machine the
+    upload takes long enough for the kill to land there. The driver deletes checkpoints and writes the state,
+    so while it is stopped the state on S3 and the checkpoints it names cannot change under the check."""
+    drain = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)  # a full pipe would block it
+    drain.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        os.kill(proc.pid, signal.SIGSTOP)
+        found = _resumable(fs, tune)
+        if found:
+            return found
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.5)
+    return []
+
+
+def _resumable(fs: pafs.S3FileSystem, tune: str) -> list[str]:
+    """Trials RUNNING in the newest experiment state on S3, with epochs still to go, whose checkpoint of the
+    last epoch that state records (checkpoint_<epoch - 1>: one a reported epoch) is on S3."""
+    names = sorted(
+        i.base_name
+        for i in fs.get_file_info(pafs.FileSelector(tune, allow_not_found=True))
+        if i.type == pafs.FileType.File
+    )
+    states = [n for n in names if re.fullmatch(r"experiment_state-.+\.json", n)]
+    if not states:
+        return []
+    try:
+        with fs.open_input_stream(f"{tune}/{states[-1]}") as f:
+            doc = json.loads(f.read())
+    except (OSError, ValueError):
+        return []
+    out = []
+    for trial_json, meta_json in doc["trial_data"]:
+        trial, meta = json.loads(trial_json), json.loads(meta_json)
+        epoch = (meta.get("last_result") or {}).get("training_iteration", 0)
+        checkpoint = f"{tune}/{trial['relative_logdir']}/checkpoint_{epoch - 1:06d}"
+        if (
+            trial["status"] == "RUNNING"
+            and 1 <= epoch < EPOCHS
+            and fs.get_file_info(checkpoint).type != pafs.FileType.NotFound
+        ):
+            out.append(trial["relative_logdir"])
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_a_lost_head_resumes_on_a_new_cluster_from_the_shared_storage(s3_server, tmp_path):
@@ -412,6 +466,9 @@ def test_a_lost_head_resumes_on_a_new_cluster_from_the_shared_storage(s3_server,
     (tmp_path / "new").mkdir()
     with two_nodes(s3_server, tmp_path / "old") as old:
         proc, seen = _search_until_both_trained(old, [*args, *PLACEMENT, "--no-export"])
+        fs = _s3_fs(s3_server)
+        running = _freeze_when_resumable(proc, fs, f"{HEAD_BUCKET}/runs/head/tune", seen)
+        assert running, "".join(seen)[-3000:]
         os.killpg(proc.pid, signal.SIGKILL)  # the driver, which runs on the head
         proc.wait()
         _kill_node(old.nodes[0])  # the head
