@@ -150,6 +150,19 @@ def kaggle_file_count(files: dict[tuple[str, str], list[str]] = KAGGLE_FILES) ->
     return sum(len(v) for v in files.values())
 
 
+def saved_trials(state: str | bytes) -> list[dict]:
+    """Each trial as a Tune experiment state (the text of experiment_state-*.json) has it: status, folder and
+    last reported iteration. Raises ValueError for a state cut short (caught while Tune writes it)."""
+    out = []
+    for trial_json, meta_json in json.loads(state)["trial_data"]:
+        trial, meta = json.loads(trial_json), json.loads(meta_json)
+        last = meta.get("last_result") or {}
+        out.append(
+            {"status": trial["status"], "dir": trial["relative_logdir"], "iteration": last.get("training_iteration", 0)}
+        )
+    return out
+
+
 @pytest.fixture
 def kaggle_dir(tmp_path: Path) -> Path:
     """A small clean Kaggle-layout folder (named chest_xray) with Kermany-style patient names."""

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import write_kaggle_tree
+from conftest import saved_trials, write_kaggle_tree
 from xray_ray import results as R
 
 # Tests that start a two-node Ray cluster are marked slow one by one; the pure unit test runs in `make test-fast`.
@@ -424,7 +424,7 @@ def _freeze_when_resumable(proc: subprocess.Popen, fs: pafs.S3FileSystem, tune: 
 
 def _resumable(fs: pafs.S3FileSystem, tune: str) -> list[str]:
     """Trials RUNNING in the newest experiment state on S3, with epochs still to go, whose checkpoint of the
-    last epoch that state records (checkpoint_<epoch - 1>: one a reported epoch) is on S3."""
+    last epoch that state records is on S3 (checkpoint_<epoch - 1>: one checkpoint each reported epoch)."""
     names = sorted(
         i.base_name
         for i in fs.get_file_info(pafs.FileSelector(tune, allow_not_found=True))
@@ -435,20 +435,18 @@ def _resumable(fs: pafs.S3FileSystem, tune: str) -> list[str]:
         return []
     try:
         with fs.open_input_stream(f"{tune}/{states[-1]}") as f:
-            doc = json.loads(f.read())
+            trials = saved_trials(f.read())
     except (OSError, ValueError):
         return []
     out = []
-    for trial_json, meta_json in doc["trial_data"]:
-        trial, meta = json.loads(trial_json), json.loads(meta_json)
-        epoch = (meta.get("last_result") or {}).get("training_iteration", 0)
-        checkpoint = f"{tune}/{trial['relative_logdir']}/checkpoint_{epoch - 1:06d}"
+    for t in trials:
+        checkpoint = f"{tune}/{t['dir']}/checkpoint_{t['iteration'] - 1:06d}"
         if (
-            trial["status"] == "RUNNING"
-            and 1 <= epoch < EPOCHS
+            t["status"] == "RUNNING"
+            and 1 <= t["iteration"] < EPOCHS
             and fs.get_file_info(checkpoint).type != pafs.FileType.NotFound
         ):
-            out.append(trial["relative_logdir"])
+            out.append(t["dir"])
     return out
 
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from browser import check_report
 
+from conftest import saved_trials
 from xray_ray.config import TrialConfig, decode_config, model_sizes
 from xray_ray.model.cnn import build_model
 from xray_ray.search.command import main
@@ -68,17 +69,9 @@ def _saved_state(tune_dir: Path) -> list[dict]:
     """Each trial as Tune's last saved experiment state has it: status, folder, last reported iteration."""
     states = sorted(tune_dir.glob("experiment_state-*.json"))
     try:
-        doc = json.loads(states[-1].read_text()) if states else {"trial_data": []}
+        return saved_trials(states[-1].read_text()) if states else []
     except ValueError:  # caught while Tune writes it
         return []
-    out = []
-    for trial_json, meta_json in doc["trial_data"]:
-        trial, meta = json.loads(trial_json), json.loads(meta_json)
-        last = meta.get("last_result") or {}
-        out.append(
-            {"status": trial["status"], "dir": trial["relative_logdir"], "iteration": last.get("training_iteration", 0)}
-        )
-    return out
 
 
 # first in the file: the search it kills runs in a subprocess before this module's own Ray (module_ray) starts
