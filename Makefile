@@ -20,8 +20,9 @@ demo: install
 
 # two pytest workers, each file's tests on one worker (module fixtures run once): the end-to-end tests
 # wait on Ray and subprocesses much of the time, so two share the 2 cores well (three were slower);
+# files in collection order, which tests/conftest.py sorts longest first (xdist's own reorder is by test count);
 # unbuffered: if a test takes a worker down, the log still shows how far the run got
-PYTEST_WORKERS ?= -n 2 --dist loadfile
+PYTEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 test: install lint
 	PYTHONUNBUFFERED=1 $(PY) -m pytest -q $(PYTEST_WORKERS)
 

@@ -351,6 +351,38 @@ def run_measured(*args: str, timeout: float = 120) -> tuple[subprocess.Completed
     return done, maxrss * scale
 
 
+# ---------------------------------------------------------------- the longest files first
+
+# Seconds each end-to-end file took on a quiet 2-core machine (its tests' durations summed; `pytest
+# --durations=0`). `make test` runs files whole on two workers (--dist loadfile) in collection order
+# (--no-loadscope-reorder): the longest first, so that no worker is left finishing a long file alone at the
+# end while the other idles. Unlisted files weigh 0 and keep their order; tests keep their order within a
+# file (module fixtures, and test_search.py's first test, rely on it). Only the order changes, never what runs.
+FILE_SECONDS = {
+    "search/test_cluster_run.py": 554,
+    "test_bench.py": 274,
+    "search/test_faults.py": 259,
+    "search/test_search.py": 214,
+    "serve/test_adapt.py": 122,
+    "search/test_trackers.py": 97,
+    "studies/test_ablation.py": 91,
+    "search/test_multiclass_search.py": 78,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    tests = Path(__file__).resolve().parent
+
+    def weight(item) -> int:
+        try:
+            rel = Path(str(item.path)).resolve().relative_to(tests).as_posix()
+        except ValueError:
+            return 0
+        return FILE_SECONDS.get(rel, 0)
+
+    items.sort(key=lambda item: -weight(item))  # stable: the order within a file and among equals is kept
+
+
 # ---------------------------------------------------------------- one Ray per test module
 
 
