@@ -353,11 +353,12 @@ def run_measured(*args: str, timeout: float = 120) -> tuple[subprocess.Completed
 
 # ---------------------------------------------------------------- the longest files first
 
-# Seconds each end-to-end file took on a quiet 2-core machine (its tests' durations summed; `pytest
-# --durations=0`). `make test` runs files whole on two workers (--dist loadfile) in collection order
-# (--no-loadscope-reorder): the longest first, so that no worker is left finishing a long file alone at the
-# end while the other idles. Unlisted files weigh 0 and keep their order; tests keep their order within a
-# file (module fixtures, and test_search.py's first test, rely on it). Only the order changes, never what runs.
+# Seconds each end-to-end file took on a quiet 2-core machine (its tests' durations summed by `pytest
+# --durations=0` at a857700; only their order matters). `make test` runs files whole on two workers
+# (--dist loadfile) in collection order (--no-loadscope-reorder): the longest first, so that no worker is left
+# finishing a long file alone at the end while the other idles. Unlisted files weigh 0 and keep their order;
+# tests keep their order within a file (module fixtures, and test_search.py's first test, rely on it). Only
+# the order changes, never what runs.
 FILE_SECONDS = {
     "search/test_cluster_run.py": 554,
     "test_bench.py": 274,
@@ -370,15 +371,12 @@ FILE_SECONDS = {
 }
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     tests = Path(__file__).resolve().parent
 
     def weight(item) -> int:
-        try:
-            rel = Path(str(item.path)).resolve().relative_to(tests).as_posix()
-        except ValueError:
-            return 0
-        return FILE_SECONDS.get(rel, 0)
+        path = item.path.resolve()
+        return FILE_SECONDS.get(path.relative_to(tests).as_posix(), 0) if path.is_relative_to(tests) else 0
 
     items.sort(key=lambda item: -weight(item))  # stable: the order within a file and among equals is kept
 
