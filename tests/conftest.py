@@ -353,21 +353,22 @@ def run_measured(*args: str, timeout: float = 120) -> tuple[subprocess.Completed
 
 # ---------------------------------------------------------------- the longest files first
 
-# Seconds each end-to-end file took on a quiet 2-core machine (its tests' durations summed by `pytest
-# --durations=0` at a857700; only their order matters). `make test` runs files whole on two workers
-# (--dist loadfile) in collection order (--no-loadscope-reorder): the longest first, so that no worker is left
-# finishing a long file alone at the end while the other idles. Unlisted files weigh 0 and keep their order;
-# tests keep their order within a file (module fixtures, and test_search.py's first test, rely on it). Only
-# the order changes, never what runs.
+# Seconds each end-to-end file took in a fresh-clone `CI=true bash .ci/run` (its tests' durations summed by
+# `pytest --durations=0`, two workers on a 2-core machine, at dcd1c34; only their order matters). `make test`
+# runs files whole on two workers (--dist loadfile) in collection order (--no-loadscope-reorder): the longest
+# first, so that no worker is left finishing a long file alone at the end while the other idles. Unlisted files
+# weigh 0 and keep their order; tests keep their order within a file (module fixtures, test_search.py's first
+# test and test_cluster_run.py's lost nodes rely on it). Only the order changes, never what runs.
 FILE_SECONDS = {
-    "search/test_cluster_run.py": 554,
-    "test_bench.py": 274,
-    "search/test_faults.py": 259,
-    "search/test_search.py": 214,
-    "serve/test_adapt.py": 122,
-    "search/test_trackers.py": 97,
-    "studies/test_ablation.py": 91,
-    "search/test_multiclass_search.py": 78,
+    "search/test_cluster_run.py": 688,
+    "search/test_faults.py": 333,
+    "test_bench.py": 305,
+    "search/test_search.py": 240,
+    "serve/test_adapt.py": 141,
+    "search/test_multiclass_search.py": 53,
+    "studies/test_ablation.py": 34,
+    "data/test_pipeline.py": 33,
+    "test_results.py": 27,
 }
 
 
