@@ -357,8 +357,8 @@ def run_measured(*args: str, timeout: float = 120) -> tuple[subprocess.Completed
 # `pytest --durations=0`, two workers on a 2-core machine, at dcd1c34; only their order matters). `make test`
 # runs files whole on two workers (--dist loadfile) in collection order (--no-loadscope-reorder): the longest
 # first, so that no worker is left finishing a long file alone at the end while the other idles. Unlisted files
-# weigh 0 and keep their order; tests keep their order within a file (module fixtures, test_search.py's first
-# test and test_cluster_run.py's lost nodes rely on it). Only the order changes, never what runs.
+# weigh 0 and keep their order; tests keep their order within a file (module fixtures and test_search.py's
+# first test rely on it). Only the order changes, never what runs.
 FILE_SECONDS = {
     "search/test_cluster_run.py": 688,
     "search/test_faults.py": 333,

@@ -361,60 +361,39 @@ def _lost_node_run(cluster: Cluster, space: Path, name: str, *extra: str) -> tup
     return proc.returncode, "".join(seen) + out
 
 
-def _replace_lost_worker(cluster: Cluster) -> None:
-    """A new second node in place of one that was killed (as the autoscaler replaces a reclaimed instance);
-    the cluster's worker_id becomes the new node's."""
-    if cluster.nodes[-1].returncode is None:
-        return
-    lost = cluster.worker_id
-    cluster.nodes.append(_start_node(cluster.join, cluster.env, cluster.tmp / f"worker{len(cluster.nodes)}.log"))
-    deadline = time.monotonic() + 60
-    while True:
-        ids = _wait_for_nodes(cluster.address, cluster.env, 2)
-        new = [n for n in ids if n not in (cluster.head_id, lost)]
-        if new or time.monotonic() > deadline:
-            assert len(new) == 1, ids
-            cluster.worker_id = new[0]
-            return
-        time.sleep(1)
-
-
-# after the tests above, which need the module's cluster whole: this one kills its second node (and replaces it)
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_lost_worker_node_loses_no_trial_and_doubles_no_epoch(cluster, tmp_path):
+def test_a_lost_worker_node_loses_no_trial_and_doubles_no_epoch(s3_server, tmp_path):
     """A reclaimed spot worker mid-search: its trial continues from its last checkpoint on the head; and the
     same kill with --max-failures 0 leaves errored trials (so the test can fail)."""
-    _boto3_client(cluster.s3_endpoint).create_bucket(Bucket=LOST_BUCKET)
+    _boto3_client(s3_server).create_bucket(Bucket=LOST_BUCKET)
     space = tmp_path / "lost.yaml"
     space.write_text(yaml.safe_dump(LOST_SPACE))
-    fs = _s3_fs(cluster.s3_endpoint)
+    fs = _s3_fs(s3_server)
 
     def tables(name: str):
         run = f"{LOST_BUCKET}/lost/{name}"
         return tuple(pq.read_table(f"{run}/{t}.parquet", filesystem=fs).to_pandas() for t in ("trials", "epochs"))
 
-    rc, log = _lost_node_run(cluster, space, "survives")
-    assert rc == 0, log[-4000:]
-    trials, epochs = tables("survives")
-    assert len(trials) == 4 and (trials["status"] == "completed").all(), trials[["trial_id", "status"]]
-    assert not epochs.duplicated(["trial_id", "epoch"]).any() and len(epochs) == 24
-    # the trial that was on the lost node: its first epochs are the lost node's (not trained again, which
-    # would have replaced those rows), the rest the head's, from the checkpoint in the shared storage
-    nodes = epochs.sort_values("epoch").groupby("trial_id")["node_id"].agg(list)
-    moved = [n for n in nodes if n[0] == cluster.worker_id and n[-1] == cluster.head_id]
-    assert moved, {t: [n[:8] for n in v] for t, v in nodes.items()} | {"worker": cluster.worker_id[:8]}
-    assert all(n == sorted(n, key=lambda x: x == cluster.head_id) for n in moved), moved
+    (tmp_path / "c").mkdir()
+    with two_nodes(s3_server, tmp_path / "c") as cluster:
+        rc, log = _lost_node_run(cluster, space, "survives")
+        assert rc == 0, log[-4000:]
+        trials, epochs = tables("survives")
+        assert len(trials) == 4 and (trials["status"] == "completed").all(), trials[["trial_id", "status"]]
+        assert not epochs.duplicated(["trial_id", "epoch"]).any() and len(epochs) == 24
+        # the trial that was on the lost node: its first epochs are the lost node's (not trained again, which
+        # would have replaced those rows), the rest the head's, from the checkpoint in the shared storage
+        nodes = epochs.sort_values("epoch").groupby("trial_id")["node_id"].agg(list)
+        moved = [n for n in nodes if n[0] == cluster.worker_id and n[-1] == cluster.head_id]
+        assert moved, {t: [n[:8] for n in v] for t, v in nodes.items()} | {"worker": cluster.worker_id[:8]}
+        assert all(n == sorted(n, key=lambda x: x == cluster.head_id) for n in moved), moved
 
-    # the same kill without retries, in the same space: with 4 trials one is training on the second node when
-    # it goes, even if the trial seen there half-way has finished by then (the driver prints epochs late on a
-    # loaded machine); with 2 trials that one could have finished and the kill would take no trial with it
-    _replace_lost_worker(cluster)
-    rc, log = _lost_node_run(cluster, space, "fails", "--max-failures", "0")
-    _replace_lost_worker(cluster)
-    trials, _ = tables("fails")
-    assert (trials["status"] == "errored").any(), (rc, trials[["trial_id", "status"]], log[-3000:])
-    assert re.search(r"trials errored .* run: python -m xray_ray\.search .*--resume$", log, re.M), log[-3000:]
+        cluster.nodes.append(_start_node(cluster.join, cluster.env, cluster.tmp / "worker2.log"))  # a new worker
+        rc, log = _lost_node_run(cluster, space, "fails", "--max-failures", "0")
+        trials, _ = tables("fails")
+        assert (trials["status"] == "errored").any(), (rc, trials[["trial_id", "status"]], log[-3000:])
+        assert re.search(r"trials errored .* run: python -m xray_ray\.search .*--resume$", log, re.M), log[-3000:]
 
 
 HEAD_BUCKET = "xray-head"
@@ -473,7 +452,7 @@ def _resumable(fs: pafs.S3FileSystem, tune: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_a_lost_head_resumes_on_a_new_cluster_from_the_shared_storage(cluster, s3_server, tmp_path):
+def test_a_lost_head_resumes_on_a_new_cluster_from_the_shared_storage(s3_server, tmp_path):
     """The driver and the head node SIGKILLed mid-search (the second node then stopped: the cluster is gone);
     the resume command the search printed, run on a new cluster, finishes the search from S3: every trial
     once, no epoch lost or doubled, the trials that were running going on from their checkpoints."""
@@ -482,6 +461,7 @@ def test_a_lost_head_resumes_on_a_new_cluster_from_the_shared_storage(cluster, s
     space.write_text(yaml.safe_dump({**LOST_SPACE, "name": "head"}))
     args = ["--data", "synthetic:1200", "--space", str(space), "--results", f"s3://{HEAD_BUCKET}/runs"]
     (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
     with two_nodes(s3_server, tmp_path / "old") as old:
         proc, seen = _search_until_both_trained(old, [*args, *PLACEMENT, "--no-export"])
         fs = _s3_fs(s3_server)
@@ -494,24 +474,21 @@ def test_a_lost_head_resumes_on_a_new_cluster_from_the_shared_storage(cluster, s
         said = [line for line in seen if "continue it with: " in line]
         assert len(said) == 1, "".join(seen)[-3000:]
         resume = shlex.split(said[0].split("continue it with: ", 1)[1])
-    # the new cluster: the module's, another head and token (its second node a new one if the test above
-    # killed it), reaching the same S3
-    new = cluster
-    _replace_lost_worker(new)
-    assert resume[:3] == ["python", "-m", "xray_ray.search"] and resume[-1] == "--resume", resume
-    at = resume.index("--address")
-    # the new cluster's address in place of the old one (with `--address auto` on the head, as
-    # docs/cluster.md runs it, the printed command is run as it is)
-    argv = [*resume[3:at], "--address", new.address, *resume[at + 2 :]]
-    done = subprocess.run(
-        [sys.executable, "-u", "-m", "xray_ray.search", *argv],
-        env=new.env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    new_nodes = {new.head_id, new.worker_id}
+    with two_nodes(s3_server, tmp_path / "new") as new:
+        assert resume[:3] == ["python", "-m", "xray_ray.search"] and resume[-1] == "--resume", resume
+        at = resume.index("--address")
+        # the new cluster's address in place of the old one (with `--address auto` on the head, as
+        # docs/cluster.md runs it, the printed command is run as it is)
+        argv = [*resume[3:at], "--address", new.address, *resume[at + 2 :]]
+        done = subprocess.run(
+            [sys.executable, "-u", "-m", "xray_ray.search", *argv],
+            env=new.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        new_nodes = {new.head_id, new.worker_id}
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "[xray_ray] resuming" in done.stdout, done.stdout[-3000:]
     fs = _s3_fs(s3_server)
