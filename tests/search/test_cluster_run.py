@@ -320,22 +320,84 @@ def _search_until_both_trained(cluster: Cluster, args: list[str]) -> tuple[subpr
     return proc, seen
 
 
-def _kill_node(proc: subprocess.Popen) -> None:
-    """SIGKILL every process of a node at once (its `ray start`, raylet and object store, and its workers),
-    as a reclaimed spot instance loses them."""
+def _node_pids(proc: subprocess.Popen) -> set[int]:
+    """Every process of a node: its `ray start` group (raylet, object store, ...) and its workers."""
     procs = _processes()
     group = {pid for pid, (_, pgid, _) in procs.items() if pgid == proc.pid}
-    workers = {pid for pid, (ppid, pgid, _) in procs.items() if ppid in group and pgid != proc.pid}
-    for pid in group | workers:
+    return group | {pid for pid, (ppid, pgid, _) in procs.items() if ppid in group and pgid != proc.pid}
+
+
+def _signal_all(pids: set[int], sig: int) -> None:
+    for pid in pids:
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def _kill_node(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of a node at once, as a reclaimed spot instance loses them."""
+    _signal_all(_node_pids(proc), signal.SIGKILL)
     proc.wait()
 
 
-def _lost_node_run(cluster: Cluster, space: Path, name: str, *extra: str) -> tuple[int, str]:
-    """A search on both nodes whose second node is killed while a trial trains there."""
+def _kill_when_a_trial_must_move(node: subprocess.Popen, node_id: str, fs, tune: str, seen: list[str]) -> list[str]:
+    """SIGKILL every process of `node` at a moment when a trial on it has epochs to go and a checkpoint the
+    driver knows of, so that the kill must move that trial; returns those trials (none: the node is left up).
+
+    The driver prints epochs late on a loaded machine: by the time it says two trials are half-way, the one
+    on this node may have finished, and the next one there not reported yet (killed then, it starts again
+    from scratch and nothing moves; with --max-failures 0 nothing errors). So the node is stopped first
+    (SIGSTOP: what it trains cannot change) and its trials are read from their newest checkpoints on S3
+    (history.json: each epoch's node); a trial the driver has printed an epoch of has a checkpoint it knows
+    of. Otherwise the node goes on (SIGCONT, well within Ray's health checks) and is looked at again."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        pids = _node_pids(node)
+        _signal_all(pids, signal.SIGSTOP)
+        found = _trials_on_node(fs, tune, node_id, seen)
+        if found:
+            _signal_all(pids | _node_pids(node), signal.SIGKILL)
+            node.wait()
+            return found
+        _signal_all(pids, signal.SIGCONT)
+        time.sleep(0.5)
+    return []
+
+
+def _trials_on_node(fs, tune: str, node_id: str, seen: list[str]) -> list[str]:
+    """Trials whose newest checkpoint on S3 was trained on `node_id` before their last epoch, and of which
+    the driver has printed an epoch (and not the last)."""
+    printed: dict[str, int] = {}
+    for line in list(seen):
+        for trial, epoch, _ in re.findall(r"trial (\w+) epoch (\d+)/(\d+)", line):
+            printed[trial] = int(epoch)
+    out = []
+    for d in fs.get_file_info(pafs.FileSelector(tune, allow_not_found=True)):
+        if d.type != pafs.FileType.Directory:
+            continue
+        ids = [t for t, e in printed.items() if t in d.base_name and 1 <= e < EPOCHS]
+        checkpoints = sorted(
+            c.path
+            for c in fs.get_file_info(pafs.FileSelector(d.path))
+            if c.type == pafs.FileType.Directory and c.base_name.startswith("checkpoint_")
+        )
+        history = []
+        for c in reversed(checkpoints):  # the newest one uploaded whole
+            try:
+                with fs.open_input_stream(f"{c}/history.json") as f:
+                    history = json.loads(f.read())
+                break
+            except (OSError, ValueError):
+                continue
+        if ids and history and history[-1]["node_id"] == node_id and history[-1]["epoch"] < EPOCHS:
+            out.append(ids[0])
+    return out
+
+
+def _lost_node_run(cluster: Cluster, space: Path, fs, name: str, *extra: str) -> tuple[int, str, list[str]]:
+    """A search on both nodes whose second node is killed while a trial trains there: its exit code, its
+    output, and the trials that were on the node."""
     args = [
         "--data",
         "synthetic:1200",
@@ -350,15 +412,19 @@ def _lost_node_run(cluster: Cluster, space: Path, name: str, *extra: str) -> tup
         *extra,
     ]
     proc, seen = _search_until_both_trained(cluster, args)
-    worker = cluster.nodes[-1]
-    _kill_node(worker)
+    drain = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)  # a full pipe would block it
+    drain.start()
+    tune = f"{LOST_BUCKET}/lost/{name}/tune"
     try:
-        out, _ = proc.communicate(timeout=420)
+        moving = _kill_when_a_trial_must_move(cluster.nodes[-1], cluster.worker_id, fs, tune, seen)
+        assert moving, "".join(seen)[-3000:]
+        proc.wait(timeout=420)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return proc.returncode, "".join(seen) + out
+    drain.join(timeout=30)
+    return proc.returncode, "".join(seen), moving
 
 
 @pytest.mark.slow
@@ -377,7 +443,7 @@ def test_a_lost_worker_node_loses_no_trial_and_doubles_no_epoch(s3_server, tmp_p
 
     (tmp_path / "c").mkdir()
     with two_nodes(s3_server, tmp_path / "c") as cluster:
-        rc, log = _lost_node_run(cluster, space, "survives")
+        rc, log, lost = _lost_node_run(cluster, space, fs, "survives")
         assert rc == 0, log[-4000:]
         trials, epochs = tables("survives")
         assert len(trials) == 4 and (trials["status"] == "completed").all(), trials[["trial_id", "status"]]
@@ -385,14 +451,20 @@ def test_a_lost_worker_node_loses_no_trial_and_doubles_no_epoch(s3_server, tmp_p
         # the trial that was on the lost node: its first epochs are the lost node's (not trained again, which
         # would have replaced those rows), the rest the head's, from the checkpoint in the shared storage
         nodes = epochs.sort_values("epoch").groupby("trial_id")["node_id"].agg(list)
-        moved = [n for n in nodes if n[0] == cluster.worker_id and n[-1] == cluster.head_id]
-        assert moved, {t: [n[:8] for n in v] for t, v in nodes.items()} | {"worker": cluster.worker_id[:8]}
-        assert all(n == sorted(n, key=lambda x: x == cluster.head_id) for n in moved), moved
+        moved = {t: n for t, n in nodes.items() if n[0] == cluster.worker_id and n[-1] == cluster.head_id}
+        assert set(lost) <= set(moved), {t: [n[:8] for n in v] for t, v in nodes.items()} | {
+            "worker": cluster.worker_id[:8],
+            "lost": lost,
+        }
+        assert all(n == sorted(n, key=lambda x: x == cluster.head_id) for n in moved.values()), moved
 
         cluster.nodes.append(_start_node(cluster.join, cluster.env, cluster.tmp / "worker2.log"))  # a new worker
-        rc, log = _lost_node_run(cluster, space, "fails", "--max-failures", "0")
+        up = _wait_for_nodes(cluster.address, cluster.env, 2)
+        cluster.worker_id = next(n for n, head in up.items() if not head and n != cluster.worker_id)
+        rc, log, lost = _lost_node_run(cluster, space, fs, "fails", "--max-failures", "0")
         trials, _ = tables("fails")
-        assert (trials["status"] == "errored").any(), (rc, trials[["trial_id", "status"]], log[-3000:])
+        errored = set(trials.loc[trials["status"] == "errored", "trial_id"])
+        assert set(lost) <= errored, (rc, lost, trials[["trial_id", "status"]], log[-3000:])
         assert re.search(r"trials errored .* run: python -m xray_ray\.search .*--resume$", log, re.M), log[-3000:]
 
 
