@@ -297,6 +297,18 @@ LOST_SPACE = {**TINY_SPACE, "name": "lost", "space": {**TINY_SPACE["space"], "ep
 LOST_BUCKET = "xray-lost"
 
 
+def _epochs_printed(lines: list[str]) -> dict[str, tuple[int, int]]:
+    """{trial: (its last epoch, of how many)} as the driver's progress lines print them."""
+    return {t: (int(e), int(n)) for line in lines for t, e, n in re.findall(r"trial (\w+) epoch (\d+)/(\d+)", line)}
+
+
+def _drain(proc: subprocess.Popen, seen: list[str]) -> threading.Thread:
+    """The driver's further output appended to `seen` in the background (a full pipe would block the driver)."""
+    thread = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)
+    thread.start()
+    return thread
+
+
 def _search_until_both_trained(cluster: Cluster, args: list[str]) -> tuple[subprocess.Popen, list[str]]:
     """The search started as a driver; returns once two trials are both half-way (one on each node)."""
     proc = subprocess.Popen(
@@ -315,8 +327,7 @@ def _search_until_both_trained(cluster: Cluster, args: list[str]) -> tuple[subpr
         if not line:
             break
         seen.append(line)
-        for trial, epoch, of in re.findall(r"trial (\w+) epoch (\d+)/(\d+)", line):
-            last[trial] = (int(epoch), int(of))
+        last.update(_epochs_printed([line]))
     return proc, seen
 
 
@@ -368,10 +379,7 @@ def _kill_when_a_trial_must_move(node: subprocess.Popen, node_id: str, fs, tune:
 def _trials_on_node(fs, tune: str, node_id: str, seen: list[str]) -> list[str]:
     """Trials whose newest checkpoint on S3 was trained on `node_id` before their last epoch, and of which
     the driver has printed an epoch (and not the last)."""
-    printed: dict[str, int] = {}
-    for line in list(seen):
-        for trial, epoch, _ in re.findall(r"trial (\w+) epoch (\d+)/(\d+)", line):
-            printed[trial] = int(epoch)
+    printed = {t: e for t, (e, _) in _epochs_printed(list(seen)).items()}
     out = []
     for d in fs.get_file_info(pafs.FileSelector(tune, allow_not_found=True)):
         if d.type != pafs.FileType.Directory:
@@ -412,8 +420,7 @@ def _lost_node_run(cluster: Cluster, space: Path, fs, name: str, *extra: str) ->
         *extra,
     ]
     proc, seen = _search_until_both_trained(cluster, args)
-    drain = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)  # a full pipe would block it
-    drain.start()
+    drain = _drain(proc, seen)
     tune = f"{LOST_BUCKET}/lost/{name}/tune"
     try:
         moving = _kill_when_a_trial_must_move(cluster.nodes[-1], cluster.worker_id, fs, tune, seen)
@@ -481,8 +488,7 @@ def _freeze_when_resumable(proc: subprocess.Popen, fs: pafs.S3FileSystem, tune: 
     (forget_lost_checkpoints: nothing lost or doubled, but nothing continued either). On a loaded machine the
     upload takes long enough for the kill to land there. The driver deletes checkpoints and writes the state,
     so while it is stopped the state on S3 and the checkpoints it names cannot change under the check."""
-    drain = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)  # a full pipe would block it
-    drain.start()
+    _drain(proc, seen)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         os.kill(proc.pid, signal.SIGSTOP)
