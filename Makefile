@@ -31,8 +31,12 @@ demo: install
 # files in collection order, which tests/conftest.py sorts longest first (xdist's own reorder is by test count);
 # unbuffered: if a test takes a worker down, the log still shows how far the run got
 PYTEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
+# and each worker's share of the cores for torch's OpenMP threads, in it and in what it starts: as wide as the
+# machine, the two workers' teams spin-wait against each other (on 2 cores with one kept busy,
+# tests/serve/test_adapt.py took 269 CPU-s and 230 s with 2 threads, 141 CPU-s and 150 s with 1)
+OMP_NUM_THREADS ?= $(shell n=$$(( $$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2) / 2 )); echo $$(( n > 1 ? n : 1 )))
 test: install lint
-	PYTHONUNBUFFERED=1 $(PY) -m pytest -q $(PYTEST_WORKERS)
+	OMP_NUM_THREADS=$(OMP_NUM_THREADS) PYTHONUNBUFFERED=1 $(PY) -m pytest -q $(PYTEST_WORKERS)
 
 # the edit loop: everything but the end-to-end runs marked slow (under two minutes on 2 cores)
 test-fast: install
