@@ -468,7 +468,10 @@ def test_a_lost_worker_node_loses_no_trial_and_doubles_no_epoch(s3_server, tmp_p
         cluster.nodes.append(_start_node(cluster.join, cluster.env, cluster.tmp / "worker2.log"))  # a new worker
         up = _wait_for_nodes(cluster.address, cluster.env, 2)
         cluster.worker_id = next(n for n, head in up.items() if not head and n != cluster.worker_id)
-        rc, log, lost = _lost_node_run(cluster, space, fs, "fails", "--max-failures", "0")
+        # this run only has to show that the same kill fails a trial: two trials, one on each node, suffice
+        two = tmp_path / "two.yaml"
+        two.write_text(yaml.safe_dump({**LOST_SPACE, "searcher": {**LOST_SPACE["searcher"], "num_samples": 2}}))
+        rc, log, lost = _lost_node_run(cluster, two, fs, "fails", "--max-failures", "0")
         trials, _ = tables("fails")
         errored = set(trials.loc[trials["status"] == "errored", "trial_id"])
         assert set(lost) <= errored, (rc, lost, trials[["trial_id", "status"]], log[-3000:])
