@@ -36,7 +36,7 @@ PYTEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 # tests/serve/test_adapt.py took 269 CPU-s and 230 s with 2 threads, 141 CPU-s and 150 s with 1)
 OMP_NUM_THREADS ?= $(shell n=$$(( $$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2) / 2 )); echo $$(( n > 1 ? n : 1 )))
 # the package byte-compiled first: an editable install leaves that to Python, which does not write it where
-# PYTHONDONTWRITEBYTECODE is set (as on this project's CI machines), so every process, each Ray worker among
+# PYTHONDONTWRITEBYTECODE is set (as on this development machine), so every process, each Ray worker among
 # them, would compile the modules it imports again (0.13 s of CPU for a trial's imports, measured here)
 test: install lint
 	$(PY) -m compileall -q xray_ray
