@@ -576,7 +576,10 @@ def test_a_lost_head_resumes_on_a_new_cluster_from_the_shared_storage(s3_server,
     run = f"{HEAD_BUCKET}/runs/head"
     trials = pq.read_table(f"{run}/trials.parquet", filesystem=fs).to_pandas()
     epochs = pq.read_table(f"{run}/epochs.parquet", filesystem=fs).to_pandas()
-    assert len(trials) == 4 and (trials["status"] == "completed").all(), trials[["trial_id", "status"]]
+    assert len(trials) == 4 and (trials["status"] == "completed").all(), (
+        trials[["trial_id", "status", "error"]].to_string(),
+        done.stdout[-3000:],
+    )
     assert not epochs.duplicated(["trial_id", "epoch"]).any() and len(epochs) == 24
     assert set(epochs["node_id"]) <= old_nodes | new_nodes
     # the trials that were running when the head went: their first epochs trained on the old cluster, the
