@@ -41,6 +41,10 @@ class Runtime:
 
 # in each trial checkpoint: the trial's epoch reports so far, as JSON (the tables fill epochs Tune's files lost)
 HISTORY_FILE = "history.json"
+# and its training state (torch.save of tensors and numbers only, loaded with weights_only=True)
+STATE_FILE = "state.pt"
+# every file a trial checkpoint holds: one without all of them is not whole (a kill while it was deleted)
+CHECKPOINT_FILES = (STATE_FILE, "best.safetensors", "config.json", HISTORY_FILE)
 
 # the robustness columns of an epoch that was not scored on the battery
 UNSCORED: dict[str, Any] = {

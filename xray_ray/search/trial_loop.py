@@ -42,7 +42,7 @@ from xray_ray.model.train import (
     train_one_epoch,
 )
 from xray_ray.search.spaces import METRICS
-from xray_ray.search.trial import HISTORY_FILE, UNSCORED, Runtime, release_freed_memory, trial_seed
+from xray_ray.search.trial import HISTORY_FILE, STATE_FILE, UNSCORED, Runtime, release_freed_memory, trial_seed
 
 
 @dataclass
@@ -124,7 +124,7 @@ def build_state(cfg: TrialConfig, steps: int, device: torch.device, num_classes:
     ckpt = tune.get_checkpoint()
     if ckpt is not None:  # a restarted trial continues where its last checkpoint left it
         with ckpt.as_directory() as cdir:
-            state.load(torch.load(Path(cdir) / "state.pt", map_location=device, weights_only=True))
+            state.load(torch.load(Path(cdir) / STATE_FILE, map_location=device, weights_only=True))
             if (Path(cdir) / HISTORY_FILE).exists():
                 state.history = json.loads((Path(cdir) / HISTORY_FILE).read_text())
     return state
@@ -259,7 +259,7 @@ class EpochLoop:
         """Checkpoint (the training state, the best weights, the config, the epochs so far) and report the epoch."""
         state.history = [*(h for h in state.history if h["epoch"] < epoch), row]
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save(state.saved(epoch), Path(tmp) / "state.pt")
+            torch.save(state.saved(epoch), Path(tmp) / STATE_FILE)
             save_file({k: v.contiguous() for k, v in state.best_state.items()}, str(Path(tmp) / "best.safetensors"))
             (Path(tmp) / "config.json").write_text(json.dumps(self.cfg.to_dict()))
             (Path(tmp) / HISTORY_FILE).write_text(json.dumps(state.history))

@@ -21,7 +21,7 @@ from xray_ray.common import env_set, write_bytes_fs
 from xray_ray.config import encode_value
 from xray_ray.errors import UserError
 from xray_ray.search.spaces import SearchSpace
-from xray_ray.search.trial import Runtime
+from xray_ray.search.trial import CHECKPOINT_FILES, Runtime
 
 
 def trainable(config: dict[str, Any], data: dict[int, dict[str, Any]], runtime: Runtime) -> None:
@@ -208,8 +208,9 @@ def restored(tune_dir: str, fn: Callable, *, checkpoints_kept: int | None = None
     lost = forget_lost_checkpoints(tune_dir, checkpoints_kept) if checkpoints_kept else []
     if lost:
         print(
-            f"[xray_ray] the interruption left {len(lost)} trial(s) naming a checkpoint that was already replaced "
-            f"({', '.join(lost)}); they train again from their first epoch",
+            f"[xray_ray] the interruption left {len(lost)} trial(s) naming a checkpoint that is gone or not whole "
+            f"(already replaced, or cut short while it was deleted: {', '.join(lost)}); they train again from their "
+            "first epoch",
             flush=True,
         )
     return tune.Tuner.restore(path, trainable=fn, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
@@ -257,14 +258,16 @@ def set_aside_damaged_states(tune_dir: str) -> tuple[list[str], str | None]:
 
 
 def forget_lost_checkpoints(tune_dir: str, checkpoints_kept: int) -> list[str]:
-    """Rewrite Tune's saved experiment state so that an unfinished trial whose checkpoint is gone starts again.
+    """Rewrite Tune's saved experiment state so that an unfinished trial whose checkpoint is not whole starts again.
 
     With num_to_keep set, Tune deletes a trial's older checkpoint as soon as a newer one is registered, but
     writes its experiment state only every few seconds (and syncs it to remote storage less often). A kill in
     between leaves a state that names a deleted checkpoint, and Tune would error that trial when it restores
-    it ("Could not recover from checkpoint"). Such a trial gets an empty checkpoint record instead, so Tune
-    trains it again from its first epoch; the tables keep the last row of each epoch. The state is read as
-    JSON and its pickled parts only searched for checkpoint names, never unpickled. Returns the changed ids.
+    it ("Could not recover from checkpoint"). A kill while the folder is being deleted leaves it there without
+    some of its files (on S3 the folder's marker goes last), and the restored trial then errors on the missing
+    state.pt. Such a trial gets an empty checkpoint record instead, so Tune trains it again from its first
+    epoch; the tables keep the last row of each epoch. The state is read as JSON and its pickled parts only
+    searched for checkpoint names, never unpickled. Returns the changed ids.
     """
     from ray import tune
     from ray.tune.experiment import Trial
@@ -281,8 +284,9 @@ def forget_lost_checkpoints(tune_dir: str, checkpoints_kept: int) -> list[str]:
     except ValueError:  # not whole: Tune's own restore says so
         return []
 
-    def gone(trial_dir: str, name: bytes) -> bool:
-        return fs.get_file_info(f"{folder}/{trial_dir}/{name.decode()}").type == pafs.FileType.NotFound
+    def gone(trial_dir: str, name: bytes) -> bool:  # or not whole: a file of CHECKPOINT_FILES missing
+        listed = fs.get_file_info(pafs.FileSelector(f"{folder}/{trial_dir}/{name.decode()}", allow_not_found=True))
+        return not set(CHECKPOINT_FILES) <= {i.base_name for i in listed if i.type == pafs.FileType.File}
 
     empty = Trial("trainable", stub=True, checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints_kept))
     fresh = json.loads(empty.run_metadata.get_json_state())["checkpoint_manager"]

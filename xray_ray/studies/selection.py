@@ -19,6 +19,7 @@ import torch
 from xray_ray.config import TrialConfig, decode_config, model_sizes
 from xray_ray.model.robustness import COMPOSITES
 from xray_ray.search.spaces import METRICS
+from xray_ray.search.trial import STATE_FILE
 
 DEFAULT_KEEP = "val_auc"  # what an ablation run keeps by when its arm names no keep_metric
 
@@ -70,7 +71,7 @@ def epoch_model(result, epoch: int, num_classes: int) -> torch.nn.Module:
         if int(metrics.get("epoch", -1)) == epoch:
             cfg = TrialConfig.from_dict(decode_config(result.config))
             with ckpt.as_directory() as cdir:
-                state = torch.load(Path(cdir) / "state.pt", map_location="cpu", weights_only=True)
+                state = torch.load(Path(cdir) / STATE_FILE, map_location="cpu", weights_only=True)
             model = build_model(num_classes=num_classes, **model_sizes(cfg))
             model.load_state_dict(state["model"])
             return model.eval()
