@@ -33,6 +33,7 @@ import yaml
 
 from conftest import saved_trials, write_kaggle_tree
 from xray_ray import results as R
+from xray_ray.search.trial import CHECKPOINT_FILES
 
 # Tests that start a two-node Ray cluster are marked slow one by one; the pure unit test runs in `make test-fast`.
 ROOT = Path(__file__).resolve().parents[2]
@@ -505,7 +506,9 @@ def _freeze_when_resumable(proc: subprocess.Popen, fs: pafs.S3FileSystem, tune: 
 
 def _resumable(fs: pafs.S3FileSystem, tune: str) -> list[str]:
     """Trials RUNNING in the newest experiment state on S3, with epochs still to go, whose checkpoint of the
-    last epoch that state records is on S3 (checkpoint_<epoch - 1>: one checkpoint each reported epoch)."""
+    last epoch that state records is whole on S3 (checkpoint_<epoch - 1>: one checkpoint each reported epoch;
+    frozen while Tune deleted it, the folder is there without some files, and the resume rightly starts the
+    trial again from epoch 1)."""
     names = sorted(
         i.base_name
         for i in fs.get_file_info(pafs.FileSelector(tune, allow_not_found=True))
@@ -522,10 +525,11 @@ def _resumable(fs: pafs.S3FileSystem, tune: str) -> list[str]:
     out = []
     for t in trials:
         checkpoint = f"{tune}/{t['dir']}/checkpoint_{t['iteration'] - 1:06d}"
+        files = fs.get_file_info(pafs.FileSelector(checkpoint, allow_not_found=True))
         if (
             t["status"] == "RUNNING"
             and 1 <= t["iteration"] < EPOCHS
-            and fs.get_file_info(checkpoint).type != pafs.FileType.NotFound
+            and set(CHECKPOINT_FILES) <= {f.base_name for f in files if f.type == pafs.FileType.File}
         ):
             out.append(t["dir"])
     return out
