@@ -217,6 +217,25 @@ def run_module(module: str, *args: str, code: str | None = None) -> subprocess.C
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
 
 
+# numpy's AVX-512 kernels (Intel's SVML) round exp, sin, ... differently in the last bit from the C library's
+# functions its other x86-64 paths call, so a few phantom pixels in a million differ by one grey level on a CPU
+# with AVX-512 (3 of 1,310,720 on an AVX-512 AMD EPYC). Pixel digests pinned across machines are taken with
+# those kernels off (names numpy does not know, or this CPU lacks, are ignored).
+PORTABLE_NUMPY = {
+    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL "
+    "AVX512_KNL AVX512_KNM"
+}
+
+
+def portable_output(code: str, *args: str) -> str:
+    """The last line `code` prints, run in a fresh interpreter with numpy's AVX-512 kernels off."""
+    cmd = [sys.executable, "-c", code, *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **PORTABLE_NUMPY}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
 # ---------------------------------------------------------------- exported models, good and bad
 
 
