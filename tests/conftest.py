@@ -210,9 +210,12 @@ def real_data() -> Path:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_module(module: str, *args: str, code: str | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m module args`` (or ``python -c code args``) in a fresh interpreter, never via a shell."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run_module(
+    module: str, *args: str, code: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` (or ``python -c code args``) in a fresh interpreter, never via a shell;
+    `env`: variables set for it besides this process's own."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", module, *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
 
@@ -229,9 +232,7 @@ PORTABLE_NUMPY = {
 
 def portable_output(code: str, *args: str) -> str:
     """The last line `code` prints, run in a fresh interpreter with numpy's AVX-512 kernels off."""
-    cmd = [sys.executable, "-c", code, *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **PORTABLE_NUMPY}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    proc = run_module("", *args, code=code, env=PORTABLE_NUMPY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()[-1]
 

@@ -33,7 +33,7 @@ import yaml
 
 from conftest import saved_trials, write_kaggle_tree
 from xray_ray import results as R
-from xray_ray.search.trial import CHECKPOINT_FILES
+from xray_ray.search.tuner import checkpoint_whole
 
 # Tests that start a two-node Ray cluster are marked slow one by one; the pure unit test runs in `make test-fast`.
 ROOT = Path(__file__).resolve().parents[2]
@@ -525,12 +525,7 @@ def _resumable(fs: pafs.S3FileSystem, tune: str) -> list[str]:
     out = []
     for t in trials:
         checkpoint = f"{tune}/{t['dir']}/checkpoint_{t['iteration'] - 1:06d}"
-        files = fs.get_file_info(pafs.FileSelector(checkpoint, allow_not_found=True))
-        if (
-            t["status"] == "RUNNING"
-            and 1 <= t["iteration"] < EPOCHS
-            and set(CHECKPOINT_FILES) <= {f.base_name for f in files if f.type == pafs.FileType.File}
-        ):
+        if t["status"] == "RUNNING" and 1 <= t["iteration"] < EPOCHS and checkpoint_whole(fs, checkpoint):
             out.append(t["dir"])
     return out
 

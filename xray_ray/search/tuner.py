@@ -257,6 +257,12 @@ def set_aside_damaged_states(tune_dir: str) -> tuple[list[str], str | None]:
     return damaged, None
 
 
+def checkpoint_whole(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether the trial checkpoint folder `path` holds every file a trial writes (CHECKPOINT_FILES)."""
+    listed = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return set(CHECKPOINT_FILES) <= {i.base_name for i in listed if i.type == pafs.FileType.File}
+
+
 def forget_lost_checkpoints(tune_dir: str, checkpoints_kept: int) -> list[str]:
     """Rewrite Tune's saved experiment state so that an unfinished trial whose checkpoint is not whole starts again.
 
@@ -284,16 +290,13 @@ def forget_lost_checkpoints(tune_dir: str, checkpoints_kept: int) -> list[str]:
     except ValueError:  # not whole: Tune's own restore says so
         return []
 
-    def gone(trial_dir: str, name: bytes) -> bool:  # or not whole: a file of CHECKPOINT_FILES missing
-        listed = fs.get_file_info(pafs.FileSelector(f"{folder}/{trial_dir}/{name.decode()}", allow_not_found=True))
-        return not set(CHECKPOINT_FILES) <= {i.base_name for i in listed if i.type == pafs.FileType.File}
-
     empty = Trial("trainable", stub=True, checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints_kept))
     fresh = json.loads(empty.run_metadata.get_json_state())["checkpoint_manager"]
     for pair in doc.get("trial_data", []):
         trial, meta = json.loads(pair[0]), json.loads(pair[1])
         named = re.findall(rb"checkpoint_\d{6}", bytes.fromhex((meta.get("checkpoint_manager") or {}).get("value", "")))
-        if trial["status"] != "TERMINATED" and any(gone(trial["relative_logdir"], n) for n in named):
+        where = f"{folder}/{trial['relative_logdir']}"
+        if trial["status"] != "TERMINATED" and not all(checkpoint_whole(fs, f"{where}/{n.decode()}") for n in named):
             meta["checkpoint_manager"] = fresh
             pair[1] = json.dumps(meta, indent=2)
             lost.append(trial["trial_id"])
