@@ -2,8 +2,10 @@
 
 Two variables must both be set for anything to happen: ``XRAY_RAY_TESTING=1`` (the test-only switch) and
 ``XRAY_RAY_INJECT_FAULT``, faults separated by ';', each ``KIND[:epoch=N][,once=NAME]``, e.g.
-``kill:epoch=2,once=killed``. KIND: raise (RuntimeError), oom (torch.OutOfMemoryError, as CUDA raises it),
-kill (SIGKILL to the trial's own process, as the kernel's or Ray's OOM killer does). With once=NAME only
+``kill:epoch=2,once=killed``; ``epoch=*`` is every epoch (the default is 1). KIND: raise (RuntimeError), oom
+(torch.OutOfMemoryError, as CUDA raises it), kill (SIGKILL to the trial's own process, as the kernel's or Ray's
+OOM killer does), slow (``seconds=S``: the epoch starts S seconds late, as on a data set that takes longer to
+train on, without the CPU time; the cluster tests need epochs that last on any machine). With once=NAME only
 the trial that creates the marker file NAME first fails, so retries and other trials run on; NAME is one
 plain file name, created inside the run's own folder (``<run>/tune/.faults``), never anywhere else.
 The driver reads the two variables when a search starts (``spec``) and hands the faults to its trials in
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 FAULT_ENV = "XRAY_RAY_INJECT_FAULT"
@@ -37,7 +40,7 @@ def inject_fault(epoch: int, marker_dir: str | os.PathLike | None, faults: str) 
     for spec in filter(None, faults.split(";")):
         kind, _, opts = spec.partition(":")
         options = dict(kv.split("=", 1) for kv in opts.split(",") if "=" in kv)
-        if int(options.get("epoch", 1)) != epoch:
+        if options.get("epoch", "1") not in ("*", str(epoch)):
             continue
         if "once" in options:
             name = options["once"]
@@ -49,6 +52,9 @@ def inject_fault(epoch: int, marker_dir: str | os.PathLike | None, faults: str) 
                 os.close(os.open(folder / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
             except FileExistsError:
                 continue
+        if kind == "slow":
+            time.sleep(float(options["seconds"]))
+            continue
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         if kind == "oom":

@@ -798,6 +798,23 @@ def test_the_fault_hook_is_inert_without_the_test_switch(tmp_path, monkeypatch):
     inject_fault(1, tmp_path, spec())  # once: the marker exists, so no second failure
 
 
+def test_a_slow_fault_delays_every_epoch_and_fails_nothing(tmp_path, monkeypatch):
+    from xray_ray.faults import inject_fault, spec
+
+    monkeypatch.setenv(SWITCH_ENV, "1")
+    monkeypatch.setenv(FAULT_ENV, "slow:epoch=*,seconds=0.3;raise:epoch=4")
+    for epoch in (1, 2, 3):  # every epoch is late; the raise is for epoch 4 only
+        t0 = time.monotonic()
+        inject_fault(epoch, tmp_path, spec())
+        assert time.monotonic() - t0 >= 0.3
+    with pytest.raises(RuntimeError, match="injected fault at epoch 4"):
+        inject_fault(4, tmp_path, spec())
+    monkeypatch.setenv(FAULT_ENV, "slow:seconds=5")  # epoch 1 by default, as for every kind
+    t0 = time.monotonic()
+    inject_fault(2, tmp_path, spec())
+    assert time.monotonic() - t0 < 1 and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("name", ["/tmp/elsewhere", "../up", "a/b", ".."])
 def test_the_fault_hook_never_writes_outside_the_run(tmp_path, monkeypatch, name):
     from xray_ray.faults import inject_fault, spec
