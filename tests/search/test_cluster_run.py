@@ -295,6 +295,12 @@ def test_a_search_on_both_nodes_reads_and_writes_s3(cluster, space_file):
 # have at least two epochs to go, so it always takes a running trial with it
 EPOCHS = 6
 LOST_SPACE = {**TINY_SPACE, "name": "lost", "space": {**TINY_SPACE["space"], "epochs": EPOCHS}}
+# The fault-tolerance searches below need trials that are still training when the test strikes, on a fast quiet
+# machine too (on one, 1,200 synthetic images trained 6 epochs in 5 s, faster than the driver prints them): the test
+# hook (xray_ray.faults) starts each epoch SLOW_S late, which costs no CPU, where more images would cost much.
+SLOW_S = 2
+SLOW = {"XRAY_RAY_TESTING": "1", "XRAY_RAY_INJECT_FAULT": f"slow:epoch=*,seconds={SLOW_S}"}
+FAULT_DATA = "synthetic:300"
 LOST_BUCKET = "xray-lost"
 
 
@@ -314,7 +320,7 @@ def _search_until_both_trained(cluster: Cluster, args: list[str]) -> tuple[subpr
     """The search started as a driver; returns once two trials are both half-way (one on each node)."""
     proc = subprocess.Popen(
         _driver(cluster, *args),
-        env=cluster.env,
+        env=cluster.env | SLOW,
         cwd=ROOT,
         text=True,
         stdout=subprocess.PIPE,
@@ -361,8 +367,9 @@ def _kill_when_a_trial_must_move(node: subprocess.Popen, node_id: str, fs, tune:
     on this node may have finished, and the next one there not reported yet (killed then, it starts again
     from scratch and nothing moves; with --max-failures 0 nothing errors). So the node is stopped first
     (SIGSTOP: what it trains cannot change) and its trials are read from their newest checkpoints on S3
-    (history.json: each epoch's node); a trial the driver has printed an epoch of has a checkpoint it knows
-    of. Otherwise the node goes on (SIGCONT, well within Ray's health checks) and is looked at again."""
+    (history.json: each epoch's node); a trial the driver has printed a later epoch than the first of has a
+    checkpoint it knows of (_trials_on_node). Otherwise the node goes on (SIGCONT, well within Ray's health
+    checks) and is looked at again."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         pids = _node_pids(node)
@@ -379,13 +386,18 @@ def _kill_when_a_trial_must_move(node: subprocess.Popen, node_id: str, fs, tune:
 
 def _trials_on_node(fs, tune: str, node_id: str, seen: list[str]) -> list[str]:
     """Trials whose newest checkpoint on S3 was trained on `node_id` before their last epoch, and of which
-    the driver has printed an epoch (and not the last)."""
+    the driver has printed an epoch after the first (and not the last).
+
+    Printed epoch 2 or later, not 1: Tune registers an epoch's checkpoint only when the trial's actor answers
+    the save the driver asks for after printing the epoch, and asks for the next epoch only then. So a trial
+    printed at epoch e >= 2 has checkpoint e - 1 registered at least; one killed right after printing epoch 1
+    has none, and rightly starts again from scratch elsewhere (nothing moves)."""
     printed = {t: e for t, (e, _) in _epochs_printed(list(seen)).items()}
     out = []
     for d in fs.get_file_info(pafs.FileSelector(tune, allow_not_found=True)):
         if d.type != pafs.FileType.Directory:
             continue
-        ids = [t for t, e in printed.items() if t in d.base_name and 1 <= e < EPOCHS]
+        ids = [t for t, e in printed.items() if t in d.base_name and 2 <= e < EPOCHS]
         checkpoints = sorted(
             c.path
             for c in fs.get_file_info(pafs.FileSelector(d.path))
@@ -409,7 +421,7 @@ def _lost_node_run(cluster: Cluster, space: Path, fs, name: str, *extra: str) ->
     output, and the trials that were on the node."""
     args = [
         "--data",
-        "synthetic:1200",
+        FAULT_DATA,
         "--space",
         str(space),
         "--results",
@@ -505,10 +517,10 @@ def _freeze_when_resumable(proc: subprocess.Popen, fs: pafs.S3FileSystem, tune: 
 
 
 def _resumable(fs: pafs.S3FileSystem, tune: str) -> list[str]:
-    """Trials RUNNING in the newest experiment state on S3, with epochs still to go, whose checkpoint of the
-    last epoch that state records is whole on S3 (checkpoint_<epoch - 1>: one checkpoint each reported epoch;
-    frozen while Tune deleted it, the folder is there without some files, and the resume rightly starts the
-    trial again from epoch 1)."""
+    """Trials RUNNING in the newest experiment state on S3, with epochs still to go, whose checkpoint that state
+    names is whole on S3 (a state can record a trial's first epoch before Tune has registered its checkpoint;
+    and frozen while Tune deleted the checkpoint, the folder is there without some files: either way the resume
+    rightly starts the trial again from epoch 1)."""
     names = sorted(
         i.base_name
         for i in fs.get_file_info(pafs.FileSelector(tune, allow_not_found=True))
@@ -524,8 +536,8 @@ def _resumable(fs: pafs.S3FileSystem, tune: str) -> list[str]:
         return []
     out = []
     for t in trials:
-        checkpoint = f"{tune}/{t['dir']}/checkpoint_{t['iteration'] - 1:06d}"
-        if t["status"] == "RUNNING" and 1 <= t["iteration"] < EPOCHS and checkpoint_whole(fs, checkpoint):
+        named = t["checkpoint"] and checkpoint_whole(fs, f"{tune}/{t['dir']}/{t['checkpoint']}")
+        if t["status"] == "RUNNING" and t["iteration"] < EPOCHS and named:
             out.append(t["dir"])
     return out
 
@@ -539,7 +551,7 @@ def test_a_lost_head_resumes_on_a_new_cluster_from_the_shared_storage(s3_server,
     _boto3_client(s3_server).create_bucket(Bucket=HEAD_BUCKET)
     space = tmp_path / "head.yaml"
     space.write_text(yaml.safe_dump({**LOST_SPACE, "name": "head"}))
-    args = ["--data", "synthetic:1200", "--space", str(space), "--results", f"s3://{HEAD_BUCKET}/runs"]
+    args = ["--data", FAULT_DATA, "--space", str(space), "--results", f"s3://{HEAD_BUCKET}/runs"]
     (tmp_path / "old").mkdir()
     (tmp_path / "new").mkdir()
     with two_nodes(s3_server, tmp_path / "old") as old:
@@ -562,7 +574,7 @@ def test_a_lost_head_resumes_on_a_new_cluster_from_the_shared_storage(s3_server,
         argv = [*resume[3:at], "--address", new.address, *resume[at + 2 :]]
         done = subprocess.run(
             [sys.executable, "-u", "-m", "xray_ray.search", *argv],
-            env=new.env,
+            env=new.env | SLOW,
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -609,8 +621,8 @@ def test_a_storage_outage_mid_search_is_ridden_out(tmp_path):
     space = tmp_path / "outage.yaml"
     space.write_text(yaml.safe_dump({**LOST_SPACE, "name": "outage"}))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
-    env.update(_aws_env(endpoint), XRAY_RAY_CACHE=str(tmp_path / "cache"), RAY_USAGE_STATS_ENABLED="0")
-    cmd = [sys.executable, "-u", "-m", "xray_ray.search", "--data", "synthetic:1200", "--space", str(space)]
+    env.update(_aws_env(endpoint), XRAY_RAY_CACHE=str(tmp_path / "cache"), RAY_USAGE_STATS_ENABLED="0", **SLOW)
+    cmd = [sys.executable, "-u", "-m", "xray_ray.search", "--data", FAULT_DATA, "--space", str(space)]
     cmd += ["--results", f"s3://{OUTAGE_BUCKET}/runs", "--cache", str(tmp_path / "cache"), "--no-export"]
     proc = subprocess.Popen(
         cmd, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True

@@ -66,7 +66,7 @@ def _trial_params(run_dir) -> dict:
 
 
 def _saved_state(tune_dir: Path) -> list[dict]:
-    """Each trial as Tune's last saved experiment state has it: status, folder, last reported iteration."""
+    """Each trial as Tune's last saved experiment state has it: status, folder, iteration, checkpoint."""
     states = sorted(tune_dir.glob("experiment_state-*.json"))
     try:
         return saved_trials(states[-1].read_text()) if states else []
@@ -111,7 +111,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, capsys, module_ray):
         while time.time() < deadline:
             state = _saved_state(run_dir / "tune")
             done = [t["dir"] for t in state if t["status"] == "TERMINATED"]
-            half = [t["dir"] for t in state if t["status"] == "RUNNING" and 1 <= t["iteration"] < 3]
+            half = [t["dir"] for t in state if t["status"] == "RUNNING" and t["checkpoint"] and t["iteration"] < 3]
             if done and half:
                 break
             time.sleep(0.1)
