@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 import subprocess
 import sys
@@ -156,18 +155,20 @@ def saved_trials(state: str | bytes) -> list[dict]:
     reported iteration, and the checkpoint a restore would start from (None: none registered yet; Tune registers
     an epoch's checkpoint only when the trial's actor answers the save it asks for after the epoch's result, so
     a trial can have reported epoch 1 and have none). Raises ValueError for a state cut short (caught while Tune
-    writes it). The pickled checkpoint record is only searched for names, as `--resume` does, never unpickled."""
+    writes it). The names are read as `--resume` reads them (search.tuner.named_checkpoints)."""
+    from xray_ray.search.tuner import named_checkpoints  # here: the module imports Ray and torch
+
     out = []
     for trial_json, meta_json in json.loads(state)["trial_data"]:
         trial, meta = json.loads(trial_json), json.loads(meta_json)
         last = meta.get("last_result") or {}
-        named = re.findall(rb"checkpoint_\d{6}", bytes.fromhex((meta.get("checkpoint_manager") or {}).get("value", "")))
+        named = named_checkpoints(meta)
         out.append(
             {
                 "status": trial["status"],
                 "dir": trial["relative_logdir"],
                 "iteration": last.get("training_iteration", 0),
-                "checkpoint": max(named).decode() if named else None,
+                "checkpoint": max(named) if named else None,
             }
         )
     return out

@@ -263,6 +263,13 @@ def checkpoint_whole(fs: pafs.FileSystem, path: str) -> bool:
     return set(CHECKPOINT_FILES) <= {i.base_name for i in listed if i.type == pafs.FileType.File}
 
 
+def named_checkpoints(meta: dict) -> list[str]:
+    """The checkpoint folders (checkpoint_NNNNNN) a trial's saved run metadata names, from Tune's experiment state.
+    Its checkpoint record is pickled: the bytes are only searched for the names, never unpickled."""
+    value = bytes.fromhex((meta.get("checkpoint_manager") or {}).get("value", ""))
+    return [n.decode() for n in re.findall(rb"checkpoint_\d{6}", value)]
+
+
 def forget_lost_checkpoints(tune_dir: str, checkpoints_kept: int) -> list[str]:
     """Rewrite Tune's saved experiment state so that an unfinished trial whose checkpoint is not whole starts again.
 
@@ -294,9 +301,9 @@ def forget_lost_checkpoints(tune_dir: str, checkpoints_kept: int) -> list[str]:
     fresh = json.loads(empty.run_metadata.get_json_state())["checkpoint_manager"]
     for pair in doc.get("trial_data", []):
         trial, meta = json.loads(pair[0]), json.loads(pair[1])
-        named = re.findall(rb"checkpoint_\d{6}", bytes.fromhex((meta.get("checkpoint_manager") or {}).get("value", "")))
         where = f"{folder}/{trial['relative_logdir']}"
-        if trial["status"] != "TERMINATED" and not all(checkpoint_whole(fs, f"{where}/{n.decode()}") for n in named):
+        named = named_checkpoints(meta)
+        if trial["status"] != "TERMINATED" and not all(checkpoint_whole(fs, f"{where}/{n}") for n in named):
             meta["checkpoint_manager"] = fresh
             pair[1] = json.dumps(meta, indent=2)
             lost.append(trial["trial_id"])
